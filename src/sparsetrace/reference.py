@@ -1,0 +1,102 @@
+"""Plain-loop references of the STREAM contract (shared/DESIGN.md section 1), for tests and audits.
+
+Written independently of ``mask.py``: one Python loop per (batch, head, query block), float64 scores from
+the raw positions, no shared helpers, so a bug in the vectorised path cannot hide in both. Slow; small
+inputs only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _block_score(q, k, b, h, group, i, j, T, S, block_q, block_k, score, scale, query_stride, window):
+    """Score of key block j for query block i (float64), over causally allowed (query, key) pairs."""
+    q_rows = list(range(i * block_q, min((i + 1) * block_q, T)))
+    used = [t for r, t in enumerate(q_rows) if r % query_stride == 0 or t == q_rows[-1]]
+    qs = q[b, h, used].double()  # [u, D]
+    keys = k[b, h // group, j * block_k : min((j + 1) * block_k, S)].double()  # [w, D]
+    logits = qs @ keys.T  # [u, w]
+    q_pos = torch.tensor(used, dtype=torch.long)[:, None] + (S - T)
+    k_pos = torch.arange(j * block_k, j * block_k + keys.shape[0])[None, :]
+    blocked = k_pos > q_pos
+    if window is not None:
+        blocked |= k_pos <= q_pos - window
+    logits = logits.masked_fill(blocked, -math.inf)
+    if score == "max":
+        return logits.max().item()
+    return torch.logsumexp((logits * scale).flatten(), 0).item()
+
+
+def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, window=None):
+    """Loop over (b, h, i); ``choose(score_of, lo, hi, m)`` returns the m middle blocks of one row."""
+    B, Hq, T, _ = q.shape
+    S = k.shape[2]
+    group = Hq // k.shape[1]
+    nQ = math.ceil(T / block_q)
+    out = torch.full((B, Hq, nQ, top_k), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(nQ):
+                first = i * block_q + (S - T)
+                last = min((i + 1) * block_q, T) - 1 + (S - T)
+                n = last // block_k + 1
+                lo = 0 if window is None else max(0, (first - window + 1) // block_k)
+                sinks = sink_blocks if window is None else 0
+                if n - lo <= top_k:
+                    row = list(range(lo, n))
+                else:
+                    m = top_k - sinks - local_blocks
+
+                    def score_of(j, b=b, h=h, i=i):
+                        return choose.score(q, k, b, h, group, i, j, T, S)
+
+                    middle = choose(score_of, lo + sinks, n - local_blocks, m)
+                    row = list(range(sinks)) + sorted(middle) + list(range(n - local_blocks, n))
+                out[b, h, i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    return out
+
+
+class _Chooser:
+    def __init__(self, block_q, block_k, score, scale, query_stride, hierarchical, window):
+        self.block_q, self.block_k, self.kind, self.window = block_q, block_k, score, window
+        self.scale, self.stride, self.hierarchical = scale, query_stride, hierarchical
+
+    def score(self, q, k, b, h, group, i, j, T, S):
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        return _block_score(
+            q, k, b, h, group, i, j, T, S, self.block_q, self.block_k, self.kind, scale, self.stride,
+            self.window,
+        )
+
+    def __call__(self, score_of, lo, hi, m):
+        if not self.hierarchical:  # exact top-m, ties to the lower index
+            ranked = sorted(range(lo, hi), key=lambda j: (-score_of(j), j))
+            return ranked[:m]
+        count = hi - lo
+        groups = [(lo + g * count // m, lo + (g + 1) * count // m) for g in range(m)]
+        while any(e - s > 1 for s, e in groups):
+            halves = []
+            for s, e in groups:
+                mid = s + (e - s + 1) // 2
+                halves += [(s, mid), (mid, e)]
+            real = [(s, e) for s, e in halves if e > s]
+            ranked = sorted(real, key=lambda se: (-score_of((se[0] + se[1] - 1) // 2), se[0]))
+            groups = sorted(ranked[:m])
+        return [s for s, _ in groups]
+
+
+def loop_stream_mask(q, k, *, block_q=32, block_k=32, top_k=16, sink_blocks=1, local_blocks=1,
+                     score="max", query_stride=1, scale=None, window=None) -> torch.Tensor:
+    """Indices ``[B, Hq, nQ, top_k]`` of the hierarchical search, one row at a time."""
+    chooser = _Chooser(block_q, block_k, score, scale, query_stride, True, window)
+    return _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, chooser, window)
+
+
+def loop_oracle_mask(q, k, *, block_q=32, block_k=32, top_k=16, sink_blocks=1, local_blocks=1,
+                     score="max", query_stride=1, scale=None, window=None) -> torch.Tensor:
+    """Indices ``[B, Hq, nQ, top_k]`` of the exact top-m selection, one row at a time."""
+    chooser = _Chooser(block_q, block_k, score, scale, query_stride, False, window)
+    return _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, chooser, window)
