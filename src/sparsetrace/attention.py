@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .mask import BlockMask, _allowed
+from .mask import BlockMask, _allowed, _key_blocks, gather_blocks
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> None:
@@ -37,15 +37,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -
 
 def _gather_blocks(x: torch.Tensor, indices: torch.Tensor, block_k: int) -> torch.Tensor:
     """Kept key (or value) blocks of every query block: ``[B, Hq, nQ, top_k * bk, D]`` (-1 reads block 0)."""
-    B, Hkv, S, D = x.shape
-    Hq = indices.shape[1]
-    n_kb = math.ceil(S / block_k)
-    blocks = torch.nn.functional.pad(x, (0, 0, 0, n_kb * block_k - S)).view(B, Hkv, n_kb, block_k, D)
-    kv_head = torch.arange(Hq, device=x.device) // (Hq // Hkv)
-    batch = torch.arange(B, device=x.device)
-    ids = indices.long().clamp(min=0)
-    gathered = blocks[batch[:, None, None, None], kv_head[None, :, None, None], ids]  # [B,Hq,nQ,k,bk,D]
-    return gathered.flatten(3, 4)
+    return gather_blocks(_key_blocks(x, block_k), indices.long().clamp(min=0))
 
 
 def sparse_attention_torch(

@@ -154,6 +154,20 @@ def _key_blocks(k: torch.Tensor, block_k: int) -> torch.Tensor:
     return torch.nn.functional.pad(k, (0, 0, 0, n_kb * block_k - S)).view(B, H, n_kb, block_k, D)
 
 
+def gather_blocks(blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Key/value blocks ``[B, Hkv, nKB, bk, D]`` picked per query head: ``[B, Hq, nQ, R * bk, D]``.
+
+    ``block_ids [B, Hq, nQ, R]`` (must be in range); GQA: query head h reads kv head ``h // (Hq // Hkv)``.
+    One ``index_select`` of whole rows, the cheapest gather on CPU.
+    """
+    B, Hkv, n_kb, bk, D = blocks.shape
+    Hq, nQ, R = block_ids.shape[1:]
+    kv_head = torch.arange(Hq, device=block_ids.device) // (Hq // Hkv)
+    base = (torch.arange(B, device=block_ids.device)[:, None] * Hkv + kv_head) * n_kb  # [B, Hq]
+    rows = (base[:, :, None, None] + block_ids).flatten()  # [B*Hq*nQ*R]
+    return blocks.reshape(B * Hkv * n_kb, bk * D).index_select(0, rows).view(B, Hq, nQ, R * bk, D)
+
+
 def _causal_block_counts(T: int, S: int, config: MaskConfig, device, window: int | None = None):
     """Candidate range ``[lo, n)`` of every query block, ``[nQ]`` each.
 
@@ -169,27 +183,38 @@ def _causal_block_counts(T: int, S: int, config: MaskConfig, device, window: int
     return torch.clamp((first - window + 1) // config.block_k, min=0), n
 
 
+def _middle_is_visible(T: int, S: int, config: MaskConfig, window: int | None) -> bool:
+    """True when no pair mask is needed to score middle candidates: every used query row is real and
+    sees every key of every middle candidate (no window, no stride, whole blocks, candidates entirely
+    before the block's first query). Then the score skips building a ``[.., bq, R*bk]`` boolean tile."""
+    if window is not None or config.query_stride > 1 or T % config.block_q:
+        return False
+    lo, n = _causal_block_counts(T, S, config, "cpu")
+    first = torch.arange(n.shape[0]) * config.block_q + (S - T)
+    searched = n - lo > config.top_k
+    return bool(((n - config.local_blocks) * config.block_k - 1 <= first)[searched].all())
+
+
 def _tile_scores(q_blocks, q_pos, q_used, k_blocks, block_ids, config: MaskConfig, scale: float,
-                 window: int | None = None):
+                 window: int | None = None, visible: bool = False):
     """Score key blocks ``block_ids [B, Hq, nQ, R]`` for every query block: ``[B, Hq, nQ, R]`` float32.
 
-    Gathers the R key blocks of each query block (GQA: query head h reads kv head h // group), forms the
-    ``bq x (R*bk)`` logit tile and reduces it by max (peak) or log-sum-exp (mass) over allowed pairs.
+    Forms the ``(R*bk) x bq`` logit tile of each query block against its R gathered key blocks and
+    reduces it by max (peak) or log-sum-exp (mass) over the allowed pairs (all pairs when ``visible``).
     """
     B, Hq, nQ, R = block_ids.shape
-    Hkv, bk = k_blocks.shape[1], config.block_k
-    kv_head = torch.arange(Hq, device=block_ids.device) // (Hq // Hkv)
-    batch = torch.arange(B, device=block_ids.device)
-    keys = k_blocks[batch[:, None, None, None], kv_head[None, :, None, None], block_ids]  # [B,Hq,nQ,R,bk,D]
-    keys = keys.flatten(3, 4).float()  # [B, Hq, nQ, R*bk, D]
-    logits = torch.matmul(q_blocks, keys.transpose(-1, -2))  # [B, Hq, nQ, bq, R*bk]
-    k_pos = (block_ids[..., None] * bk + torch.arange(bk, device=block_ids.device)).flatten(3)  # [B,Hq,nQ,R*bk]
-    allowed = _allowed(k_pos[..., None, :], q_pos[:, :, None], window) & q_used[:, :, None]  # [B,Hq,nQ,bq,R*bk]
+    bk = config.block_k
+    keys = gather_blocks(k_blocks, block_ids).float()  # [B, Hq, nQ, R*bk, D]
+    logits = torch.matmul(keys, q_blocks.transpose(-1, -2))  # [B, Hq, nQ, R*bk, bq]
+    if config.score == "lse":
+        logits = logits * scale
+    if not visible:
+        k_pos = (block_ids[..., None] * bk + torch.arange(bk, device=block_ids.device)).flatten(3)
+        allowed = _allowed(k_pos[..., :, None], q_pos[:, None, :], window) & q_used[:, None, :]
+        logits = logits.masked_fill(~allowed, -math.inf)  # [B, Hq, nQ, R*bk, bq]
     if config.score == "max":
-        tile = logits.masked_fill(~allowed, -math.inf).amax(dim=3)  # [B, Hq, nQ, R*bk]
-        return tile.view(B, Hq, nQ, R, bk).amax(dim=-1)
-    tile = (logits * scale).masked_fill(~allowed, -math.inf)
-    return tile.transpose(3, 4).reshape(B, Hq, nQ, R, -1).logsumexp(dim=-1)  # [B, Hq, nQ, R]
+        return logits.amax(dim=-1).view(B, Hq, nQ, R, bk).amax(dim=-1)
+    return logits.view(B, Hq, nQ, R, -1).logsumexp(dim=-1)  # [B, Hq, nQ, R]
 
 
 def _split_into_groups(lo: torch.Tensor, count: torch.Tensor, m: int):
@@ -276,6 +301,7 @@ def stream_mask(
     n_kb = math.ceil(S / block_k)
     q_blocks, q_pos, q_used = _query_blocks(q, config, S)
     k_blocks = _key_blocks(k, block_k)
+    visible = _middle_is_visible(T, S, config, window)
 
     # Rows that keep everything run the search on a dummy range of m blocks; _assemble discards them.
     count = torch.clamp(n - lo - sinks - local_blocks, min=m)  # [nQ] middle candidates
@@ -285,7 +311,7 @@ def stream_mask(
     for _ in range(math.ceil(math.log2(largest_group))):  # one pass per level; extra passes are no-ops
         half_starts, half_ends = _halves(starts, ends)  # [B, Hq, nQ, 2m]
         centre = torch.clamp((half_starts + half_ends - 1) // 2, 0, n_kb - 1)  # representative blocks
-        scores = _tile_scores(q_blocks, q_pos, q_used, k_blocks, centre, config, scale, window)
+        scores = _tile_scores(q_blocks, q_pos, q_used, k_blocks, centre, config, scale, window, visible)
         starts, ends = _keep_best(half_starts, half_ends, scores, m)  # [B, Hq, nQ, m]
     return BlockMask(_assemble(starts, lo, n, sinks, config), block_q, block_k)
 
