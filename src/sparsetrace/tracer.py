@@ -159,6 +159,15 @@ def sparse_model(model, config: TraceConfig, *, edit: MaskEdit | None = None,
         _ACTIVE.reset(token)
 
 
+def new_cache() -> DynamicCache:
+    """A KV cache for :func:`chunked_forward`.
+
+    A plain cache keeps every key, also on sliding-window layers, so keys sit at their absolute positions
+    0..S-1 as the estimator's contract assumes; the window is applied inside the attention.
+    """
+    return DynamicCache()
+
+
 def chunked_forward(
     model,
     input_ids: torch.Tensor,
@@ -167,17 +176,18 @@ def chunked_forward(
     keep_logits: int = 1,
     on_chunk: Callable[[int, int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    cache: DynamicCache | None = None,
 ) -> torch.Tensor:
     """Prefill ``input_ids [T]`` chunk by chunk through a KV cache; return the last ``keep_logits`` logits.
 
     Works with whatever attention the model is set to (sdpa for the dense reference, sparsetrace inside
-    :func:`sparse_model`). ``on_chunk(start, end)`` runs after each chunk. Returns float32 ``[keep, V]``.
+    :func:`sparse_model`). ``on_chunk(start, end)`` runs after each chunk. Pass ``cache`` (a
+    :func:`new_cache`) to continue from earlier tokens, e.g. to decode after a prefill; positions
+    continue from its length. Returns float32 ``[keep, V]``.
     """
     T = input_ids.shape[0]
     device = next(model.parameters()).device
-    # A plain cache keeps every key, also on sliding-window layers, so keys sit at their absolute
-    # positions 0..S-1 as the estimator's contract assumes; the window is applied in the attention.
-    cache = DynamicCache()
+    cache = new_cache() if cache is None else cache
     # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
     cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     kept: list[torch.Tensor] = []

@@ -1,0 +1,55 @@
+"""``sparsetrace trace``: run a model with STREAM attention over a text and write the trace."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .common import add_model_options, add_trace_options, human_bytes, load, read_text, trace_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("trace", help="trace a model's sparse attention over a text",
+                       description="Run the model with STREAM block-sparse attention over a text "
+                                   "(chunked prefill) and write the trace directory.")
+    add_model_options(p)
+    add_trace_options(p)
+    p.add_argument("--out", type=Path, required=True, help="trace directory to write (resumes if killed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def summarize(trace, seconds: float | None = None) -> str:
+    """The lines ``trace`` prints: size, sparsity and bytes against a dense float16 record."""
+    lines = [
+        f"tokens          {trace.num_tokens}",
+        f"layers x heads  {trace.num_layers} x {trace.num_heads}",
+        f"blocks          {trace.block_q} tokens, top_k {trace.top_k} of up to {trace.num_key_blocks}",
+        f"sparsity        {trace.sparsity:.4f} of causal (query, key) pairs pruned",
+        f"trace bytes     {human_bytes(trace.nbytes)}",
+        f"dense fp16      {human_bytes(trace.dense_bytes)} (T(T+1)/2 entries per layer and head)",
+        f"ratio           {trace.dense_bytes / max(trace.nbytes, 1):,.0f}x smaller",
+    ]
+    if seconds is not None:
+        lines.append(f"wall time       {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = trace_config(args)
+    text = read_text(args.text_file)
+    from ..store import MANIFEST
+    from ..tracer import trace_text
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory path.")
+    model, tokenizer, model_id = load(args)
+    start = time.perf_counter()
+    resumed = (args.out / MANIFEST).exists()
+    trace = trace_text(model, tokenizer, text, config, max_tokens=args.max_tokens, out=args.out,
+                       model_id=model_id, progress=not args.no_progress)
+    if resumed:
+        print(f"resumed the trace in {args.out}")
+    print(summarize(trace, time.perf_counter() - start))
+    print(f"written to      {args.out}")
+    return 0
