@@ -262,6 +262,28 @@ def _forced_sinks(config: MaskConfig, window: int | None) -> int:
     return config.sink_blocks if window is None else 0
 
 
+def hierarchical_search(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, window: int | None,
+                        score_halves) -> BlockMask:
+    """Steps 0-3 of the module docstring, given ``score_halves(half_starts, half_ends) -> [B, Hq, nQ, 2m]``
+    (the score of each half's representative block). Shared by the torch path and the GPU scorer."""
+    B, Hq, T, _ = q.shape
+    S = k.shape[2]
+    sinks = _forced_sinks(config, window)
+    m = config.top_k - sinks - config.local_blocks
+    lo, n = _causal_block_counts(T, S, config, q.device, window)  # [nQ] each
+    n_kb = math.ceil(S / config.block_k)
+    # Rows that keep everything run the search on a dummy range of m blocks; _assemble discards them.
+    count = torch.clamp(n - lo - sinks - config.local_blocks, min=m)  # [nQ] middle candidates
+    starts, ends = _split_into_groups(lo + sinks, count, m)  # [nQ, m]
+    starts, ends = starts.expand(B, Hq, -1, -1), ends.expand(B, Hq, -1, -1)  # [B, Hq, nQ, m]
+    largest_group = math.ceil(max(n_kb - sinks - config.local_blocks, m) / m)
+    for _ in range(math.ceil(math.log2(largest_group))):  # one pass per level; extra passes are no-ops
+        half_starts, half_ends = _halves(starts, ends)  # [B, Hq, nQ, 2m]
+        scores = score_halves(half_starts, half_ends)  # [B, Hq, nQ, 2m]
+        starts, ends = _keep_best(half_starts, half_ends, scores, m)  # [B, Hq, nQ, m]
+    return BlockMask(_assemble(starts, lo, n, sinks, config), config.block_q, config.block_k)
+
+
 def stream_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -275,6 +297,7 @@ def stream_mask(
     query_stride: int = 1,
     scale: float | None = None,
     window: int | None = None,
+    impl: str = "auto",
 ) -> BlockMask:
     """STREAM selection of ``top_k`` key blocks per query block (see the module docstring).
 
@@ -287,33 +310,40 @@ def stream_mask(
         window: sliding-window size of the layer (None = global). With a window the candidates are the
             blocks the window reaches, ``[lo, n)``; no sinks are forced and the search picks
             ``top_k - local_blocks`` (the same contract on the shifted range).
+        impl: ``"auto"`` (Triton scorer on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, or
+            ``"reference"`` (the plain-loop reference of ``sparsetrace.reference``; tiny inputs only).
     Returns:
         BlockMask with ``indices`` int32 ``[B, Hq, nQ, top_k]``.
     """
     config = MaskConfig(block_q, block_k, top_k, sink_blocks, local_blocks, score, query_stride)
     _check_inputs(q, k, config)
-    B, Hq, T, D = q.shape
-    S = k.shape[2]
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "torch"
+    if impl == "triton":
+        from .kernels import gpu_stream_mask  # lazy: Triton only on CUDA machines
+
+        return gpu_stream_mask(q, k, config, scale=scale, window=window)
+    if impl == "reference":
+        from .reference import loop_stream_mask
+
+        indices = loop_stream_mask(q.cpu(), k.cpu(), block_q=block_q, block_k=block_k, top_k=top_k,
+                                   sink_blocks=sink_blocks, local_blocks=local_blocks, score=score,
+                                   query_stride=query_stride, scale=scale, window=window)
+        return BlockMask(indices.to(q.device), block_q, block_k)
+    if impl != "torch":
+        raise ValueError(f"impl={impl!r} is not one of 'auto', 'torch', 'triton', 'reference'.")
+    T, D, S = q.shape[2], q.shape[3], k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    sinks = _forced_sinks(config, window)
-    m = config.top_k - sinks - local_blocks
-    lo, n = _causal_block_counts(T, S, config, q.device, window)  # [nQ] each
     n_kb = math.ceil(S / block_k)
     q_blocks, q_pos, q_used = _query_blocks(q, config, S)
     k_blocks = _key_blocks(k, block_k)
     visible = _middle_is_visible(T, S, config, window)
 
-    # Rows that keep everything run the search on a dummy range of m blocks; _assemble discards them.
-    count = torch.clamp(n - lo - sinks - local_blocks, min=m)  # [nQ] middle candidates
-    starts, ends = _split_into_groups(lo + sinks, count, m)  # [nQ, m]
-    starts, ends = starts.expand(B, Hq, -1, -1), ends.expand(B, Hq, -1, -1)  # [B, Hq, nQ, m]
-    largest_group = math.ceil(max(n_kb - sinks - local_blocks, m) / m)
-    for _ in range(math.ceil(math.log2(largest_group))):  # one pass per level; extra passes are no-ops
-        half_starts, half_ends = _halves(starts, ends)  # [B, Hq, nQ, 2m]
+    def score_halves(half_starts: torch.Tensor, half_ends: torch.Tensor) -> torch.Tensor:
         centre = torch.clamp((half_starts + half_ends - 1) // 2, 0, n_kb - 1)  # representative blocks
-        scores = _tile_scores(q_blocks, q_pos, q_used, k_blocks, centre, config, scale, window, visible)
-        starts, ends = _keep_best(half_starts, half_ends, scores, m)  # [B, Hq, nQ, m]
-    return BlockMask(_assemble(starts, lo, n, sinks, config), block_q, block_k)
+        return _tile_scores(q_blocks, q_pos, q_used, k_blocks, centre, config, scale, window, visible)
+
+    return hierarchical_search(q, k, config, window, score_halves)
 
 
 def block_scores(

@@ -1,0 +1,215 @@
+"""Check the GPU paths against the CPU references on random inputs; print a table, exit 1 on failure.
+
+Run on a CUDA machine from the repository root (docs/gpu.md):
+
+    PYTHONPATH=src python bench/gpu_check.py
+
+What is compared, per case (ragged T and S, q_offset = S - T > 0, GQA, batch 2, windows, strides, scores):
+- indices: ``kernels.gpu_stream_mask`` (Triton scorer) against ``mask.stream_mask`` on the CPU, on float32
+  and on bf16 inputs (the CPU scores the same bf16 values in float32). Rows may differ only where the search
+  meets a near tie: a float64 rerun of the search flags rows whose m-th and (m+1)-th best half at some level
+  are within ``TIE_RTOL`` of each other; a differing row that is not flagged fails the check.
+- attention: ``kernels.gpu_sparse_attention`` (FlexAttention) against ``attention.sparse_attention_reference``
+  in float64, relative Frobenius error; passes if at most twice the error of plain torch in the input dtype
+  (dense masked softmax attention with every op in that dtype) or under a floor.
+- masses: the same call's ``mass`` against the float64 reference (max abs error, the same rule), rows sum
+  to 1, and the Triton ``block_mass`` against ``block_mass_torch`` fed the same logsumexp.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+import sparsetrace.mask as mask_mod
+from sparsetrace.attention import sparse_attention_reference
+from sparsetrace.mask import MaskConfig, _forced_sinks, stream_mask
+
+TIE_RTOL = 1e-4  # float32 scores of D <= 256 products differ by ~1e-6 relative; a margin under this is a tie
+ATT_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # relative Frobenius error always accepted
+MASS_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}  # max abs mass error always accepted
+ROWSUM_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+
+# (name, B, Hq, Hkv, T, S, D, block_q, block_k, top_k, sink, local, score, query_stride, window)
+CASES = [
+    ("square", 1, 4, 2, 1000, 1000, 64, 32, 32, 8, 1, 1, "max", 1, None),
+    ("ragged+offset,B2", 2, 6, 2, 333, 1237, 64, 64, 64, 6, 1, 1, "max", 1, None),
+    ("lse,bq!=bk,MQA,B2", 2, 4, 1, 777, 777, 128, 64, 32, 10, 2, 2, "lse", 1, None),
+    ("stride4,small blocks", 1, 3, 3, 500, 900, 64, 16, 16, 12, 1, 1, "max", 4, None),
+    ("window 300", 1, 4, 2, 1200, 1500, 64, 32, 32, 8, 1, 1, "max", 1, 300),
+    ("bq128,bk64", 1, 2, 1, 2000, 2011, 128, 128, 64, 12, 1, 2, "max", 1, None),
+    ("bench shape 4k", 1, 12, 2, 4096, 4096, 128, 64, 64, 16, 1, 1, "max", 1, None),
+]
+
+
+def tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
+    """Rows ``[B, Hq, nQ]`` where the float64 search meets a near tie at some level (CPU, float64)."""
+    from sparsetrace.kernels.scoring import score_halves_torch
+    from sparsetrace.mask import _causal_block_counts, _halves, _split_into_groups
+
+    q, k = q.double().cpu(), k.double().cpu()
+    B, Hq, T, _ = q.shape
+    S = k.shape[2]
+    sinks = _forced_sinks(config, window)
+    m = config.top_k - sinks - config.local_blocks
+    lo, n = _causal_block_counts(T, S, config, "cpu", window)
+    n_kb = math.ceil(S / config.block_k)
+    count = torch.clamp(n - lo - sinks - config.local_blocks, min=m)
+    starts, ends = _split_into_groups(lo + sinks, count, m)
+    starts, ends = starts.expand(B, Hq, -1, -1), ends.expand(B, Hq, -1, -1)
+    flagged = torch.zeros(B, Hq, starts.shape[2], dtype=torch.bool)
+    for _ in range(math.ceil(math.log2(math.ceil(max(n_kb - sinks - config.local_blocks, m) / m)))):
+        hs, he = _halves(starts, ends)
+        scores = score_halves_torch(q, k, hs, he, config, scale, window).double()
+        scores = scores.masked_fill(he <= hs, -math.inf)
+        ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
+        kth, nxt = ranked.values[..., m - 1], ranked.values[..., m]
+        finite = torch.isfinite(nxt)
+        flagged |= finite & ((kth - nxt).abs() <= TIE_RTOL * kth.abs().clamp(min=1.0))
+        order = torch.sort(ranked.indices[..., :m], dim=-1).values
+        starts, ends = hs.gather(-1, order), he.gather(-1, order)
+    return flagged & (n - lo > config.top_k)[None, None, :]
+
+
+def plain_torch_attention(q, k, v, dense, scale):
+    """Dense masked attention with every op in q's dtype (the 'plain torch' error of that dtype)."""
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    logits = (q @ kk.transpose(-1, -2)) * scale
+    probs = torch.softmax(logits.masked_fill(~dense, -math.inf), dim=-1)
+    return probs @ vv, probs
+
+
+def plain_torch_mass(probs, mask, T, S):
+    B, Hq = probs.shape[:2]
+    bq, bk = mask.block_q, mask.block_k
+    nQ, n_kb = mask.indices.shape[2], math.ceil(S / bk)
+    per = torch.nn.functional.pad(probs, (0, n_kb * bk - S)).view(B, Hq, T, n_kb, bk).sum(-1)
+    per = torch.nn.functional.pad(per, (0, 0, 0, nQ * bq - T)).view(B, Hq, nQ, bq, n_kb).sum(3)
+    real = torch.clamp(T - torch.arange(nQ, device=probs.device) * bq, max=bq).to(per.dtype)
+    per = per / real[:, None]
+    ids = mask.indices.long()
+    return per.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0)
+
+
+def rel_err(got, want) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def max_err(got, want) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return (got - want).abs().max().item()
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device.")
+        return 2
+    import triton
+
+    from sparsetrace.kernels import attention as katt
+    from sparsetrace.kernels import gpu_sparse_attention, gpu_stream_mask
+
+    for key, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
+        if hasattr(torch._dynamo.config, key):  # many shapes in one process: never fall back to eager
+            setattr(torch._dynamo.config, key, value)
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    gen = torch.Generator().manual_seed(20261128)
+    rows, failures = [], []
+    for case in CASES:
+        name, B, Hq, Hkv, T, S, D, bq, bk, top_k, sink, local, score, stride, window = case
+        config = MaskConfig(bq, bk, top_k, sink, local, score, stride)
+        kwargs = {"block_q": bq, "block_k": bk, "top_k": top_k, "sink_blocks": sink,
+                  "local_blocks": local, "score": score, "query_stride": stride, "window": window}
+        scale = D**-0.5
+        q32 = torch.randn(B, Hq, T, D, generator=gen)
+        k32 = torch.randn(B, Hkv, S, D, generator=gen)
+        v32 = torch.randn(B, Hkv, S, D, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            t0 = time.perf_counter()
+            q, k, v = q32.to(dtype), k32.to(dtype), v32.to(dtype)
+            row = {"case": name, "dtype": str(dtype).replace("torch.", "")}
+            # 1. indices
+            cpu_mask = stream_mask(q, k, **kwargs)
+            gpu_mask = gpu_stream_mask(q.cuda(), k.cuda(), config, window=window)
+            differ = (gpu_mask.indices.cpu() != cpu_mask.indices).any(-1)  # [B, Hq, nQ]
+            ties = tie_rows(q, k, config, window, scale)
+            unexplained = differ & ~ties
+            row.update(rows=differ.numel(), differ=int(differ.sum()), ties=int(ties.sum()),
+                       bad_rows=int(unexplained.sum()))
+            if unexplained.any():
+                failures.append(f"{name} {dtype}: {int(unexplained.sum())} index rows differ without a tie")
+            # 2. attention and masses over the CPU mask
+            ref_out, ref_mass = sparse_attention_reference(q, k, v, cpu_mask, return_mass=True,
+                                                           window=window)
+            dev_mask = mask_mod.BlockMask(cpu_mask.indices.cuda(), bq, bk)
+            out, mass = gpu_sparse_attention(q.cuda(), k.cuda(), v.cuda(), dev_mask, return_mass=True,
+                                             window=window)
+            dense = dev_mask.to_dense(T, S, window)
+            plain_out, plain_probs = plain_torch_attention(q.cuda(), k.cuda(), v.cuda(), dense, scale)
+            plain_mass = plain_torch_mass(plain_probs.float(), dev_mask, T, S)
+            att, att_plain = rel_err(out, ref_out), rel_err(plain_out, ref_out)
+            mas, mas_plain = max_err(mass, ref_mass), max_err(plain_mass, ref_mass)
+            rowsum = (mass.double().sum(-1) - 1).abs().max().item()
+            att_tol = max(2 * att_plain, ATT_FLOOR[dtype])
+            mass_tol = max(2 * mas_plain, MASS_FLOOR[dtype])
+            # 3. Triton block_mass against its torch twin on the same lse (a direct kernel check)
+            lse = _reference_lse(q.cuda(), k.cuda(), dense, scale)
+            kq, kk = q.cuda(), k.cuda()
+            tri = katt.block_mass(kq, kk, lse, dev_mask.indices, bq, bk, scale, window)
+            twin = katt.block_mass_torch(kq, kk, lse, dev_mask.indices, bq, bk, scale, window)
+            kernel_gap = max_err(tri, twin)
+            row.update(att_err=att, att_tol=att_tol, mass_err=mas, mass_tol=mass_tol, rowsum=rowsum,
+                       mass_kernel_gap=kernel_gap, seconds=time.perf_counter() - t0)
+            if not att <= att_tol:
+                failures.append(f"{name} {dtype}: attention error {att:.2e} > {att_tol:.2e}")
+            if not mas <= mass_tol:
+                failures.append(f"{name} {dtype}: mass error {mas:.2e} > {mass_tol:.2e}")
+            if not rowsum <= ROWSUM_TOL[dtype]:
+                failures.append(f"{name} {dtype}: mass rows sum to 1 +- {rowsum:.2e}")
+            if not kernel_gap <= 1e-4:
+                failures.append(f"{name} {dtype}: block_mass vs block_mass_torch {kernel_gap:.2e}")
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    print()
+    print(_HEADER)
+    for row in rows:
+        print(_fmt(row))
+    total_differ = sum(r["differ"] for r in rows)
+    total_rows = sum(r["rows"] for r in rows)
+    print(f"\nindex rows differing: {total_differ} of {total_rows}, all at float64 near-ties: "
+          f"{all(r['bad_rows'] == 0 for r in rows)}")
+    if failures:
+        print("FAIL\n  " + "\n  ".join(failures))
+        return 1
+    print("PASS")
+    return 0
+
+
+def _reference_lse(q, k, dense, scale):
+    group = q.shape[1] // k.shape[1]
+    logits = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    return logits.masked_fill(~dense, -math.inf).logsumexp(-1).float()  # [B, Hq, T]
+
+
+_HEADER = (f"{'case':22s} {'dtype':8s} {'rows':>6s} {'differ':>6s} {'ties':>5s} {'bad':>4s} "
+           f"{'att_err':>9s} {'att_tol':>9s} {'mass_err':>9s} {'mass_tol':>9s} {'rowsum':>9s} "
+           f"{'kern_gap':>9s} {'s':>5s}")
+
+
+def _fmt(r) -> str:
+    return (f"{r['case']:22s} {r['dtype']:8s} {r['rows']:6d} {r['differ']:6d} {r['ties']:5d} "
+            f"{r['bad_rows']:4d} {r['att_err']:9.2e} {r['att_tol']:9.2e} {r['mass_err']:9.2e} "
+            f"{r['mass_tol']:9.2e} {r['rowsum']:9.2e} {r['mass_kernel_gap']:9.2e} {r['seconds']:5.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

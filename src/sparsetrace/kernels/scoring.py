@@ -1,0 +1,253 @@
+"""STREAM on the GPU: a fused Triton scorer for the halves of every level, with the search kept in torch.
+
+The hot loop of ``mask.stream_mask`` is ``_tile_scores``: per query block, gather the 2m representative key
+blocks and reduce the ``block_q x (2m * block_k)`` logit tile by max (or log-sum-exp). In torch that tile is
+materialised (``[B, Hq, nQ, bq, 2m * bk]`` float32 per level: 44 GB at 1M tokens, 12 heads, blocks of 64).
+``_score_halves_kernel`` keeps it in registers: one program per (batch, head, query block) loads its query
+tile once and loops over the 2m halves, one ``q . k^T`` tile per half. Everything else (groups, halves,
+keeping the m best, assembling sinks and locals) reuses the torch helpers of ``mask.py`` unchanged, so the
+GPU path can only differ from the CPU path in the scores themselves.
+
+Two shortcuts that cannot change the result:
+- an empty half (the right half of a one-block group) scores -inf without a tile, as ``_keep_best`` does;
+- a row whose halves hold at most m non-empty ones keeps exactly those whatever their scores, so its tiles
+  are skipped (every non-empty half is causal, so its real score is finite and beats the empty ones).
+
+Exactness: bf16/fp16 inputs go through tensor-core dots with float32 accumulation (bf16 products are exact
+in float32, so this is the float32 reference up to summation order); float32 inputs use IEEE float32 dots
+(no TF32), so indices match the CPU ``stream_mask`` up to ties of float32 scores.
+"""
+
+import math
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mask import (
+    BlockMask,
+    MaskConfig,
+    _check_inputs,
+    hierarchical_search,
+    _key_blocks,
+    _query_blocks,
+    _tile_scores,
+)
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def scorer_launch(block_q: int, block_k: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch settings of the scorer (override by reassigning ``scoring.scorer_launch``).
+
+    The tile shape itself is fixed by the mask (``block_q x block_k``, padded to powers of two); only the
+    warps per program and the software-pipelining depth are free. 16-bit defaults are the fastest of
+    ``bench/gpu.py --sweep-launch`` on an H100 at 1M tokens (2026-11-28: 64x64 tiles 4 warps / 3 stages,
+    252 ms vs 304 ms with 8 / 2; 128x64 tiles 4 / 1, 186 ms vs 197 ms); float32 (IEEE dots, tests only)
+    keeps 8 warps.
+    """
+    if dtype == torch.float32:
+        return {"num_warps": 8, "num_stages": 2}
+    small = triton.next_power_of_2(block_q) * triton.next_power_of_2(block_k) <= 64 * 64
+    return {"num_warps": 4, "num_stages": 3 if small else 1}
+
+
+def triton_supported(block_q: int, block_k: int, head_dim: int) -> str | None:
+    """None if the Triton kernels take these sizes, else the reason (the caller falls back to torch)."""
+    BQ, BK = triton.next_power_of_2(block_q), triton.next_power_of_2(block_k)
+    if min(BQ, BK) < 16:
+        return f"block_q={block_q} and block_k={block_k} must be at least 16 (tensor-core tiles)"
+    if BQ * BK > 128 * 128 or max(BQ, BK) > 256:
+        return f"a {BQ}x{BK} score tile does not fit in registers (at most 128x128)"
+    if head_dim not in (16, 32, 64, 128, 256):
+        return f"head_dim={head_dim} must be a power of two in [16, 256]"
+    return None
+
+
+@triton.jit
+def _load_query_tile(Q, q_base, t, row_ok, d, stride_t, stride_d):
+    """[BQ, D] queries of one block (rows past the block or past T read 0)."""
+    ptrs = Q + q_base + t[:, None] * stride_t + d[None, :] * stride_d
+    return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _logit_tile(q, K, k_base, j, live, cols, d, stride_s, stride_d, S, BLOCK_K: tl.constexpr,
+                IEEE: tl.constexpr):
+    """``q . k^T`` of key block j: [BQ, BK] float32, the absolute key positions [BK] and which of them
+    exist (inside the block and S; none unless ``live``)."""
+    k_pos = j * BLOCK_K + cols
+    col_ok = (cols < BLOCK_K) & (k_pos < S) & (k_pos >= 0) & live
+    ptrs = K + k_base + k_pos[None, :].to(tl.int64) * stride_s + d[:, None] * stride_d
+    kt = tl.load(ptrs, mask=col_ok[None, :], other=0.0)  # [D, BK]
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    return s, k_pos, col_ok
+
+
+@triton.jit
+def _reduce_tile(s, allowed, scale, LSE: tl.constexpr):
+    """Block score of one tile: max of the allowed logits, or log-sum-exp of the scaled ones."""
+    if LSE:
+        x = tl.where(allowed, s * scale, float("-inf"))
+        top = tl.max(tl.max(x, axis=1), axis=0)
+        total = tl.sum(tl.sum(tl.exp(x - top), axis=1), axis=0)
+        value = tl.where(top == float("-inf"), float("-inf"), top + tl.log(total))
+    else:
+        value = tl.max(tl.max(tl.where(allowed, s, float("-inf")), axis=1), axis=0)
+    return value
+
+
+@triton.jit
+def _score_halves_kernel(
+    Q, K, HS, HE, OUT,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd,
+    T, S, n_kb, nQ, Hq, Hkv, query_stride, window, scale,
+    SKIP_UP_TO: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    D: tl.constexpr, LSE: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
+):
+    # Program order: the query heads of one kv head fastest, then query blocks, so programs running
+    # together read the same key blocks (at the first level every head of a group has the same halves).
+    pid = tl.program_id(0)
+    group = Hq // Hkv
+    hh = pid % group
+    i = (pid // group) % nQ
+    bg = pid // (group * nQ)
+    b = bg // Hkv
+    h = (bg % Hkv) * group + hh
+    row = ((b * Hq + h) * nQ + i).to(tl.int64) * R  # halves are contiguous [B, Hq, nQ, R]
+
+    r = tl.arange(0, RP)
+    hs = tl.load(HS + row + r, mask=r < R, other=0)
+    he = tl.load(HE + row + r, mask=r < R, other=0)
+    nonempty = (he > hs) & (r < R)
+    # A row with at most m non-empty halves keeps all of them whatever they score (SKIP_UP_TO = m
+    # without a window, where every non-empty half scores finite; -1, never, with one).
+    if tl.sum(nonempty.to(tl.int32), axis=0) <= SKIP_UP_TO:
+        tl.store(OUT + row + r, tl.where(nonempty, 0.0, float("-inf")), mask=r < R)
+    else:
+        rows = tl.arange(0, BQ)
+        t = i * BLOCK_Q + rows
+        row_ok = (rows < BLOCK_Q) & (t < T)
+        last_row = tl.minimum(T - 1 - i * BLOCK_Q, BLOCK_Q - 1)
+        used = (row_ok & (rows % query_stride == 0)) | (rows == last_row)
+        q_pos = t + (S - T)
+        d = tl.arange(0, D)
+        q = _load_query_tile(Q, b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, t.to(tl.int64), row_ok,
+                             d, sqt, sqd)
+        k_base = b.to(tl.int64) * skb + (h // group).to(tl.int64) * skh
+        cols = tl.arange(0, BK)
+        centre = tl.minimum(tl.maximum((hs + he - 1) // 2, 0), n_kb - 1)  # [RP] representatives
+        scores = tl.full([RP], float("-inf"), tl.float32)
+        for x in range(R):  # straight-line body, so the key-tile loads pipeline across halves
+            pick = r == x
+            j = tl.sum(tl.where(pick, centre, 0), axis=0)
+            live = tl.sum(tl.where(pick & nonempty, 1, 0), axis=0) > 0  # empty halves load nothing
+            s, k_pos, col_ok = _logit_tile(q, K, k_base, j, live, cols, d, sks, skd, S, BLOCK_K, IEEE)
+            allowed = used[:, None] & col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if WINDOW:  # transformers' sliding window: key > query - window
+                allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+            scores = tl.where(pick, _reduce_tile(s, allowed, scale, LSE), scores)
+        tl.store(OUT + row + r, tl.where(nonempty, scores, float("-inf")), mask=r < R)
+
+
+def score_halves(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
+                 window: int | None = None) -> torch.Tensor:
+    """Score every half by its representative block with the Triton kernel.
+
+    Args:
+        q: ``[B, Hq, T, D]`` (bf16, fp16 or fp32, CUDA); k: ``[B, Hkv, S, D]``, same dtype.
+        half_starts, half_ends: int64 ``[B, Hq, nQ, 2m]``, the block ranges ``[start, end)`` of the halves.
+        window: sliding window of the layer (keys ``> query - window``), None for a global layer.
+    Returns:
+        float32 ``[B, Hq, nQ, 2m]``: the block score of each half's centre block (-inf for empty halves;
+        0 for the non-empty halves of rows where all of them survive anyway).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    R = half_starts.shape[-1]
+    nQ = half_starts.shape[2]
+    M = R // 2
+    assert q.dtype == k.dtype, f"q is {q.dtype} and k {k.dtype}; cast one"
+    assert triton_supported(config.block_q, config.block_k, D) is None, triton_supported(
+        config.block_q, config.block_k, D
+    )
+    hs = half_starts.contiguous()
+    he = half_ends.contiguous()
+    out = torch.empty(hs.shape, dtype=torch.float32, device=q.device)
+    launch = scorer_launch(config.block_q, config.block_k, D, q.dtype)
+    grid = (B * Hq * nQ,)
+    _score_halves_kernel[grid](
+        q, k, hs, he, out,
+        *q.stride(), *k.stride(),
+        T, S, math.ceil(S / config.block_k), nQ, Hq, Hkv, config.query_stride, window or 0, float(scale),
+        SKIP_UP_TO=M if window is None else -1, R=R, RP=triton.next_power_of_2(R),
+        BLOCK_Q=config.block_q, BLOCK_K=config.block_k,
+        BQ=triton.next_power_of_2(config.block_q), BK=triton.next_power_of_2(config.block_k),
+        D=D, LSE=config.score == "lse", IEEE=q.dtype == torch.float32, WINDOW=window is not None,
+        **launch,
+    )
+    return out
+
+
+def score_halves_torch(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
+                       window: int | None = None, *, max_elements: int = 2**28) -> torch.Tensor:
+    """The same scores with ``mask._tile_scores`` (the CPU path), chunked over query blocks so the
+    ``[B, Hq, chunk, bq, 2m * bk]`` float32 tile stays under ``max_elements``. Any device."""
+    B, Hq, nQ, R = half_starts.shape
+    S = k.shape[2]
+    n_kb = math.ceil(S / config.block_k)
+    q_blocks, q_pos, q_used = _query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
+    k_blocks = _key_blocks(k, config.block_k)  # [B, Hkv, nKB, bk, D]
+    centre = torch.clamp((half_starts + half_ends - 1) // 2, 0, n_kb - 1)  # [B, Hq, nQ, R]
+    step = max(1, max_elements // (B * Hq * config.block_q * R * config.block_k * 2))
+    out = []
+    for i in range(0, nQ, step):
+        sl = slice(i, min(i + step, nQ))
+        out.append(_tile_scores(q_blocks[:, :, sl], q_pos[sl], q_used[sl], k_blocks, centre[:, :, sl],
+                                config, scale, window))
+    return torch.cat(out, dim=2)  # [B, Hq, nQ, R]
+
+
+def gpu_stream_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
+                    window: int | None = None, scorer=None) -> BlockMask:
+    """``mask.stream_mask`` on CUDA tensors, the tile scores from the Triton kernel.
+
+    Args:
+        q: post-RoPE queries ``[B, Hq, T, D]``; k: post-RoPE keys ``[B, Hkv, S, D]`` (GQA: Hq % Hkv == 0).
+        config: the selection (block sizes, top_k, forced blocks, score, query_stride).
+        scale: logit scale of the ``"lse"`` score, default ``D ** -0.5``.
+        window: sliding window of the layer, None for a global layer (as in ``stream_mask``).
+        scorer: ``score_halves`` (default) or ``score_halves_torch``; same signature.
+    Returns:
+        BlockMask with int32 ``indices [B, Hq, nQ, top_k]``, identical to ``stream_mask`` up to score ties.
+    """
+    _check_inputs(q, k, config)
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    if scorer is None:
+        reason = triton_supported(config.block_q, config.block_k, D)
+        if reason is None and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reason = f"dtype {q.dtype}"
+        if reason is not None or not q.is_cuda:
+            _warn_once(f"sparsetrace: Triton scorer not used ({reason or q.device}); scoring in torch.")
+            scorer = score_halves_torch
+        else:
+            scorer = score_halves
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+
+    # The schedule of mask.stream_mask, step for step; only the scorer differs.
+    return hierarchical_search(
+        q, k, config, window, lambda starts, ends: scorer(q, k, starts, ends, config, scale, window)
+    )
