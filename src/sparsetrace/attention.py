@@ -68,7 +68,8 @@ def sparse_attention_torch(
     allowed = _allowed(k_pos[..., None, :], q_pos[:, :, None], window) & valid[..., None, :]
 
     logits = torch.matmul(q_blocks, keys.transpose(-1, -2)) * scale  # [B, Hq, nQ, bq, top_k*bk]
-    probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+    # A query that sees no kept key (possible only without sink blocks) gets zero output and mass.
+    probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num_(0.0)
     out = torch.matmul(probs, values)  # [B, Hq, nQ, bq, D]
     out = out.view(B, Hq, nQ * bq, D)[:, :, :T].to(q.dtype)
     if not return_mass:
@@ -99,7 +100,7 @@ def sparse_attention_reference(
     vv = v.double().repeat_interleave(group, dim=1)
     dense = mask.to_dense(T, S, window)  # [B, Hq, T, S]
     logits = (q.double() @ kk.transpose(-1, -2)) * scale
-    probs = torch.softmax(logits.masked_fill(~dense, -math.inf), dim=-1)  # [B, Hq, T, S]
+    probs = torch.softmax(logits.masked_fill(~dense, -math.inf), dim=-1).nan_to_num_(0.0)  # [B,Hq,T,S]
     out = (probs @ vv).to(q.dtype)
     if not return_mass:
         return out
@@ -133,6 +134,8 @@ def sparse_attention(
         scale: logit scale, default ``D ** -0.5``.
         return_mass: also return the mass ``[B, Hq, nQ, top_k]`` float32: for each query block, the mean
             over its queries of the softmax probability falling in each kept block (rows sum to 1; 0 at -1).
+            A query that sees no kept key at all (only possible with ``sink_blocks=0`` and a local
+            window narrower than the query block) gets zero output and contributes zero mass.
         window: sliding-window size of the layer (keys ``> position - window`` only), None = global.
         impl: ``"auto"`` (GPU path on CUDA, torch elsewhere), ``"torch"``, ``"gpu"`` or ``"reference"``.
     Returns:

@@ -1,0 +1,136 @@
+"""Recall of STREAM's selections against the exact oracle, and the dense attention mass they cover, on real
+post-RoPE queries and keys of the default model (SmolLM2-135M) over a few thousand tokens of real text.
+
+For every layer and head, block size in {32, 64}, top_k in {8, 16, 32} and block score in {max, lse}:
+- recall: |stream middle picks ∩ oracle middle picks| / |oracle middle picks| (the forced sink and local
+  blocks are shared by construction and left out, so this is the search's own recall);
+- coverage: the dense softmax mass (mean over queries) that falls in the kept blocks, for stream and for
+  the oracle (the exact block top-k under the same score), so the two can be compared.
+Prints a table and ends with one JSON line; writes bench/results/recall.json.
+
+    python bench/recall.py [--tokens 4096] [--layers 0,5,10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from sparsetrace import load_model, oracle_mask, stream_mask
+from sparsetrace.cpu import keep_freed_memory
+from sparsetrace.data import haystack_text
+from sparsetrace.probe import capture_qk, dense_probs
+from sparsetrace.tracer import tokenize
+
+
+def dense_block_mass(probs: torch.Tensor, block: int) -> torch.Tensor:
+    """``probs [H, T, T]`` -> ``[H, nQ, nK]``: mean over a query block's queries of the mass in each key block."""
+    H, T, S = probs.shape
+    nQ, nK = math.ceil(T / block), math.ceil(S / block)
+    padded = torch.nn.functional.pad(probs, (0, nK * block - S, 0, nQ * block - T))
+    per_key_block = padded.view(H, nQ * block, nK, block).sum(-1)  # [H, nQ*b, nK]
+    counts = torch.clamp(T - torch.arange(nQ) * block, max=block).to(probs.dtype)  # real queries per block
+    return per_key_block.view(H, nQ, block, nK).sum(2) / counts[None, :, None]
+
+
+def middle_picks(indices: torch.Tensor, sink: int, local: int, n: torch.Tensor) -> list[set]:
+    """The searched (non-forced) blocks of every row where the search ran."""
+    rows = []
+    flat = indices.reshape(-1, indices.shape[-1])
+    n_rows = n.repeat(flat.shape[0] // n.shape[0])
+    for row, nr in zip(flat.tolist(), n_rows.tolist()):
+        if nr <= len(row):
+            continue
+        rows.append({b for b in row if sink <= b < nr - local})
+    return rows
+
+
+def coverage(block_mass: torch.Tensor, indices: torch.Tensor) -> float:
+    """Mean over heads and query blocks of the dense mass inside the kept blocks."""
+    ids = indices[0].long()  # [H, nQ, k]
+    kept = block_mass.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0)
+    return kept.sum(-1).mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    parser.add_argument("--top-k", default="8,16,32")
+    parser.add_argument("--blocks", default="32,64")
+    parser.add_argument("--scores", default="max,lse")
+    parser.add_argument("--quick", action="store_true", help="1k tokens, 3 layers")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/recall.json"))
+    args = parser.parse_args()
+    keep_freed_memory()
+    if args.quick:
+        args.tokens, args.layers = 1024, "0,14,29"
+    model, tokenizer = load_model()
+    ids, _ = tokenize(tokenizer, haystack_text(args.tokens * 6), max_tokens=args.tokens)
+    T = ids.shape[0]
+    layers = capture_qk(model, ids)
+    chosen = sorted(layers) if args.layers is None else [int(x) for x in args.layers.split(",")]
+    top_ks = [int(x) for x in args.top_k.split(",")]
+    blocks = [int(x) for x in args.blocks.split(",")]
+    scores = args.scores.split(",")
+    sink, local = 1, 1
+    # acc[(block, k, score)] = [hits, picks, stream coverage sum, oracle coverage sum, layers]
+    acc: dict[tuple, list[float]] = {}
+    start = time.perf_counter()
+    for layer in chosen:
+        q, k, scaling, window = layers[layer]
+        probs = dense_probs(q, k, scaling, window)  # [H, T, T], this layer only
+        for block in blocks:
+            block_mass = dense_block_mass(probs, block)
+            last = torch.clamp((torch.arange(math.ceil(T / block)) + 1) * block, max=T) - 1
+            n = last // block + 1
+            for top_k in top_ks:
+                for score in scores:
+                    kw = dict(block_q=block, block_k=block, top_k=top_k, sink_blocks=sink,
+                              local_blocks=local, score=score, scale=scaling)
+                    s_idx = stream_mask(q[None], k[None], **kw).indices
+                    o_idx = oracle_mask(q[None], k[None], **kw).indices
+                    hits = picks = 0
+                    for s_row, o_row in zip(middle_picks(s_idx, sink, local, n),
+                                            middle_picks(o_idx, sink, local, n)):
+                        hits += len(s_row & o_row)
+                        picks += len(o_row)
+                    a = acc.setdefault((block, top_k, score), [0, 0, 0.0, 0.0, 0])
+                    a[0] += hits
+                    a[1] += picks
+                    a[2] += coverage(block_mass, s_idx)
+                    a[3] += coverage(block_mass, o_idx)
+                    a[4] += 1
+        del probs
+        print(f"layer {layer} done ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    rows = []
+    for (block, top_k, score), (hits, picks, s_cov, o_cov, n_layers) in sorted(acc.items()):
+        n_kb = math.ceil(T / block)
+        rows.append({
+            "block": block, "top_k": top_k, "score": score,
+            "recall": hits / picks if picks else float("nan"),
+            "stream_coverage": s_cov / n_layers, "oracle_coverage": o_cov / n_layers,
+            "coverage_gap": (o_cov - s_cov) / n_layers, "key_blocks": n_kb,
+        })
+    print(f"\nSmolLM2-135M, {T} tokens of Paul Graham essays, layers {chosen[0]}..{chosen[-1]} "
+          f"({len(chosen)}), all 9 heads, sink 1 + local 1")
+    print("| block | top_k | score | recall vs oracle | stream coverage | oracle coverage | gap |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['block']} | {r['top_k']} | {r['score']} | {r['recall']:.3f} | "
+              f"{r['stream_coverage']:.3f} | {r['oracle_coverage']:.3f} | {r['coverage_gap']:+.3f} |")
+    result = {"model": "smollm2-135m", "tokens": T, "layers": chosen, "rows": rows,
+              "seconds": round(time.perf_counter() - start, 1)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
