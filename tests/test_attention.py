@@ -209,3 +209,29 @@ def test_bad_input():
     short = BlockMask(torch.zeros(1, 4, 3, 3, dtype=torch.int32), 4, 4)
     with pytest.raises(ValueError, match=r"got T=10 > S=8"):
         sp.sparse_attention(q, k[:, :, :8], v[:, :, :8], short)
+
+
+def test_query_without_visible_key_gets_zeros_not_nan():
+    """With no sink and a local window narrower than the query block, the first queries of a block can see
+    no kept key; they get zero output and zero mass instead of NaN, in both implementations."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
+    k[:, :, 40:] *= 10
+    mask = sp.stream_mask(q, k, block_q=32, block_k=4, top_k=4, sink_blocks=0, local_blocks=1)
+    out, mass = sp.sparse_attention(q, k, v, mask, return_mass=True)
+    ref, ref_mass = sp.sparse_attention(q, k, v, mask, return_mass=True, impl="reference")
+    assert not out.isnan().any() and not mass.isnan().any()
+    blind = ~mask.to_dense(64, 64).any(-1)[0, 0]  # queries that see nothing
+    assert blind.any(), "the case no longer exercises a blind query"
+    assert torch.equal(out[0, 0, blind], torch.zeros_like(out[0, 0, blind]))
+    assert (out - ref).abs().max() < 1e-5 and (mass - ref_mass).abs().max() < 1e-6
+
+
+def test_sliding_window_attention_matches_reference():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 150, 16), torch.randn(1, 2, 170, 16), torch.randn(1, 2, 170, 16)
+    mask = sp.stream_mask(q, k, block_q=16, block_k=8, top_k=6, window=40)
+    out, mass = sp.sparse_attention(q, k, v, mask, return_mass=True, window=40)
+    ref, ref_mass = sp.sparse_attention(q, k, v, mask, return_mass=True, window=40, impl="reference")
+    assert (out - ref).abs().max() < 1e-5 and (mass - ref_mass).abs().max() < 1e-6
+    assert (mass.sum(-1) - 1).abs().max() < 1e-5
