@@ -34,6 +34,7 @@ SHAPE = dict(Hq=9, Hkv=3, D=64)
 MASK = dict(block_q=32, block_k=32, top_k=16, sink_blocks=1, local_blocks=1)
 ROPE_THETA = 1e5
 TARGET_SLOPE = 1.15
+CHUNK = 4096  # query chunk of the "stream_chunked" provider (the tracer's chunked prefill)
 
 
 def _status_mib(field: str) -> float:
@@ -100,8 +101,18 @@ def worker(provider: str, T: int, repeats: int, mem_limit_gib: float) -> dict:
     import torch
 
     import sparsetrace as sp
+    from sparsetrace.cpu import keep_freed_memory
 
-    fn = {"stream": sp.stream_mask, "oracle": sp.oracle_mask}[provider]
+    keep_freed_memory()  # as the tracer does on CPU (page faults otherwise dominate)
+
+    def chunked(q, k, **kw):
+        """How the tracer calls it: query chunks of CHUNK against the whole causal key prefix, so the
+        score tiles stay O(CHUNK) instead of O(T)."""
+        rows = [sp.stream_mask(q[:, :, s : s + CHUNK], k[:, :, : s + CHUNK], **kw).indices
+                for s in range(0, q.shape[2], CHUNK)]
+        return sp.BlockMask(torch.cat(rows, dim=2), kw["block_q"], kw["block_k"])
+
+    fn = {"stream": sp.stream_mask, "stream_chunked": chunked, "oracle": sp.oracle_mask}[provider]
     q, k = _inputs(T)
     fn(q[:, :, :512], k[:, :, :512], **MASK)  # warm-up: kernels, thread pool, allocator
     method, base = _reset_peak()
@@ -202,7 +213,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "scaling.json"
     )
-    parser.add_argument("--worker", choices=["stream", "oracle"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["stream", "stream_chunked", "oracle"], help=argparse.SUPPRESS)
     parser.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -213,7 +224,8 @@ def main() -> None:
     load_before = os.getloadavg()  # wall times are only as good as the machine is idle
     rows = []
     for T in lengths:
-        row = dict(T=T, gflop=round(stream_gflop(T), 1), stream=run_one("stream", T, args))
+        row = dict(T=T, gflop=round(stream_gflop(T), 1), stream=run_one("stream", T, args),
+                   chunked=run_one("stream_chunked", T, args))
         row["oracle"] = (
             run_one("oracle", T, args) if T <= args.oracle_max else dict(status="skipped")
         )
@@ -225,10 +237,10 @@ def main() -> None:
         f"Hkv={SHAPE['Hkv']} D={SHAPE['D']} float32, {MASK}\n"
     )
     print(
-        "| T | stream s | stream CPU s | stream peak MiB | stream GFLOP/s | oracle s "
-        "| oracle peak MiB | ratio |"
+        "| T | stream s | stream CPU s | stream peak MiB | stream GFLOP/s "
+        f"| chunked ({CHUNK}) s | chunked peak MiB | oracle s | oracle peak MiB | ratio |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         s, o = r["stream"], r["oracle"]
         both = s.get("status") == "ok" and o.get("status") == "ok"
@@ -237,6 +249,7 @@ def main() -> None:
         print(
             f"| {r['T']} | {_fmt(s, 'seconds', '.3f')} | {_fmt(s, 'cpu_seconds', '.2f')} | "
             f"{_fmt(s, 'peak_mib', '.0f')} | {gflops} | "
+            f"{_fmt(r['chunked'], 'seconds', '.3f')} | {_fmt(r['chunked'], 'peak_mib', '.0f')} | "
             f"{_fmt(o, 'seconds', '.3f')} | {_fmt(o, 'peak_mib', '.0f')} | {ratio} |"
         )
 
@@ -246,12 +259,15 @@ def main() -> None:
     verdict = "n/a" if slope is None else ("meets" if slope <= TARGET_SLOPE else "misses")
     flop_slope = loglog_slope([r["T"] for r in ok], [r["gflop"] for r in ok])
     cpu_slope = loglog_slope([r["T"] for r in ok], [r["stream"]["cpu_seconds"] for r in ok])
+    okc = [r for r in rows if r["chunked"].get("status") == "ok"]
+    chunked_slope = loglog_slope([r["T"] for r in okc], [r["chunked"]["seconds"] for r in okc])
     print(
         f"\nlog-log slope of stream time over T = {span}: "
         f"{'n/a' if slope is None else f'{slope:.3f}'} ({verdict} target <= {TARGET_SLOPE}); "
         f"slope of the FLOP count itself (levels grow as log2(T / m)): "
         f"{'n/a' if flop_slope is None else f'{flop_slope:.3f}'}; of CPU time (less sensitive to "
-        f"other load): {'n/a' if cpu_slope is None else f'{cpu_slope:.3f}'}; load average "
+        f"other load): {'n/a' if cpu_slope is None else f'{cpu_slope:.3f}'}; chunked: "
+        f"{'n/a' if chunked_slope is None else f'{chunked_slope:.3f}'}; load average "
         f"{load_before} before, {os.getloadavg()} after"
     )
     result = dict(
@@ -266,6 +282,7 @@ def main() -> None:
         stream_slope=slope,
         flop_slope=flop_slope,
         cpu_slope=cpu_slope,
+        chunked_slope=chunked_slope,
         load_before=load_before,
         load_after=os.getloadavg(),
         slope_span=span,
