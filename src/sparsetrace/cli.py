@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return modules[args.command].run(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            UnicodeDecodeError) as err:
+    except (ValueError, IndexError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, UnicodeDecodeError) as err:
         print(f"sparsetrace {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

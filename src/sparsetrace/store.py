@@ -517,6 +517,14 @@ class Trace:
         return self._read("mass", self._check(layer, self.num_layers, "layer"),
                           self._check(head, self.num_heads, "head"), slice(None))
 
+    def rows(self, layer: int, head: int, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int32, mass float32) ``[q1 - q0, top_k]``: query-block rows ``[q0, q1)`` of one head,
+        reading only the shards that overlap them (a viewport of a 1M-token trace stays cheap)."""
+        layer = self._check(layer, self.num_layers, "layer")
+        head = self._check(head, self.num_heads, "head")
+        q = slice(q0, q1)
+        return self._read("indices", layer, head, q), self._read("mass", layer, head, q)
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         if not (isinstance(key, tuple) and len(key) == 2):
             raise TypeError(f"index a Trace as trace[layer, head] (or trace.layer(l)); got {key!r}")
