@@ -213,7 +213,8 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton.__version__,
         "shape": {"layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "dtype": "bfloat16", "batch": 1},
-        "launch_sweep": sweep, "rows": rows, "stream_only": stream_only, "slopes": slopes, "stream_torch_vs_triton": compare,
+        "launch_sweep": sweep, "rows": rows, "stream_only": stream_only, "slopes": slopes,
+        "stream_torch_vs_triton": compare,
     }
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface

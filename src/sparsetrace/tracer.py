@@ -15,12 +15,12 @@ does not depend on the chunk size (chunks are whole query blocks, so blocks line
 from __future__ import annotations
 
 import contextlib
-import inspect
 import contextvars
+import inspect
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -51,7 +51,7 @@ class TraceConfig:
     mass_encoding: str = "float16"
 
     def __post_init__(self) -> None:
-        self.mask_config  # validates the mask fields
+        _ = self.mask_config  # building it validates the mask fields
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}.")
         if self.mass_encoding not in MASS_ENCODINGS:

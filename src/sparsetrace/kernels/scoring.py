@@ -29,10 +29,10 @@ from ..mask import (
     BlockMask,
     MaskConfig,
     _check_inputs,
-    hierarchical_search,
     _key_blocks,
     _query_blocks,
     _tile_scores,
+    hierarchical_search,
 )
 
 _WARNED: set[str] = set()

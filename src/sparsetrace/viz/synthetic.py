@@ -13,7 +13,11 @@ from pathlib import Path
 
 import torch
 
-_WORDS = ["the", "model", "reads", "a", "long", "text", "and", "every", "head", "keeps", "a", "few", "blocks", "of", "keys", "for", "each", "block", "of", "queries", "while", "the", "sink", "and", "the", "diagonal", "are", "always", "kept", "so", "the", "trace", "stays", "small", "needle", "haystack", "answer", "number", "city", "secret"]
+_WORDS = """
+    the model reads a long text and every head keeps a few blocks of keys for each block of queries
+    while the sink and the diagonal are always kept so the trace stays small needle haystack answer
+    number city secret
+""".split()
 
 
 def synthetic_text(num_tokens: int, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor]:
