@@ -1,0 +1,139 @@
+"""How sparse can STREAM attention be while the model still says the same thing?
+
+For each model (SmolLM2-135M, Gemma 3 270M), text (Paul Graham essays; chain-of-thought: GSM-style
+problems as question + step-by-step reasoning in the tokenizer's chat format, concatenated) and length,
+binary-search the smallest top_k (block 32, 1 sink, 1 local block) that meets the two-greedy-tokens
+criterion (sparsetrace.fidelity.search_k), and report its block sparsity, top-1 agreement and
+KL(dense||sparse) over the last 64 positions, plus every probe.
+
+    python bench/fidelity_study.py --lengths 1k,2k,4k [--models smollm2-135m,gemma-3-270m]
+
+Prints a table and ends with one JSON line; results go to bench/results/fidelity.json, merged with what
+is there (cases already measured with the same settings are skipped, so a killed run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sparsetrace import load_model
+from sparsetrace.data import gsm_problems, haystack_text
+from sparsetrace.fidelity import search_k
+from sparsetrace.tracer import TraceConfig, tokenize
+
+RESULTS = Path(__file__).parent / "results" / "fidelity.json"
+TEXTS = ("haystack", "cot")
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def chat_turns(tokenizer, question: str, answer: str) -> str:
+    """One problem as a user / assistant exchange: the tokenizer's chat template, or Gemma's turn
+    markup for the base Gemma 3 tokenizer (it ships none)."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return (f"<start_of_turn>user\n{question}<end_of_turn>\n"
+            f"<start_of_turn>model\n{answer}<end_of_turn>\n")
+
+
+def cot_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    parts, ids, n = [], None, 8
+    while ids is None or ids.shape[0] < n_tokens:
+        problems = gsm_problems(n, seed=0)
+        parts = [chat_turns(tokenizer, p["question"], p["reasoning"]) for p in problems]
+        ids, _ = tokenize(tokenizer, "".join(parts))
+        n *= 2
+    return ids[:n_tokens]
+
+
+def text_ids(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+    """``n_tokens`` ids of the text, after a BOS where the tokenizer adds one by default (Gemma)."""
+    bos = tokenizer("x")["input_ids"][:1]
+    bos = bos if bos == [tokenizer.bos_token_id] else []
+    body = n_tokens - len(bos)
+    if text == "cot":
+        ids = cot_ids(tokenizer, body)
+    else:
+        ids, _ = tokenize(tokenizer, haystack_text(n_tokens * 8), max_tokens=body)
+    assert ids.shape[0] == body, f"{text} too short for {n_tokens} tokens"
+    return torch.cat([torch.tensor(bos, dtype=torch.long), ids])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2-135m,gemma-3-270m")
+    ap.add_argument("--texts", default=",".join(TEXTS))
+    ap.add_argument("--lengths", default="1k,2k,4k")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--last-n", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    models = args.models.split(",")
+    texts = args.texts.split(",")
+    config = TraceConfig(block_size=args.block_size, chunk_size=1024)
+
+    done = json.loads(args.out.read_text())["cases"] if args.out.exists() else []
+    have = {(c["model"], c["text"], c["n_tokens"], c["block_size"]) for c in done}
+    loaded = {}
+    for T in lengths:  # length-major: a partial run covers every model at the short lengths
+        for name in models:
+            if name not in loaded:
+                loaded[name] = load_model(name)
+            model, tokenizer = loaded[name]
+            for text in texts:
+                if (name, text, T, args.block_size) in have:
+                    continue
+                ids = text_ids(tokenizer, text, T)
+                start = time.perf_counter()
+                case = {"model": name, "text": text, "n_tokens": T, "block_size": args.block_size,
+                        "num_key_blocks": -(-T // args.block_size)}
+                try:
+                    found = search_k(model, ids, config, last_n=args.last_n, model_id=name)
+                    r = found.result
+                    case.update(top_k=found.top_k, sparsity=r.sparsity,
+                                sparsity_full_layers=r.sparsity_full_layers,
+                                top1_agreement=r.top1_agreement, kl=r.kl, kl_max=r.kl_max,
+                                dense_tokens=list(r.dense_tokens), probes=list(found.probes),
+                                error=None)
+                except ValueError as err:  # k_max fails, or memory: recorded, the sweep goes on
+                    case.update(top_k=None, error=str(err))
+                case["seconds"] = round(time.perf_counter() - start, 1)
+                done.append(case)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"cases": done}, indent=1) + "\n")
+                print(row(case), flush=True)
+    print()
+    print(HEADER)
+    for c in sorted(done, key=lambda c: (c["model"], c["text"], c["n_tokens"])):
+        print(row(c))
+    print(json.dumps({"bench": "fidelity_study", "cases": [
+        {k: c.get(k) for k in ("model", "text", "n_tokens", "top_k", "sparsity", "kl")}
+        for c in done]}))
+
+
+HEADER = (f"{'model':14s} {'text':8s} {'tokens':>6s} {'blocks':>6s} {'min k':>5s} {'sparsity':>8s} "
+          f"{'full-lay':>8s} "
+          f"{'top-1':>6s} {'KL mean':>9s} {'KL max':>9s} {'probes':>6s} {'s':>6s}")
+
+
+def row(c: dict) -> str:
+    if c.get("top_k") is None:
+        return f"{c['model']:14s} {c['text']:8s} {c['n_tokens']:6d}  error: {c['error']}"
+    return (f"{c['model']:14s} {c['text']:8s} {c['n_tokens']:6d} {c['num_key_blocks']:6d} "
+            f"{c['top_k']:5d} {c['sparsity']:8.4f} "
+            f"{c.get('sparsity_full_layers') or c['sparsity']:8.4f} {c['top1_agreement']:6.3f} {c['kl']:9.2e} "
+            f"{c['kl_max']:9.2e} {len(c['probes']):6d} {c['seconds']:6.0f}")
+
+
+if __name__ == "__main__":
+    main()
