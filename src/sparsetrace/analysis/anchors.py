@@ -1,0 +1,437 @@
+"""Thought anchors from sparse traces: sentence attention, vertical scores, receiver heads.
+
+After "Thought Anchors: Which LLM Reasoning Steps Matter?" (Bogdan, Macar, Nanda, Conmy 2025), whose
+receiver-head analysis reads full T x T attention. Here the same quantities come from a STREAM trace
+(O(T * top_k) numbers per head), never from a T x T pattern:
+
+  1. split the reasoning text into sentences (:func:`split_sentences`) and map them to token spans
+     through the trace's character offsets (:func:`map_to_tokens`);
+  2. per layer and head, the sentence x sentence matrix ``M[a, b]`` = mean token-to-token attention
+     from sentence a's tokens to sentence b's tokens (:func:`sentence_matrices`), rebuilt from the kept
+     blocks and their masses (the approximation is stated there);
+  3. vertical score of sentence j = mean of ``M[i, j]`` over the sentences ``i >= j + 4``
+     (:func:`vertical_scores`; Thought Anchors' ``proximity_ignore = 4``);
+  4. kurtosis of each head's vertical scores (:func:`head_kurtosis`; Fisher / excess, biased,
+     NaNs omitted = ``scipy.stats.kurtosis(v, fisher=True, bias=True, nan_policy="omit")``);
+  5. receiver heads = the ``top`` heads by kurtosis (averaged over traces when given several);
+     receiver score of a sentence = its vertical score averaged over the receiver heads.
+
+:func:`analyze` runs all five over one or several traces. This module reads traces only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+PROXIMITY_IGNORE = 4  # Thought Anchors: a sentence's vertical score ignores the next 3 sentences
+MIN_CHARS = 10  # Thought Anchors: fragments shorter than this merge into the next one
+TOP_HEADS = 20
+SINK_PRIOR = False  # see block_sentence_sums; set per call
+COARSE_WARN, COARSE_FAIL = 2.0, 8.0  # block size / median sentence tokens: warn, refuse
+
+_THINK = re.compile(r"</?think>")
+# A cut after ., ? or ! followed by whitespace, or at a blank line (a newline, spaces, a newline).
+_CUT = re.compile(r"(?<=[.?!])(?=\s)|\n[ \t]*\n")
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One sentence: its text, character span ``[char_start, char_end)`` in the traced text and token
+    span ``[token_start, token_end)`` (exclusive end) in the trace's tokens."""
+
+    index: int
+    text: str
+    char_start: int
+    char_end: int
+    token_start: int = -1
+    token_end: int = -1
+
+    @property
+    def char_span(self) -> tuple[int, int]:
+        return self.char_start, self.char_end
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+# --------------------------------------------------------------------------- 1. sentences
+
+def split_sentences(text: str, regions: list[tuple[int, int]] | None = None, *,
+                    min_chars: int = MIN_CHARS) -> list[Sentence]:
+    """Split ``text`` into sentences the way Thought Anchors splits a chain of thought.
+
+    Rules: a sentence ends after ``.``, ``?`` or ``!`` followed by whitespace, and at a blank line;
+    ``<think>`` / ``</think>`` tags are removed (they also end a sentence); surrounding whitespace is
+    stripped; a fragment shorter than ``min_chars`` characters merges into the next one (the last one,
+    into the previous). ``regions`` (character spans, default the whole text) restricts the split to
+    parts of the text, e.g. the message contents of a chat transcript; sentences never cross regions.
+    Character spans index ``text``; a merged sentence spans from its first fragment's start to its
+    last's end and its ``text`` is the fragments joined by one space. Token spans are not set here.
+    """
+    regions = [(0, len(text))] if regions is None else regions
+    out: list[Sentence] = []
+    for start, end in regions:
+        pieces: list[tuple[int, int]] = []
+        cuts = [start]
+        for m in _THINK.finditer(text, start, end):
+            cuts += [m.start(), m.end()]
+        cuts.append(end)
+        for a, b in zip(cuts[::2], cuts[1::2]):  # the stretches between tags
+            edges = [a] + [m.end() for m in _CUT.finditer(text, a, b)] + [b]
+            for u, v in itertools.pairwise(edges):
+                u += len(text[u:v]) - len(text[u:v].lstrip())
+                v -= len(text[u:v]) - len(text[u:v].rstrip())
+                if v > u:
+                    pieces.append((u, v))
+        for u, v, joined in _merge_short(text, pieces, min_chars):
+            out.append(Sentence(len(out), joined, u, v))
+    return out
+
+
+def _merge_short(text: str, pieces: list[tuple[int, int]], min_chars: int):
+    """Thought Anchors' merge: a short fragment joins the next (the last joins the previous)."""
+    spans = [[u, v, text[u:v]] for u, v in pieces]
+    i = 0
+    while i < len(spans) and len(spans) > 1:
+        if len(spans[i][2]) >= min_chars:
+            i += 1
+        elif i == len(spans) - 1:
+            prev = spans[i - 1]
+            spans[i - 1] = [prev[0], spans[i][1], prev[2] + " " + spans[i][2]]
+            spans.pop(i)
+        else:
+            spans[i + 1] = [spans[i][0], spans[i + 1][1], spans[i][2] + " " + spans[i + 1][2]]
+            spans.pop(i)
+    return [tuple(s) for s in spans]
+
+
+def map_to_tokens(sentences: list[Sentence], token_offsets: torch.Tensor) -> list[Sentence]:
+    """Set token spans from the tokens' character spans ``token_offsets [T, 2]``.
+
+    A sentence owns the tokens that overlap its character span (a token " The" whose span starts at
+    the space before the sentence belongs to it); spans are made disjoint in sentence order, and
+    sentences left without tokens (e.g. past a ``max_tokens`` cut) are dropped and re-indexed.
+    """
+    offsets = torch.as_tensor(token_offsets).long().view(-1, 2)
+    starts = torch.cummax(offsets[:, 0], 0).values.contiguous()  # monotone for searchsorted
+    ends = torch.cummax(offsets[:, 1], 0).values.contiguous()
+    cs = torch.tensor([s.char_start for s in sentences], dtype=torch.long)
+    ce = torch.tensor([s.char_end for s in sentences], dtype=torch.long)
+    first = torch.searchsorted(ends, cs, right=True).tolist()  # first token ending after char_start
+    stop = torch.searchsorted(starts, ce, right=False).tolist()  # first token starting at/after end
+    out, prev_end = [], 0
+    for s, a, b in zip(sentences, first, stop):
+        a = max(a, prev_end)
+        if b > a:
+            out.append(Sentence(len(out), s.text, s.char_start, s.char_end, a, b))
+            prev_end = b
+    return out
+
+
+def trace_sentences(trace, regions: list[tuple[int, int]] | None = None, *,
+                    min_chars: int = MIN_CHARS, check_resolution: bool = True) -> list[Sentence]:
+    """Sentences of ``trace.text`` with token spans; ``regions`` default to the manifest's
+    ``anchors_regions`` (set by the gsm builder), else the whole text.
+
+    Raises ValueError for a trace without text offsets, fewer than two sentences, or blocks far larger
+    than the sentences (warns when merely coarse).
+    """
+    if trace.text is None or trace.token_offsets is None:
+        raise ValueError("the trace has no text and character offsets; trace a text with "
+                         "`sparsetrace trace --text-file F` (or trace_text), which records them.")
+    if regions is None:
+        regions = trace.manifest.get("anchors_regions") or trace.meta.get("anchors_regions")
+        regions = [tuple(r) for r in regions] if regions else None
+    sentences = map_to_tokens(split_sentences(trace.text, regions, min_chars=min_chars),
+                              trace.token_offsets[: trace.num_tokens])
+    if len(sentences) < 2:
+        raise ValueError(f"the traced text has {len(sentences)} sentence(s); thought anchors need at "
+                         "least two (sentences end at . ? ! followed by whitespace, or a blank line).")
+    if check_resolution:
+        check_block_resolution(sentences, max(trace.block_q, trace.block_k))
+    return sentences
+
+
+def check_block_resolution(sentences: list[Sentence], block: int) -> float:
+    """Blocks vs sentences: returns block / median sentence length in tokens; warns above 2,
+    raises ValueError above 8 (a block then spans many sentences and the matrix is mostly smear)."""
+    lengths = torch.tensor([s.num_tokens for s in sentences], dtype=torch.float)
+    ratio = block / max(lengths.median().item(), 1.0)
+    if ratio > COARSE_FAIL:
+        raise ValueError(f"block size {block} is {ratio:.0f}x the median sentence ({lengths.median():.0f}"
+                         f" tokens): far too coarse for sentence attention; re-trace with "
+                         f"--block-size {max(4, int(lengths.median().item()))} or smaller.")
+    if ratio > COARSE_WARN:
+        warnings.warn(f"block size {block} is {ratio:.1f}x the median sentence "
+                      f"({lengths.median():.0f} tokens): sentence resolution is coarse; a smaller "
+                      "--block-size gives sharper sentence attention.", stacklevel=3)
+    return ratio
+
+
+def sentence_ids(sentences: list[Sentence], T: int) -> torch.Tensor:
+    """int64 ``[T]``: the sentence of each token, -1 outside every sentence."""
+    sid = torch.full((T,), -1, dtype=torch.long)
+    for s in sentences:
+        sid[s.token_start:s.token_end] = s.index
+    return sid
+
+
+def sentence_lengths(sentences: list[Sentence]) -> torch.Tensor:
+    return torch.tensor([s.num_tokens for s in sentences], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- 2. sentence matrices
+
+@dataclass
+class _Segments:
+    """Tokens cut at block and sentence boundaries, sorted by block: ``block``, ``sentence``,
+    ``start``, ``end`` ``[G]`` and CSR pointers ``ptr [n_blocks + 1]``. Tokens outside sentences are
+    left out."""
+
+    block: torch.Tensor
+    sentence: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    ptr: torch.Tensor
+
+
+def _segments(sid: torch.Tensor, block: int) -> _Segments:
+    T = sid.shape[0]
+    n_blocks = -(-T // block)
+    change = torch.nonzero(sid[1:] != sid[:-1]).flatten() + 1
+    cuts = torch.cat([torch.arange(0, T, block), change, torch.tensor([T])]).unique()  # sorted
+    start, end = cuts[:-1], cuts[1:]
+    sent = sid[start]
+    keep = sent >= 0
+    start, end, sent = start[keep], end[keep], sent[keep]
+    blk = start // block
+    ptr = torch.zeros(n_blocks + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.bincount(blk, minlength=n_blocks), 0)
+    return _Segments(blk, sent, start, end, ptr)
+
+
+def _expand(ptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged expansion: for each of ``rows`` (block ids) every segment of that block. Returns
+    ``(which row, which segment)``, both ``[sum of segment counts]``."""
+    counts = ptr[rows + 1] - ptr[rows]
+    owner = torch.repeat_interleave(torch.arange(rows.shape[0]), counts)
+    first = torch.repeat_interleave(ptr[rows], counts)
+    within = torch.arange(owner.shape[0]) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                    counts)
+    return owner, first + within
+
+
+def block_sentence_sums(indices: torch.Tensor, mass: torch.Tensor, sentences: list[Sentence], T: int,
+                        block_q: int, block_k: int, sink_prior: bool = False) -> torch.Tensor:
+    """Token-pair attention summed over sentence pairs, ``[H, nS, nS]`` float64, from kept blocks.
+
+    ``indices`` / ``mass`` ``[H, nQ, k]`` (a trace layer). The approximation: every query of query
+    block i gets the block's mean mass ``m`` on key block j (the trace keeps only the mean), spread
+    uniformly over the keys of j that query may see (causal inside the diagonal). A query that sees no
+    key of j (only when block_q != block_k) gets none, and the block's total ``m * |i|`` goes to the
+    queries that see some. Blocks straddling sentences are apportioned by token overlap on both sides.
+
+    ``sink_prior``: key block 0, off the diagonal, is taken to be the attention sink: its mass goes
+    to token 0 (usually outside every sentence, e.g. the chat template's first token) instead of being
+    spread over the block. Without it, the sink's large mass smears onto the first sentence whenever
+    that sentence shares block 0 with token 0.
+
+    Cost: off-diagonal blocks are summed per (query segment, key segment) pair, O(H * nQ * k * P^2)
+    with P the sentences per block (1-3); blocks straddling the causal diagonal per query token,
+    O(H * T * P). Never a T x T or nQ x nKB tensor.
+    """
+    H, nQ, k = indices.shape
+    nS = len(sentences)
+    sid = sentence_ids(sentences, T)
+    qs, ks = _segments(sid, block_q), _segments(sid, block_k)
+    out = torch.zeros(H * nS * nS, dtype=torch.float64)
+
+    valid = indices >= 0
+    head = torch.arange(H)[:, None, None].expand(H, nQ, k)[valid]
+    qb = torch.arange(nQ)[None, :, None].expand(H, nQ, k)[valid]
+    kb = indices[valid].long()
+    m = mass[valid].double()
+    k_lo = kb * block_k
+    k_hi = torch.clamp(k_lo + block_k, max=T)
+    q_lo = qb * block_q
+    q_hi = torch.clamp(q_lo + block_q, max=T)
+    full = k_hi - 1 <= q_lo  # every query of the block sees every key of the block
+    straddle = ~full
+    if sink_prior:
+        to_sink = full & (kb == 0)
+        full = full & ~to_sink
+        e = torch.nonzero(to_sink).flatten()
+        if e.numel() and sid[0] >= 0:  # all of m on token 0: |a∩i| * m to (a, sentence of token 0)
+            pair_of, qseg = _expand(qs.ptr, qb[e])
+            w = m[e][pair_of] * (qs.end[qseg] - qs.start[qseg]).double()
+            where = (head[e][pair_of] * nS + qs.sentence[qseg]) * nS + sid[0]
+            out.index_add_(0, where, w)
+
+    # Off-diagonal entries: sum_{t in a∩i, s in b∩j} m/|j| = |a∩i| * m * |b∩j| / |j|.
+    e = torch.nonzero(full).flatten()
+    if e.numel():
+        w = m[e] / (k_hi[e] - k_lo[e]).double()
+        e_of, kseg = _expand(ks.ptr, kb[e])  # entry x key segment
+        w = w[e_of] * (ks.end[kseg] - ks.start[kseg]).double()
+        pair_of, qseg = _expand(qs.ptr, qb[e][e_of])  # (entry, key segment) x query segment
+        w = w[pair_of] * (qs.end[qseg] - qs.start[qseg]).double()
+        h = head[e][e_of][pair_of]
+        where = (h * nS + qs.sentence[qseg]) * nS + ks.sentence[kseg][pair_of]
+        out.index_add_(0, where, w)
+
+    # Entries straddling the causal diagonal: per query token t, m / n_allowed(t) per visible key.
+    e = torch.nonzero(straddle).flatten()
+    if e.numel():
+        t = (q_lo[e][:, None] + torch.arange(block_q)[None, :])  # [E, bq]
+        n_allowed = torch.clamp(torch.minimum(k_hi[e][:, None], t + 1) - k_lo[e][:, None], min=0)
+        real = (t < q_hi[e][:, None]) & (n_allowed > 0)
+        scale = (q_hi[e] - q_lo[e]).double() / real.sum(1).clamp(min=1).double()  # see docstring
+        keep = real & (sid[t.clamp(max=T - 1)] >= 0)
+        rows, cols = torch.nonzero(keep, as_tuple=True)  # (entry, query token) pairs
+        tt = t[rows, cols]
+        w = m[e][rows] * scale[rows] / n_allowed[rows, cols].double()
+        tok_of, kseg = _expand(ks.ptr, kb[e][rows])  # x key segments of block j
+        seen = torch.clamp(torch.minimum(ks.end[kseg], tt[tok_of] + 1) - ks.start[kseg], min=0)
+        h = head[e][rows][tok_of]
+        where = (h * nS + sid[tt[tok_of]]) * nS + ks.sentence[kseg]
+        out.index_add_(0, where, w[tok_of] * seen.double())
+    return out.view(H, nS, nS)
+
+
+def normalize_sums(sums: torch.Tensor, sentences: list[Sentence]) -> torch.Tensor:
+    """Sums over token pairs ``[..., nS, nS]`` -> means (divide by ``|a| * |b|``)."""
+    n = sentence_lengths(sentences)
+    return sums / (n[:, None] * n[None, :])
+
+
+def layer_sentence_matrices(trace, layer: int, sentences: list[Sentence],
+                            sink_prior: bool = SINK_PRIOR) -> torch.Tensor:
+    """``M [H, nS, nS]`` float64 of one layer: mean token-to-token attention, sentence a -> b."""
+    indices, mass = trace.layer(layer)
+    sums = block_sentence_sums(indices, mass, sentences, trace.num_tokens, trace.block_q,
+                               trace.block_k, sink_prior)
+    return normalize_sums(sums, sentences)
+
+
+def sentence_matrices(trace, sentences: list[Sentence], layers=None,
+                      sink_prior: bool = SINK_PRIOR) -> torch.Tensor:
+    """``M [L, H, nS, nS]`` for ``layers`` (default all). Memory L * H * nS^2: for many sentences
+    prefer :func:`analyze`, which keeps only the vertical scores."""
+    layers = range(trace.num_layers) if layers is None else layers
+    return torch.stack([layer_sentence_matrices(trace, layer, sentences, sink_prior)
+                        for layer in layers])
+
+
+# --------------------------------------------------------------------------- 3-5. scores
+
+def vertical_scores(matrices: torch.Tensor, proximity_ignore: int = PROXIMITY_IGNORE) -> torch.Tensor:
+    """``[..., nS]``: column means of ``M[..., i, j]`` over rows ``i >= j + proximity_ignore``; NaN for
+    the last ``proximity_ignore`` sentences (nothing far enough after them)."""
+    nS = matrices.shape[-1]
+    i = torch.arange(nS)
+    band = (i[:, None] - i[None, :] >= proximity_ignore).to(matrices.dtype)  # [nS, nS]
+    count = band.sum(0)
+    total = (matrices * band).sum(-2)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Fisher (excess) kurtosis over the last axis, biased, NaNs omitted: ``m4 / m2^2 - 3``, the
+    ``scipy.stats.kurtosis`` default (``fisher=True, bias=True``) with ``nan_policy="omit"``."""
+    x = x.double()
+    ok = ~torch.isnan(x)
+    n = ok.sum(-1).clamp(min=1)
+    mean = torch.where(ok, x, 0.0).sum(-1) / n
+    d = torch.where(ok, x - mean[..., None], 0.0)
+    m2 = (d**2).sum(-1) / n
+    m4 = (d**4).sum(-1) / n
+    return m4 / m2**2 - 3.0
+
+
+def head_kurtosis(vertical: torch.Tensor) -> torch.Tensor:
+    """``[L, H]`` kurtosis of each head's vertical scores ``[L, H, nS]``."""
+    return kurtosis(vertical)
+
+
+def receiver_heads(kurtoses: torch.Tensor | list[torch.Tensor], top: int = TOP_HEADS
+                   ) -> list[tuple[int, int]]:
+    """The ``top`` (layer, head) pairs by kurtosis ``[L, H]``, averaged first when given a list (one
+    per trace); NaN kurtosis (a constant head) never wins. Sorted by decreasing kurtosis."""
+    k = torch.stack(list(kurtoses)).nanmean(0) if isinstance(kurtoses, (list, tuple)) else kurtoses
+    L, H = k.shape
+    flat = torch.nan_to_num(k.flatten(), nan=-float("inf"))
+    order = torch.sort(flat, descending=True, stable=True).indices[: min(top, L * H)]
+    return [(int(i) // H, int(i) % H) for i in order]
+
+
+def receiver_scores(vertical: torch.Tensor, heads: list[tuple[int, int]]) -> torch.Tensor:
+    """``[nS]``: each sentence's vertical score averaged over the receiver ``heads``."""
+    rows = torch.stack([vertical[layer, head] for layer, head in heads])
+    return rows.mean(0)
+
+
+# --------------------------------------------------------------------------- everything
+
+@dataclass
+class Anchors:
+    """What :func:`analyze` finds in one trace. ``vertical [L, H, nS]`` (NaN for the last
+    ``proximity_ignore`` sentences), ``kurtosis [L, H]``, ``heads`` the receiver heads (by decreasing
+    kurtosis, possibly chosen over several traces), ``scores [nS]`` the receiver scores."""
+
+    sentences: list[Sentence]
+    vertical: torch.Tensor
+    kurtosis: torch.Tensor
+    heads: list[tuple[int, int]]
+    scores: torch.Tensor
+    proximity_ignore: int = PROXIMITY_IGNORE
+    extra: dict = field(default_factory=dict)
+
+    def summary(self, n: int = 5) -> dict:
+        """A small JSON-able summary: receiver heads and the top sentences."""
+        order = torch.argsort(torch.nan_to_num(self.scores, nan=-float("inf")), descending=True)
+        return {
+            "num_sentences": len(self.sentences),
+            "proximity_ignore": self.proximity_ignore,
+            "kurtosis": "fisher (excess), biased, NaNs omitted",
+            "receiver_heads": [{"layer": layer, "head": head,
+                                "kurtosis": round(float(self.kurtosis[layer, head]), 4)}
+                               for layer, head in self.heads],
+            "top_sentences": [{"index": int(i), "receiver_score": float(self.scores[i]),
+                               "text": self.sentences[i].text[:200]} for i in order[:n]],
+            **self.extra,
+        }
+
+
+def trace_vertical(trace, sentences: list[Sentence], proximity_ignore: int = PROXIMITY_IGNORE,
+                   sink_prior: bool = SINK_PRIOR) -> torch.Tensor:
+    """``[L, H, nS]`` vertical scores, one layer's matrices alive at a time."""
+    return torch.stack([vertical_scores(layer_sentence_matrices(trace, layer, sentences,
+                                                                sink_prior), proximity_ignore)
+                        for layer in range(trace.num_layers)])
+
+
+def analyze(traces, *, sentences=None, top: int = TOP_HEADS,
+            proximity_ignore: int = PROXIMITY_IGNORE,
+            sink_prior: bool = SINK_PRIOR) -> Anchors | list[Anchors]:
+    """Thought-anchor analysis of a trace (or a list: receiver heads then come from the kurtosis
+    averaged over all of them, and a list of results is returned). ``sentences`` default to
+    :func:`trace_sentences` (one list per trace when several are given)."""
+    many = isinstance(traces, (list, tuple))
+    traces = list(traces) if many else [traces]
+    if sentences is None:
+        sentences = [trace_sentences(t) for t in traces]
+    elif not many:
+        sentences = [sentences]
+    verticals = [trace_vertical(t, s, proximity_ignore, sink_prior)
+                 for t, s in zip(traces, sentences)]
+    kurts = [head_kurtosis(v) for v in verticals]
+    heads = receiver_heads(kurts, top)
+    results = [Anchors(s, v, k, heads, receiver_scores(v, heads), proximity_ignore)
+               for s, v, k in zip(sentences, verticals, kurts)]
+    return results if many else results[0]
