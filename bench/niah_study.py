@@ -1,0 +1,194 @@
+"""NIAH study: where SmolLM2-135M and Gemma-3-270M retrieve, where STREAM sparsity breaks retrieval, and
+the routes of successes versus failures.
+
+For each model, RULER single-needle variant, length, depth and k (dense, then fewer kept blocks), decode
+greedily (dense sdpa and STREAM attention), score with RULER's string_match_all, and read the needle
+mass and the best needle -> answer route from the sparse prefill's trace. Results accumulate in
+bench/results/niah.json after every (model, variant, length), so a killed run keeps what it finished and
+a rerun skips it. Prints a table and ends with one JSON line.
+
+    python bench/niah_study.py --models smollm2-135m,gemma-3-270m --lengths 1k,2k,4k \
+        --depths 0,25,50,75,100 --top-k dense,16,8,4,3 --budget-min 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsetrace import niah
+from sparsetrace.commands.niah import comparisons, parse_depths, parse_top_k, sweep
+from sparsetrace.models import context_window, load_model
+from sparsetrace.tracer import TraceConfig
+
+OUT = Path(__file__).parent / "results" / "niah.json"
+
+
+def arrival_layer(route: dict) -> int | None:
+    """The first layer after which the route sits on the answer block (how late retrieval happens)."""
+    blocks = route["blocks"]
+    if not blocks:
+        return None
+    answer = route["answer_block"]
+    for i, b in enumerate(blocks):
+        if b == answer:
+            return i - 1  # edge i-1 (layer i-1) moved it there
+    return None
+
+
+def leave_layer(route: dict) -> int | None:
+    """The last layer whose edge still starts in a needle block (where the needle is read)."""
+    blocks, needle = route["blocks"], set(route["needle_blocks"])
+    if not blocks:
+        return None
+    return max(i for i, b in enumerate(blocks[:-1]) if b in needle)
+
+
+def forced(report: dict) -> bool:
+    """Whether the needle sits in a sink or local block of the answer block (TraceConfig defaults:
+    one sink block, one local block), from the report's own flag or its route."""
+    if "needle_in_forced_blocks" in report:
+        return report["needle_in_forced_blocks"]
+    route = report["route"]
+    return any(j < 1 or j >= route["answer_block"] for j in route["needle_blocks"])
+
+
+def summarize(rows: list[dict], reports: list[dict], ks) -> dict:
+    out = {}
+    models = sorted({r["model"] for r in rows})
+    for m in models:
+        for k in ks:
+            sel = [r for r in rows if r["model"] == m and r["k"] == k]
+            if not sel:
+                continue
+            key = f"{m}/k={k}"
+            by_len = {}
+            for n in sorted({r["length"] for r in sel}):
+                cell = [r for r in sel if r["length"] == n]
+                by_depth = {}
+                for d in sorted({r["depth"] for r in cell}):
+                    by_depth[str(d)] = statistics.mean(r["score"] for r in cell if r["depth"] == d)
+                by_len[str(n)] = {"score": statistics.mean(r["score"] for r in cell),
+                                  "sparsity": statistics.mean(r["sparsity"] for r in cell),
+                                  "criterion": statistics.mean(float(r["criterion"]) for r in cell),
+                                  "by_depth": by_depth, "n": len(cell)}
+            out[key] = by_len
+            if k == "dense":
+                continue
+            rep = [r for r in reports if r["model"] == m and r["k"] == k]
+            for ok in (True, False):
+                # Needles in a sink or local block draw mass whatever they hold: routes of those
+                # cases say nothing about retrieval, so they are counted but left out.
+                every = [r for r in rep if (r["score"] >= 1) == ok]
+                grp = [r for r in every if not forced(r)]
+                name = "success" if ok else "failure"
+                arr = [a for a in (arrival_layer(r["route"]) for r in grp) if a is not None]
+                lv = [a for a in (leave_layer(r["route"]) for r in grp) if a is not None]
+                out[key][f"routes_{name}"] = {
+                    "n": len(every),
+                    "n_needle_in_forced_blocks": len(every) - len(grp),
+                    "found": sum(1 for r in grp if r["route"]["blocks"]),
+                    "mean_log_score": statistics.mean(r["route"]["score"] for r in grp
+                                                      if r["route"]["score"] is not None)
+                    if any(r["route"]["score"] is not None for r in grp) else None,
+                    "mean_arrival_layer": statistics.mean(arr) if arr else None,
+                    "mean_leave_layer": statistics.mean(lv) if lv else None,
+                    "max_needle_mass": statistics.mean(max(r["needle_mass_max"]) for r in grp)
+                    if grp else None,
+                }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="smollm2-135m,gemma-3-270m")
+    p.add_argument("--variants", default="niah_single_1,niah_single_2,niah_single_3")
+    p.add_argument("--lengths", default="1k,2k,4k")
+    p.add_argument("--depths", default="0,25,50,75,100")
+    p.add_argument("--top-k", default="dense,16,8,4,3")
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-min", type=float, default=40.0, help="stop starting new cells after this")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--summary-only", action="store_true", help="re-summarize the JSON, run nothing")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    ks = parse_top_k(args.top_k)
+    depths = parse_depths(args.depths)
+    lengths = [niah.parse_length(t) for t in args.lengths.split(",")]
+    data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": [], "reports": []}
+    done = {(r["model"], r["id"]) for r in data["rows"]}
+
+    loaded: dict = {}
+    # shortest first, every model, so a budget cut keeps a comparable grid
+    for length in [] if args.summary_only else lengths:
+        for model_name in args.models.split(","):
+            for variant in args.variants.split(","):
+                if model_name not in loaded:
+                    loaded[model_name] = load_model(model_name)
+                model, tokenizer = loaded[model_name]
+                if length + 16 > context_window(model):
+                    continue
+                configs = {k: TraceConfig(block_size=args.block_size, top_k=k) for k in ks
+                           if k != "dense"}
+                cases = niah.make_cases(variant, tokenizer, [length], depths, samples=args.samples,
+                                        seed=args.seed)
+                for case in cases:  # one case at a time, saved at once: a killed run resumes
+                    if (model_name, case.id) in done:
+                        continue
+                    if (time.perf_counter() - start) / 60 > args.budget_min:
+                        print(f"budget reached; skipping {model_name} {case.id}", flush=True)
+                        continue
+                    rows, reports = sweep(model, tokenizer, [case], ks, configs,
+                                          model_id=model_name,
+                                          log=lambda s, m=model_name: print(f"{m} {s}", flush=True))
+                    for r in rows + reports:
+                        r["model"] = model_name
+                    for r in reports:  # keep the JSON small
+                        r["needle_mass"] = [[round(x, 4) for x in row] for row in r["needle_mass"]]
+                    data["rows"] += rows
+                    data["reports"] += reports
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(data) + "\n")
+
+    rows, reports = data["rows"], data["reports"]
+    data["summary"] = summarize(rows, reports, ks)
+    data["comparison"] = {m: comparisons([{**r, "needle_in_forced_blocks": forced(r)}
+                                          for r in reports if r["model"] == m], ks)
+                          for m in sorted({r["model"] for r in rows})}
+    args.out.write_text(json.dumps(data) + "\n")
+
+    print(f"\n{'model':<14}{'len':>6} {'k':>6} {'sparsity':>9} {'crit':>5}  score by depth "
+          f"{' '.join(f'{d:>5g}' for d in depths)}   mean")
+    for key, by_len in data["summary"].items():
+        model_name, k = key.split("/k=")
+        for n, cell in by_len.items():
+            if not n.isdigit():
+                continue
+            dep = " ".join(f"{cell['by_depth'].get(str(d), math.nan):5.2f}" for d in depths)
+            print(f"{model_name:<14}{n:>6} {k:>6} {cell['sparsity']:9.3f} {cell['criterion']:5.2f}"
+                  f"                {dep}   {cell['score']:.2f}")
+    for m, comp in data["comparison"].items():
+        for k, sep in comp.items():
+            if sep["top"]:
+                best = sep["top"][0]
+                print(f"{m} k={k}: {sep['num_success']} answered / {sep['num_failure']} failed; best "
+                      f"separating head L{best['layer']}H{best['head']} AUC {best['auc']:.2f} "
+                      f"(mass {best['mean_success']:.3f} vs {best['mean_failure']:.3f})")
+    print(json.dumps({"bench": "niah_study", "cells": len(rows), "wall_s":
+                      round(time.perf_counter() - start, 1), "out": str(args.out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""NIAH: RULER-style case generation, string_match_all, needle mass and routes on synthetic traces
+(against brute force), the CLI end to end on SmolLM2 (slow), and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from sparsetrace import niah
+from sparsetrace.analysis import niah as routes
+from sparsetrace.store import Trace
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm):
+    return smollm[1]
+
+
+HAYSTACK = " ".join(
+    f"Sentence number {i} talks about topic {i % 7} at some length, with a few more words." for i in range(400)
+)
+
+
+# --------------------------------------------------------------------------- generator
+
+@pytest.mark.parametrize("variant", list(niah.VARIANTS))
+def test_every_variant(tokenizer, variant):
+    length, v = 700, niah.VARIANTS[variant]
+    for depth in (0, 50, 100):
+        case = niah.make_case(variant, tokenizer, length, depth, seed=3, haystack=HAYSTACK)
+        ids = niah.encode(tokenizer, case)
+        assert len(ids) == case.num_tokens <= length
+        unit = 80 if v.haystack == "needle" else 6  # one needle line, or a word / short sentence
+        assert length - case.num_tokens <= unit, (variant, case.num_tokens)
+        assert len(case.answers) == v.num_needle_v * v.num_needle_q
+        assert len(case.needles) == v.num_needle_k * v.num_needle_v
+        relevant = [n for n in case.needles if n.relevant]
+        assert [n.token_span for n in relevant] == case.needle_token_spans
+        for n in case.needles:
+            assert case.input[n.char_span[0]:n.char_span[1]] == n.text
+            decoded = tokenizer.decode(ids[n.token_span[0]:n.token_span[1]])
+            assert n.text in decoded and len(decoded) <= len(n.text) + 2, (decoded, n.text)
+            assert n.value in n.text and n.key in n.text
+        assert all(any(a in n.text for n in relevant) for a in case.answers)
+        assert all(q in case.input[-300:] for q in case.queries)  # asked in the question
+        first = relevant[0]  # the needle placed at the requested depth
+        assert abs(first.depth - depth) < 10, (first.depth, depth)
+        token_depth = niah.needle_depth_tokens(case)
+        if depth == 0:  # right after the instruction
+            assert case.input[: first.char_span[0]].rstrip().endswith("afterwards.") and token_depth < 10
+        elif depth == 100:  # right before the question
+            assert case.input[first.char_span[1]:].lstrip().startswith("What")
+        else:
+            assert 25 < token_depth < 75
+        if v.type_needle_v == "uuids":
+            assert all(len(a) == 36 and a.count("-") == 4 for a in case.answers)
+        else:
+            assert all(len(a) == 7 and a.isdigit() for a in case.answers)
+
+
+def test_templates_follow_ruler(tokenizer):
+    single = niah.make_case("niah_single_2", tokenizer, 500, 50, haystack=HAYSTACK)
+    assert single.input.startswith("A special magic number is hidden within the following text.")
+    assert single.input.endswith(
+        f"What is the special magic number for {single.queries[0]} mentioned in the provided text? "
+        f"The special magic number for {single.queries[0]} mentioned in the provided text is")
+    assert "One of the special magic numbers for " in single.input  # needles keep the plural
+    multi = niah.make_case("niah_multiquery", tokenizer, 500, 50, haystack=HAYSTACK)
+    q = multi.queries
+    assert multi.input.endswith(f"{q[0]}, {q[1]}, {q[2]}, and {q[3]} mentioned in the provided text are")
+    noise = niah.make_case("niah_single_1", tokenizer, 300, 50)
+    assert niah.NOISE in noise.input and "\n" + noise.needles[0].text + "\n" in noise.input
+
+
+def test_reproducible_and_seeded(tokenizer):
+    args = (["niah_single_2", "niah_multikey_2"], tokenizer, [400], [0, 100])
+    a = niah.make_cases(*args, samples=2, seed=7, haystack=HAYSTACK)
+    b = niah.make_cases(*args, samples=2, seed=7, haystack=HAYSTACK)
+    c = niah.make_cases(*args, samples=2, seed=8, haystack=HAYSTACK)
+    def dump(cases):
+        return [json.dumps(x.to_json()) for x in cases]
+
+    assert dump(a) == dump(b)
+    assert all(x.answers != y.answers for x, y in zip(a, c))
+    assert len({tuple(x.answers) for x in a}) == len(a)  # samples differ too
+    assert niah.NiahCase.from_json(json.loads(dump(a)[0])) == a[0]
+
+
+def test_real_essays_haystack(tokenizer):
+    case = niah.make_case("niah_single_3", tokenizer, 1024, 25, seed=0)
+    assert 1024 - 6 <= case.num_tokens <= 1024 and "magic uuids for" in case.input
+
+
+def test_parse_length():
+    assert [niah.parse_length(x) for x in ("600", "1k", "4K", "0.5k")] == [600, 1024, 4096, 512]
+    for bad in ("abc", "0", "-3"):
+        with pytest.raises(ValueError, match="length"):
+            niah.parse_length(bad)
+
+
+def test_bad_generator_inputs(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown NIAH variant 'niah_single_9'.*niah_single_1"):
+        niah.make_case("niah_single_9", tokenizer, 500, 50)
+    with pytest.raises(ValueError, match="shorter than the needles and question.*minimum is \\d+"):
+        niah.make_case("niah_single_2", tokenizer, 40, 50, haystack=HAYSTACK)
+    with pytest.raises(ValueError, match="depth"):
+        niah.make_case("niah_single_2", tokenizer, 500, 120, haystack=HAYSTACK)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        niah.read_haystack_file(empty)
+    with pytest.raises(FileNotFoundError):
+        niah.read_haystack_file(tmp_path / "missing.txt")
+
+
+# --------------------------------------------------------------------------- scoring
+
+def test_string_match_all():
+    assert niah.string_match_all(": 1234567.", ["1234567"]) == 1.0
+    assert niah.string_match_all("nothing here", ["1234567"]) == 0.0
+    assert niah.string_match_all("1, 2 and ABC-def", ["1", "abc-DEF", "9", "x"]) == 0.5
+    assert niah.string_match_all("  12\x0034 ", ["12\n34"]) == 1.0  # RULER's postprocess
+    with pytest.raises(ValueError):
+        niah.string_match_all("x", [])
+    assert niah.two_token_criterion([1, 2, 3], [1, 2, 9])
+    assert not niah.two_token_criterion([1, 2], [1, 3])
+
+
+# --------------------------------------------------------------------------- routes
+
+def random_trace(L=3, H=2, nQ=6, k=3, block=4, seed=0) -> Trace:
+    """Causal rows of k unique kept blocks (-1 padded where fewer are causal), masses summing to 1."""
+    rng = random.Random(seed)
+    idx = torch.full((L, H, nQ, k), -1, dtype=torch.int32)
+    for l, h, i in itertools.product(range(L), range(H), range(nQ)):
+        row = sorted(rng.sample(range(i + 1), min(k, i + 1)))
+        idx[l, h, i, : len(row)] = torch.tensor(row)
+    mass = torch.rand(L, H, nQ, k, generator=torch.Generator().manual_seed(seed)) * (idx >= 0)
+    mass = mass / mass.sum(-1, keepdim=True)
+    return Trace.from_arrays(idx, mass, meta={"block_q": block, "block_k": block},
+                             tokens=torch.zeros(nQ * block - 1))
+
+
+def brute_force_route(trace, spans, aggregate):
+    """Enumerate every chain b_0 .. b_L and return the best (score, blocks)."""
+    L, H, nQ = trace.num_layers, trace.num_heads, trace.num_query_blocks
+    w = torch.zeros(L, nQ, nQ, dtype=torch.float64)  # [layer, query block, key block]
+    for l in range(L):
+        for h in range(H):
+            idx, mass = trace[l, h]
+            for i in range(nQ):
+                for j, m in zip(idx[i].tolist(), mass[i].tolist()):
+                    if j >= 0 and m > 0:
+                        w[l, i, j] = max(w[l, i, j], m) if aggregate == "max" else w[l, i, j] + m / H
+    best = (-math.inf, None)
+    starts = routes.needle_blocks(spans, trace.block_k)
+    for b0 in starts:
+        for middle in itertools.product(range(nQ), repeat=L - 1):
+            chain = [b0, *middle, nQ - 1]
+            score = sum(math.log(w[l, chain[l + 1], chain[l]]) if w[l, chain[l + 1], chain[l]] > 0
+                        else -math.inf for l in range(L))
+            if score > best[0] + 1e-12:
+                best = (score, chain)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_route_matches_brute_force(seed, aggregate):
+    trace = random_trace(L=3 + seed % 2, H=2, nQ=5 + seed % 3, k=2 + seed % 2, seed=seed)
+    spans = [(5, 9)]  # blocks 1 and 2
+    route = routes.needle_route(trace, spans, aggregate=aggregate)
+    score, chain = brute_force_route(trace, spans, aggregate)
+    print(f"seed {seed} {aggregate}: dp {route.score:.6f} {route.blocks}, brute {score:.6f} {chain}")
+    if chain is None:
+        assert not route.found and route.blocks == []
+        return
+    assert math.isclose(route.score, score, rel_tol=1e-9, abs_tol=1e-9)
+    assert route.blocks[0] in (1, 2) and route.blocks[-1] == trace.num_query_blocks - 1
+    assert math.isclose(sum(math.log(m) for m in route.masses), score, rel_tol=1e-6, abs_tol=1e-9)
+    assert all(a <= b for a, b in zip(route.blocks, route.blocks[1:]))  # causal
+    for l, (j, i) in enumerate(zip(route.blocks, route.blocks[1:])):  # every edge was kept
+        if aggregate == "max":
+            idx, mass = trace[l, route.heads[l]]
+            r = idx[i].tolist().index(j)
+            assert math.isclose(float(mass[i, r]), route.masses[l], rel_tol=1e-6)
+    json.dumps(route.to_json())
+
+
+def test_route_none_when_needle_unreachable():
+    trace = random_trace(L=2, H=1, nQ=4, k=1, seed=1)  # k=1: every row keeps one block
+    idx = torch.arange(4, dtype=torch.int32).view(1, 1, 4, 1).expand(2, 1, 4, 1).clone()
+    trace = Trace.from_arrays(idx, torch.ones(2, 1, 4, 1), meta={"block_q": 4, "block_k": 4},
+                              tokens=torch.zeros(16))
+    route = routes.needle_route(trace, [(0, 2)])  # only the diagonal: block 0 never reaches 3
+    assert not route.found and route.to_json()["score"] is None
+
+
+def test_needle_mass_per_head():
+    L, H, nQ, k = 2, 3, 4, 2
+    idx = torch.tensor([[0, -1], [0, 1], [1, 2], [0, 3]], dtype=torch.int32).expand(L, H, nQ, k).clone()
+    mass = torch.tensor([[1.0, 0], [0.5, 0.5], [0.3, 0.7], [0.2, 0.8]]).expand(L, H, nQ, k).clone()
+    mass[1, 2, 3] = torch.tensor([0.9, 0.1])  # a "retrieval head" at layer 1, head 2
+    trace = Trace.from_arrays(idx, mass, meta={"block_q": 8, "block_k": 8}, tokens=torch.zeros(30))
+    got = routes.needle_mass(trace, [(2, 6)])  # block 0
+    want = torch.tensor([[0.2, 0.2, 0.2], [0.2, 0.2, 0.9]])
+    assert torch.allclose(got, want), got
+    assert torch.allclose(routes.needle_mass(trace, [(9, 12)]), torch.zeros(L, H))  # block 1 dropped
+    assert torch.allclose(routes.needle_mass(trace, [(9, 12)], query_block=2), torch.full((L, H), 0.3))
+    assert routes.needle_blocks([(7, 9), (30, 31)], 8) == [0, 1, 3]
+    forced = Trace.from_arrays(idx, mass, meta={"block_q": 8, "block_k": 8, "sink_blocks": 1,
+                                                "local_blocks": 1}, tokens=torch.zeros(30))
+    assert [routes.needle_in_forced_blocks(forced, [s]) for s in ((2, 6), (9, 12), (25, 28))] == [
+        True, False, True]  # the sink, a middle block, the answer block itself
+    with pytest.raises(ValueError, match="one block size"):
+        routes.needle_mass(Trace.from_arrays(idx, mass, meta={"block_q": 8, "block_k": 4},
+                                             tokens=torch.zeros(30)), [(0, 1)])
+
+
+def test_compare_heads():
+    success = [True, True, True, False, False]
+    masses = [torch.zeros(2, 2) for _ in success]
+    for m, s in zip(masses, success):
+        m[1, 0] = 0.8 if s else 0.1  # separates perfectly
+        m[0, 1] = 0.5  # does not separate
+    sep = routes.compare_heads(masses, success)
+    assert sep.top[0]["layer"] == 1 and sep.top[0]["head"] == 0 and sep.top[0]["auc"] == 1.0
+    assert sep.auc[0][1] == 0.5 and math.isclose(sep.difference[1][0], 0.7, rel_tol=1e-6)
+    assert routes.compare_heads(masses[:2], success[:2]).auc is None  # no failures
+    json.dumps(sep.to_json())
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    from sparsetrace.cli import main
+
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    cases = [
+        (["--variant", "niah_single_9"], "unknown NIAH variant"),
+        (["--haystack-file", str(empty)], "is empty"),
+        (["--lengths", "50"], "minimum is"),
+        (["--lengths", "20k"], "context window"),
+        (["--top-k", "2"], "top_k"),
+        (["--depths", "150"], "depth"),
+    ]
+    for extra, message in cases:
+        code = main(["niah", "--lengths", "600", "--depths", "50", "--top-k", "8",
+                     "--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path):
+    from sparsetrace.cli import main
+
+    out = tmp_path / "run"
+    code = main(["niah", "--model", "smollm2-135m", "--variant", "niah_single_2", "--lengths", "600",
+                 "--depths", "0,100", "--top-k", "8,dense", "--max-new-tokens", "10",
+                 "--out", str(out)])
+    assert code == 0
+    cases = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == 2
+    for c in cases:
+        assert {"id", "variant", "length", "depth", "input", "answers", "needle_token_spans"} <= set(c)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert list(rows[0]) == ["id", "variant", "length", "depth", "k", "sparsity", "score", "criterion",
+                             "output", "num_tokens", "seconds"]
+    assert sorted(r["k"] for r in rows) == ["8", "8", "dense", "dense"]
+    for r in rows:
+        assert 0.0 <= float(r["score"]) <= 1.0
+        assert (float(r["sparsity"]) > 0.3) == (r["k"] == "8")
+    data = json.loads((out / "routes.json").read_text())
+    entry = data["cases"][0]
+    assert len(entry["needle_mass"]) == 30 and len(entry["needle_mass"][0]) == 9
+    assert "route" in entry and "comparison" in data
+    for png in ("scores.png", "needle_mass.png", "routes.png", "heads.png"):
+        assert (out / png).stat().st_size > 1000
