@@ -39,8 +39,9 @@ def one_run(tokens: int, top_k: int, chunk: int) -> dict:
                       and line.split(None, 1)[0] in ("sparsity",))
         manifest = json.loads((out / "manifest.json").read_text())
         trace_bytes = sum(s["bytes"] for s in manifest["shards"])
+    sparsity = float(fields["sparsity"].split()[0]) if "sparsity" in fields else None
     return {"tokens": tokens, "top_k": top_k, "chunk": chunk, "wall_s": round(wall, 1),
-            "peak_rss_gib": round(peak_kib / 2**20, 2), "sparsity": fields.get("sparsity", "").split()[0],
+            "peak_rss_gib": round(peak_kib / 2**20, 2), "sparsity": sparsity,
             "trace_bytes": trace_bytes, "stdout": done.stdout}
 
 
@@ -66,7 +67,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['tokens']} | {r['top_k']} | {r['chunk']} | {r['wall_s']} | {r['peak_rss_gib']} | "
               f"{r['sparsity']} | {r['trace_bytes'] / 1e6:.1f} |")
-    result = {"model": "smollm2-135m", "rows": rows}
+    result = {"model": "smollm2-135m", "rows": rows, "date": time.strftime("%Y-%m-%d"),
+              "device": f"{os.cpu_count()} cores, "
+                        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -186,3 +186,21 @@ def mask_kwargs(case, **extra):
     )
     kw.update(extra)
     return kw
+
+
+def random_block_rows(L: int, H: int, T: int, block_q: int, block_k: int, k: int, seed: int = 0):
+    """Random valid trace rows for ``T`` tokens: ``indices`` int32 ``[L, H, nQ, k]`` (each row up to k
+    unique causal key blocks, sorted, -1 padded) and ``mass`` float32 (skewed, summing to 1 per row)."""
+    g = torch.Generator().manual_seed(seed)
+    nQ = math.ceil(T / block_q)
+    indices = torch.full((L, H, nQ, k), -1, dtype=torch.int32)
+    mass = torch.zeros(L, H, nQ, k)
+    for layer in range(L):
+        for h in range(H):
+            for i in range(nQ):
+                n = (min((i + 1) * block_q, T) - 1) // block_k + 1  # causal key blocks of row i
+                pick = torch.randperm(n, generator=g)[:k].sort().values
+                indices[layer, h, i, :len(pick)] = pick.int()
+                w = torch.rand(len(pick), generator=g) ** 3
+                mass[layer, h, i, :len(pick)] = w / w.sum()
+    return indices, mass

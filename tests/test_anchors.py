@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, random_block_rows
 
 from sparsetrace.analysis import anchors as A
 from sparsetrace.store import Trace
@@ -91,18 +91,8 @@ def test_token_spans_with_the_real_tokenizer(smollm):
 def random_trace(T, bq, bk, k, H=3, L=2, seed=0, n_sentences=8, gap=True):
     """A Trace with random sorted/-1-padded rows and masses summing to 1, and sentence spans with
     a token outside every sentence (the 'gap'), like chat-template markup."""
-    g = torch.Generator().manual_seed(seed)
-    nQ = math.ceil(T / bq)
-    idx = torch.full((L, H, nQ, k), -1, dtype=torch.int32)
-    mass = torch.zeros(L, H, nQ, k)
-    for layer in range(L):
-        for h in range(H):
-            for i in range(nQ):
-                n = (min((i + 1) * bq, T) - 1) // bk + 1
-                chosen = sorted(torch.randperm(n, generator=g)[:k].tolist())
-                w = torch.rand(len(chosen), generator=g) ** 3
-                idx[layer, h, i, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
-                mass[layer, h, i, :len(chosen)] = w / w.sum()
+    idx, mass = random_block_rows(L, H, T, bq, bk, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     evens = torch.arange(2, T - 1, 2)  # sentences of 2+ tokens
     cuts = sorted(evens[torch.randperm(evens.numel(), generator=g)[: n_sentences - 1]].tolist())
     bounds = [1 if gap else 0] + cuts + [T]

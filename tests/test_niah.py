@@ -7,10 +7,10 @@ import csv
 import itertools
 import json
 import math
-import random
 
 import pytest
 import torch
+from helpers import random_block_rows
 
 from sparsetrace import niah
 from sparsetrace.analysis import niah as routes
@@ -136,13 +136,7 @@ def test_string_match_all():
 
 def random_trace(L=3, H=2, nQ=6, k=3, block=4, seed=0) -> Trace:
     """Causal rows of k unique kept blocks (-1 padded where fewer are causal), masses summing to 1."""
-    rng = random.Random(seed)
-    idx = torch.full((L, H, nQ, k), -1, dtype=torch.int32)
-    for l, h, i in itertools.product(range(L), range(H), range(nQ)):
-        row = sorted(rng.sample(range(i + 1), min(k, i + 1)))
-        idx[l, h, i, : len(row)] = torch.tensor(row)
-    mass = torch.rand(L, H, nQ, k, generator=torch.Generator().manual_seed(seed)) * (idx >= 0)
-    mass = mass / mass.sum(-1, keepdim=True)
+    idx, mass = random_block_rows(L, H, nQ * block - 1, block, block, k, seed)
     return Trace.from_arrays(idx, mass, meta={"block_q": block, "block_k": block},
                              tokens=torch.zeros(nQ * block - 1))
 

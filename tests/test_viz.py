@@ -12,8 +12,7 @@ import socket
 
 import numpy as np
 import pytest
-import torch
-from helpers import loop_token_mask
+from helpers import loop_token_mask, random_block_rows
 
 from sparsetrace import Trace
 from sparsetrace.cli import main
@@ -24,18 +23,7 @@ from sparsetrace.viz.synthetic import synthetic_text, write_synthetic_trace
 
 def random_trace(T=203, L=2, H=3, k=5, bq=8, bk=6, seed=0, text=True) -> Trace:
     """An in-memory trace with valid random rows (sorted, unique, causal, -1 padded)."""
-    g = torch.Generator().manual_seed(seed)
-    nQ = -(-T // bq)
-    idx = torch.full((L, H, nQ, k), -1, dtype=torch.int32)
-    mass = torch.zeros(L, H, nQ, k)
-    for li in range(L):
-        for h in range(H):
-            for i in range(nQ):
-                n = (min((i + 1) * bq, T) - 1) // bk + 1
-                pick = torch.randperm(n, generator=g)[:k].sort().values
-                idx[li, h, i, :len(pick)] = pick.int()
-                w = torch.rand(len(pick), generator=g) ** 3
-                mass[li, h, i, :len(pick)] = w / w.sum()
+    idx, mass = random_block_rows(L, H, T, bq, bk, k, seed)
     txt, tokens, offsets = synthetic_text(T, seed)
     meta = {"model_id": "random", "block_q": bq, "block_k": bk}
     return Trace.from_arrays(idx, mass, meta=meta, tokens=tokens,
