@@ -31,7 +31,7 @@ import torch
 
 from sparsetrace.analysis import anchors as A
 from sparsetrace.anchors_dense import dense_sentence_matrices
-from sparsetrace.commands.anchors import gsm_text
+from sparsetrace.data import gsm_text
 from sparsetrace.models import load_model
 from sparsetrace.tracer import TraceConfig, chunked_forward, tokenize, trace_ids
 

@@ -37,7 +37,9 @@ def parse_length(text: str) -> int:
 
 def chat_turns(tokenizer, question: str, answer: str) -> str:
     """One problem as a user / assistant exchange: the tokenizer's chat template, or Gemma's turn
-    markup for the base Gemma 3 tokenizer (it ships none)."""
+    markup for the base Gemma 3 tokenizer (it ships none). Each problem is its own chat here, unlike
+    ``sparsetrace.data.chat_text`` (one conversation); kept so that all lengths of the study were
+    measured on the same kind of text."""
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False)
@@ -45,23 +47,26 @@ def chat_turns(tokenizer, question: str, answer: str) -> str:
             f"<start_of_turn>model\n{answer}<end_of_turn>\n")
 
 
-def cot_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+def cot_ids(tokenizer, n_tokens: int, problems_of=None) -> torch.Tensor:
+    """The first ``n_tokens`` of ``gsm_problems(n, seed=0)`` as chats, for the smallest n in 8, 16, ...
+    that is long enough. ``problems_of(n)`` replaces ``gsm_problems`` (problems saved to a file)."""
+    problems_of = problems_of or (lambda n: gsm_problems(n, seed=0))
     parts, ids, n = [], None, 8
     while ids is None or ids.shape[0] < n_tokens:
-        problems = gsm_problems(n, seed=0)
+        problems = problems_of(n)
         parts = [chat_turns(tokenizer, p["question"], p["reasoning"]) for p in problems]
         ids, _ = tokenize(tokenizer, "".join(parts))
         n *= 2
     return ids[:n_tokens]
 
 
-def text_ids(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+def text_ids(tokenizer, text: str, n_tokens: int, problems_of=None) -> torch.Tensor:
     """``n_tokens`` ids of the text, after a BOS where the tokenizer adds one by default (Gemma)."""
     bos = tokenizer("x")["input_ids"][:1]
     bos = bos if bos == [tokenizer.bos_token_id] else []
     body = n_tokens - len(bos)
     if text == "cot":
-        ids = cot_ids(tokenizer, body)
+        ids = cot_ids(tokenizer, body, problems_of)
     else:
         ids, _ = tokenize(tokenizer, haystack_text(n_tokens * 8), max_tokens=body)
     assert ids.shape[0] == body, f"{text} too short for {n_tokens} tokens"
@@ -76,7 +81,19 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--last-n", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu", help="run the models here (cpu, cuda)")
+    ap.add_argument("--gsm-json", type=Path, default=None,
+                    help="read the gsm problems from this file instead of reasoning-gym (for a machine "
+                         "without it); write it with --write-gsm-json")
+    ap.add_argument("--write-gsm-json", type=Path, default=None, metavar="FILE",
+                    help="save gsm_problems(n, seed=0) for n = 8, 16, ..., 512 to FILE and exit")
     args = ap.parse_args()
+    if args.write_gsm_json is not None:
+        saved = {str(n): gsm_problems(n, seed=0) for n in (8, 16, 32, 64, 128, 256, 512)}
+        args.write_gsm_json.write_text(json.dumps(saved) + "\n")
+        return
+    saved = json.loads(args.gsm_json.read_text()) if args.gsm_json is not None else None
+    problems_of = (lambda n: saved[str(n)]) if saved is not None else None
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     models = args.models.split(",")
     texts = args.texts.split(",")
@@ -88,15 +105,17 @@ def main() -> None:
     for T in lengths:  # length-major: a partial run covers every model at the short lengths
         for name in models:
             if name not in loaded:
-                loaded[name] = load_model(name)
+                model, tokenizer = load_model(name)
+                loaded[name] = model.to(args.device), tokenizer
             model, tokenizer = loaded[name]
             for text in texts:
                 if (name, text, T, args.block_size) in have:
                     continue
-                ids = text_ids(tokenizer, text, T)
+                ids = text_ids(tokenizer, text, T, problems_of)
                 start = time.perf_counter()
                 case = {"model": name, "text": text, "n_tokens": T, "block_size": args.block_size,
-                        "num_key_blocks": -(-T // args.block_size)}
+                        "num_key_blocks": -(-T // args.block_size),
+                        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
                 try:
                     found = search_k(model, ids, config, last_n=args.last_n, model_id=name)
                     r = found.result

@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-min", type=float, default=40.0, help="stop starting new cells after this")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="run the models here (cpu, cuda)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--summary-only", action="store_true", help="re-summarize the JSON, run nothing")
     args = p.parse_args(argv)
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
         for model_name in args.models.split(","):
             for variant in args.variants.split(","):
                 if model_name not in loaded:
-                    loaded[model_name] = load_model(model_name)
+                    model, tokenizer = load_model(model_name)
+                    loaded[model_name] = model.to(args.device), tokenizer
                 model, tokenizer = loaded[model_name]
                 if length + 16 > context_window(model):
                     continue
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
                                           log=lambda s, m=model_name: print(f"{m} {s}", flush=True))
                     for r in rows + reports:
                         r["model"] = model_name
+                        r["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
                     for r in reports:  # keep the JSON small
                         r["needle_mass"] = [[round(x, 4) for x in row] for row in r["needle_mass"]]
                     data["rows"] += rows

@@ -226,7 +226,7 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def gsm_case(small_model):
-    from sparsetrace.commands.anchors import gsm_text
+    from sparsetrace.data import gsm_text
     from sparsetrace.tracer import tokenize
 
     _, tokenizer = small_model

@@ -53,56 +53,6 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
 
-# --------------------------------------------------------------------------- input text
-
-def _reasoning(steps: str, answer: str) -> str:
-    """gsm_symbolic's ``answer_cot``: one step per line and a final ``#### answer``. Steps become
-    paragraphs (Thought Anchors cuts at blank lines, and most steps end without a period)."""
-    lines = [line.strip() for line in steps.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("####")]
-    return "\n\n".join(lines + [f"The final answer is {answer}."])
-
-
-def chat_text(tokenizer, problems: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """``problems`` (question, reasoning, answer) as one chat: a user turn and an assistant turn per
-    problem. Returns the rendered text and the character spans of the message contents (the regions
-    the sentences come from; template markup stays outside)."""
-    messages = []
-    for p in problems:
-        messages += [{"role": "user", "content": p["question"].strip()},
-                     {"role": "assistant", "content": _reasoning(p["reasoning"], p["answer"])}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    else:  # a base model without a template
-        text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-    regions, pos = [], 0
-    for m in messages:
-        at = text.find(m["content"], pos)
-        assert at >= 0, "the chat template changed a message's content"
-        regions.append((at, at + len(m["content"])))
-        pos = at + len(m["content"])
-    return text, regions
-
-
-def gsm_text(tokenizer, n: int | None = None, *, min_tokens: int | None = None, seed: int = 0,
-             max_problems: int = 400):
-    """Chat text of ``n`` gsm problems, or of as many as reach ``min_tokens``; ``(text, regions,
-    problems used)``."""
-    from ..data import gsm_problems
-
-    pool = gsm_problems(n if n is not None else max_problems, seed=seed)
-    if n is not None:
-        return (*chat_text(tokenizer, pool), n)
-    # grow by the per-problem token estimate, then check the exact count
-    used = 1
-    while True:
-        text, regions = chat_text(tokenizer, pool[:used])
-        count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if count >= min_tokens or used == len(pool):
-            return text, regions, used
-        used = min(len(pool), max(used + 1, int(used * min_tokens / count)))
-
-
 # --------------------------------------------------------------------------- outputs
 
 def write_csvs(out: Path, result, kl=None) -> None:
@@ -238,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             text, regions = read_text(args.text_file), None
         model, tokenizer, model_name = load(args)
         if args.gsm is not None:
+            from ..data import gsm_text
+
             text, regions, _ = gsm_text(tokenizer, args.gsm, seed=args.seed)
         ids, offsets = tokenize(tokenizer, text, args.max_tokens)
         args.out.mkdir(parents=True, exist_ok=True)

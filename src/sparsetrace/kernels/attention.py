@@ -31,7 +31,7 @@ from .scoring import _load_query_tile, _logit_tile, triton_supported
 _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(FlexBlockMask.from_kv_blocks).parameters
 _WARNED: set[str] = set()
 _FLEX = None  # torch.compile(flex_attention), built on first use
-_MASK_MODS: dict = {}  # (device, windowed) -> (mask_mod, [q_offset, window] tensor): one object each
+_MASK_MODS: dict = {}  # device -> (mask_mod, [q_offset, window] tensor): one object per device
 
 
 def _warn_once(message: str) -> None:
@@ -65,22 +65,25 @@ def _flex_unsupported(q: torch.Tensor, mask: BlockMask) -> str | None:
     return None
 
 
+# A window wider than any sequence: global layers use the windowed mask_mod too (see below).
+_NO_WINDOW = 2**62
+
+
 def _causal_mask_mod(q_offset: int, window: int | None, device):
-    """mask_mod ``kv <= q + q_offset`` (and ``kv > q + q_offset - window``). The numbers live in a tensor
-    and the function object is reused, so new offsets or windows never recompile the kernel."""
-    key = (str(device), window is not None)
+    """mask_mod ``kv <= q + q_offset`` and ``kv > q + q_offset - window`` (global layers: a window wider
+    than any sequence). The numbers live in a tensor and one function object serves every layer, so new
+    offsets, windows or layer kinds never recompile the kernel (alternating two mask_mods, as Gemma's
+    sliding and global layers would, exhausts dynamo's recompile limit)."""
+    key = str(device)
     if key not in _MASK_MODS:
         params = torch.zeros(2, dtype=torch.int64, device=device)  # [q_offset, window]
 
-        def causal(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + params[0]
-
-        def windowed(b, h, q_idx, kv_idx):
+        def causal_window(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx + params[0]) & (kv_idx > q_idx + params[0] - params[1])
 
-        _MASK_MODS[key] = (windowed if window is not None else causal, params)
+        _MASK_MODS[key] = (causal_window, params)
     mask_mod, params = _MASK_MODS[key]
-    params.copy_(torch.tensor([q_offset, window or 0]))
+    params.copy_(torch.tensor([q_offset, _NO_WINDOW if window is None else window]))
     return mask_mod
 
 
@@ -267,14 +270,18 @@ def gpu_sparse_attention(q, k, v, mask: BlockMask, *, scale: float | None = None
         _warn_once(f"sparsetrace: FlexAttention path not used ({reason}); running the torch path.")
         return sparse_attention_torch(q, k, v, mask, scale=scale, return_mass=return_mass, window=window)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    result = _flex()(
-        q, k, v,
-        block_mask=flex_block_mask(mask, T, S, window, pad_to_kv_blocks=not q.is_cuda),
-        scale=scale,
-        enable_gqa=Hq != Hkv,
-        kernel_options=flex_kernel_options(mask.block_q, mask.block_k, D, q.dtype),
-        return_aux=AuxRequest(lse=True) if return_mass else None,
-    )
+    # Past dynamo's recompile limit flex_attention would silently run its unfused implementation, which
+    # applies the mask_mod but not the block indices: dense causal attention. Fail loudly instead, with
+    # room for the shapes of several models in one process.
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        result = _flex()(
+            q, k, v,
+            block_mask=flex_block_mask(mask, T, S, window, pad_to_kv_blocks=not q.is_cuda),
+            scale=scale,
+            enable_gqa=Hq != Hkv,
+            kernel_options=flex_kernel_options(mask.block_q, mask.block_k, D, q.dtype),
+            return_aux=AuxRequest(lse=True) if return_mass else None,
+        )
     if not return_mass:
         return result
     out, aux = result
