@@ -205,12 +205,14 @@ def test_report_from_disk_and_in_an_iframe(browser, synthetic, tmp_path):
 
 
 @pytest.mark.slow
-def test_viewer_on_a_real_smollm2_trace(browser, tmp_path):
-    """A real 300-token SmolLM2 trace (top_k 4), built once into $SPARSETRACE_HOME/test-traces,
-    served in-process by the same server code; the tooltip shows the model's real text."""
+@pytest.mark.parametrize("model,tokens", [("smollm2-135m", 300), ("gemma-3-270m", 700)])
+def test_viewer_on_a_real_trace(browser, tmp_path, model, tokens):
+    """A real trace of each supported model (top_k 4; Gemma past its 512-token sliding window), built
+    once into $SPARSETRACE_HOME/test-traces, served in-process by the same server code; the tooltip
+    shows the model's real text."""
     from sparsetrace.viz.server import make_server
 
-    trace = real_trace()
+    trace = real_trace(model, tokens)
     server = make_server(trace, port=0, cache_dir=None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -233,12 +235,12 @@ def test_viewer_on_a_real_smollm2_trace(browser, tmp_path):
         server.server_close()
 
 
-def real_trace():
+def real_trace(model_id: str = "smollm2-135m", tokens: int = 300):
     from sparsetrace import Trace
     from sparsetrace.models import cache_home
     from sparsetrace.store import TraceError
 
-    path = cache_home() / "test-traces" / "smollm2-300-k4-b16"
+    path = cache_home() / "test-traces" / f"{model_id}-{tokens}-k4-b16"
     try:
         return Trace.load(path)
     except TraceError:
@@ -247,10 +249,10 @@ def real_trace():
     from sparsetrace.data import haystack_text
     from sparsetrace.tracer import TraceConfig, trace_text
 
-    model, tokenizer = load_model()
-    return trace_text(model, tokenizer, haystack_text(2000),
-                      TraceConfig(top_k=4, block_size=16, chunk_size=160), max_tokens=300,
-                      out=path, model_id="smollm2-135m", progress=False)
+    model, tokenizer = load_model(model_id)
+    return trace_text(model, tokenizer, haystack_text(tokens * 8),
+                      TraceConfig(top_k=4, block_size=16, chunk_size=160), max_tokens=tokens,
+                      out=path, model_id=model_id, progress=False)
 
 
 def test_browser_helper_reports_page_errors(browser, tmp_path):
