@@ -14,6 +14,7 @@ from helpers import random_block_rows
 
 from sparsetrace import niah
 from sparsetrace.analysis import niah as routes
+from sparsetrace.commands.common import read_text
 from sparsetrace.store import Trace
 
 
@@ -114,9 +115,9 @@ def test_bad_generator_inputs(tokenizer, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
-        niah.read_haystack_file(empty)
+        read_text(empty, "--haystack-file")
     with pytest.raises(FileNotFoundError):
-        niah.read_haystack_file(tmp_path / "missing.txt")
+        read_text(tmp_path / "missing.txt", "--haystack-file")
 
 
 # --------------------------------------------------------------------------- scoring

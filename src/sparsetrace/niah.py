@@ -53,7 +53,6 @@ import random
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 TEMPLATE = (
     "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
@@ -173,20 +172,6 @@ def parse_length(text: str) -> int:
     if value <= 0:
         raise ValueError(f"length {text!r} must be a positive number of tokens.")
     return value
-
-
-def read_haystack_file(path: str | Path) -> str:
-    """The text of ``--haystack-file``, with one-sentence errors for missing or empty files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"haystack file {path} does not exist; check the --haystack-file path.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"haystack file {path} is not UTF-8 text; convert it and retry.") from None
-    if not text.strip():
-        raise ValueError(f"haystack file {path} is empty; give a file with some text in it.")
-    return text
 
 
 # --------------------------------------------------------------------------- random draws

@@ -79,14 +79,16 @@ def trace_config(args: argparse.Namespace, top_k: int | None = None):
     )
 
 
-def read_text(path: Path | None) -> str:
-    """The text of ``--text-file``: clear errors for a missing, unreadable, binary or empty file."""
+def read_text(path: Path | None, flag: str = "--text-file") -> str:
+    """The text of the file given to ``flag``: clear errors for a missing, unreadable, binary or empty
+    file."""
     if path is None:
-        raise ValueError("no input text: pass --text-file FILE.")
+        raise ValueError(f"no input text: pass {flag} FILE.")
     if not path.exists():
-        raise FileNotFoundError(f"text file {path} does not exist; check the --text-file path.")
+        what = flag.lstrip("-").replace("-", " ")  # "--haystack-file" -> "haystack file"
+        raise FileNotFoundError(f"{what} {path} does not exist; check the {flag} path.")
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; --text-file needs a UTF-8 text file.")
+        raise IsADirectoryError(f"{path} is a directory; {flag} needs a UTF-8 text file.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

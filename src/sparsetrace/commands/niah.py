@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_trace_options, positive_int
+from .common import add_trace_options, positive_int, read_text
 
 COLUMNS = ["id", "variant", "length", "depth", "k", "sparsity", "score", "criterion", "output",
            "num_tokens", "seconds"]
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     depths = parse_depths(args.depths)
     ks = parse_top_k(args.top_k)
     configs = {k: trace_config(args, top_k=k) for k in ks if k != "dense"}  # validates every k
-    haystack = niah.read_haystack_file(args.haystack_file) if args.haystack_file else None
+    haystack = read_text(args.haystack_file, "--haystack-file") if args.haystack_file else None
 
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
