@@ -241,17 +241,3 @@ def case_report(trace, spans, *, aggregate: str = "max") -> dict:
         "route": route.to_json(),
     }
 
-
-if __name__ == "__main__":  # smoke test on a tiny random trace
-    from ..store import Trace
-
-    g = torch.Generator().manual_seed(0)
-    L, H, nQ, k = 4, 2, 6, 3
-    idx = torch.stack([torch.sort(torch.randperm(i + 1, generator=g)[:k]).values
-                       if i + 1 >= k else torch.cat([torch.arange(i + 1), torch.full((k - i - 1,), -1)])
-                       for _ in range(L * H) for i in range(nQ)]).view(L, H, nQ, k)
-    mass = torch.rand(L, H, nQ, k, generator=g) * (idx >= 0)
-    mass = mass / mass.sum(-1, keepdim=True)
-    t = Trace.from_arrays(idx, mass, meta={"block_q": 4, "block_k": 4}, tokens=torch.zeros(nQ * 4))
-    print(needle_mass(t, [(4, 8)]))
-    print(needle_route(t, [(4, 8)]))
