@@ -26,18 +26,8 @@ import torch
 from sparsetrace import load_model, oracle_mask, stream_mask
 from sparsetrace.cpu import keep_freed_memory
 from sparsetrace.data import haystack_text
-from sparsetrace.probe import capture_qk, dense_probs
+from sparsetrace.probe import capture_qk, dense_block_mass, dense_probs
 from sparsetrace.tracer import tokenize
-
-
-def dense_block_mass(probs: torch.Tensor, block: int) -> torch.Tensor:
-    """``probs [H, T, T]`` -> ``[H, nQ, nK]``: mean over a query block's queries of the mass in each key block."""
-    H, T, S = probs.shape
-    nQ, nK = math.ceil(T / block), math.ceil(S / block)
-    padded = torch.nn.functional.pad(probs, (0, nK * block - S, 0, nQ * block - T))
-    per_key_block = padded.view(H, nQ * block, nK, block).sum(-1)  # [H, nQ*b, nK]
-    counts = torch.clamp(T - torch.arange(nQ) * block, max=block).to(probs.dtype)  # real queries per block
-    return per_key_block.view(H, nQ, block, nK).sum(2) / counts[None, :, None]
 
 
 def middle_picks(indices: torch.Tensor, sink: int, local: int, n: torch.Tensor) -> list[set]:
@@ -96,7 +86,7 @@ def main() -> None:
         q, k, scaling, window = layers[layer]
         probs = dense_probs(q, k, scaling, window)  # [H, T, T], this layer only
         for block in blocks:
-            block_mass = dense_block_mass(probs, block)
+            block_mass = dense_block_mass(probs, block, block, math.ceil(T / block))
             last = torch.clamp((torch.arange(math.ceil(T / block)) + 1) * block, max=T) - 1
             n = last // block + 1
             for top_k in top_ks:

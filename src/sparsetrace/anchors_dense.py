@@ -19,7 +19,7 @@ import math
 import torch
 
 from .analysis.anchors import Sentence, block_sentence_sums, normalize_sums, sentence_ids
-from .probe import dense_probs, probing
+from .probe import dense_block_mass, dense_probs, probing
 
 
 def dense_sentence_matrices(model, input_ids: torch.Tensor, sentences: list[Sentence], *,
@@ -57,12 +57,7 @@ def dense_sentence_matrices(model, input_ids: torch.Tensor, sentences: list[Sent
                 cols = inside[:b]
                 out.index_add_(2, sid[:b][cols], per_row[:, :, cols])  # [H, nS, nS]
             if block is not None:
-                padded = torch.nn.functional.pad(p, (0, n_kb * bk - b))  # [H, c, nKB*bk]
-                per_kb = padded.view(H, b - a, n_kb, bk).sum(-1).double()  # [H, c, nKB]
-                nq = math.ceil((b - a) / bq)
-                per_kb = torch.nn.functional.pad(per_kb, (0, 0, 0, nq * bq - (b - a)))
-                real = torch.clamp(T - (a + torch.arange(nq) * bq), max=bq).double()  # [nq]
-                masses.append(per_kb.view(H, nq, bq, n_kb).sum(2) / real[:, None])  # [H, nq, nKB]
+                masses.append(dense_block_mass(p, bq, bk, n_kb).double())  # [H, nq, nKB]
             del p
         sums[layer] = out
         if block is not None:

@@ -83,3 +83,15 @@ def dense_probs(q: torch.Tensor, k: torch.Tensor, scaling: float | None = None,
     if window is not None:
         allowed &= k_pos > q_pos - window
     return torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+
+
+def dense_block_mass(probs: torch.Tensor, block_q: int, block_k: int, num_key_blocks: int) -> torch.Tensor:
+    """``probs [H, c, S]`` (c queries starting at a query-block boundary) -> ``[H, ceil(c / block_q),
+    num_key_blocks]``: for each query block, the mean over its real queries of the probability that falls
+    in each key block. The exact counterpart of a trace's block masses, with every key block kept."""
+    H, c, S = probs.shape
+    nq = math.ceil(c / block_q)
+    padded = torch.nn.functional.pad(probs, (0, num_key_blocks * block_k - S, 0, nq * block_q - c))
+    per_key_block = padded.view(H, nq * block_q, num_key_blocks, block_k).sum(-1)
+    real = torch.clamp(c - torch.arange(nq) * block_q, max=block_q).to(probs.dtype)  # queries per block
+    return per_key_block.view(H, nq, block_q, num_key_blocks).sum(2) / real[None, :, None]
