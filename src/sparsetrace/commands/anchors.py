@@ -91,16 +91,12 @@ def _label(text: str, n: int = 48) -> str:
 
 def plot(out: Path, result, trace, sink_prior: bool = False) -> list[str]:
     """The three PNGs; returns their file names."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("plots need matplotlib: run `pip install sparsetrace[viz]` "
-                         "(or pass --no-plots).") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from ..analysis.anchors import layer_sentence_matrices
+    from ..viz.plot import pyplot
+
+    plt = pyplot()
 
     files = []
     scores = result.scores.numpy()

@@ -222,23 +222,14 @@ def summary_table(rows, ks) -> str:
 
 # --------------------------------------------------------------------------- plots
 
-def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("plots need matplotlib; run `pip install matplotlib`.") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(out: Path, rows, reports, ks) -> None:
     """scores.png (length x depth per k), needle_mass.png (per layer, per k, success vs failure),
     heads.png (mean needle mass per layer and head), routes.png (the route over layers)."""
     import numpy as np
 
-    plt = _plt()
+    from ..viz.plot import pyplot
+
+    plt = pyplot()
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
 

@@ -14,11 +14,13 @@ from . import data
 INSTALL_HINT = "pip install 'sparsetrace[viz]' (or pip install matplotlib)"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); a one-sentence ValueError, which the
+    CLI prints as such, when matplotlib is not installed. Every plotting command gets it from here."""
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(f"plotting needs matplotlib: {INSTALL_HINT}") from None
+        raise ValueError(f"plotting needs matplotlib: {INSTALL_HINT}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -30,7 +32,7 @@ def plot_block_map(trace, layer: int, head: int, out=None, *, max_cells: int = 1
     """Draw (layer, head)'s block map; save it to `out` (png/pdf/svg by suffix) if given.
     `q_range` / `k_range`: (first, last) query / key BLOCKS to show (default: all).
     Returns the matplotlib Figure."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     layer = data._check(layer, trace.num_layers, "layer")
