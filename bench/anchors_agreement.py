@@ -38,17 +38,6 @@ from sparsetrace.tracer import TraceConfig, chunked_forward, tokenize, trace_ids
 RESULTS = Path(__file__).parent / "results" / "anchors.json"
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ok = ~(torch.isnan(a) | torch.isnan(b))
-    a, b = a[ok].double(), b[ok].double()
-    if a.numel() < 3:
-        return float("nan")
-    ra = torch.argsort(torch.argsort(a)).double()
-    rb = torch.argsort(torch.argsort(b)).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 def fidelity_two_token(model, ids, config) -> tuple[bool, float, object]:
     """(criterion holds, trace seconds, trace): greedy next tokens of the last 2 positions agree."""
     t0 = time.perf_counter()
@@ -116,15 +105,15 @@ def main(argv=None) -> int:
     overlap = len(set(heads_sparse) & set(heads_dense))
     overlap_spread = len(set(heads_spread) & set(heads_dense))
     for row, (vs, vd, vb) in zip(rows, per_text):
-        row["rho_heads"] = round(sum(spearman(vs[l, h], vd[l, h]) for l, h in heads_dense)
+        row["rho_heads"] = round(sum(A.spearman(vs[l, h], vd[l, h]) for l, h in heads_dense)
                                  / len(heads_dense), 4)
         row["rho_heads_spread_vs_dense"] = round(
-            sum(spearman(vb[l, h], vd[l, h]) for l, h in heads_dense) / len(heads_dense), 4)
+            sum(A.spearman(vb[l, h], vd[l, h]) for l, h in heads_dense) / len(heads_dense), 4)
         row["rho_heads_sparse_vs_spread"] = round(
-            sum(spearman(vs[l, h], vb[l, h]) for l, h in heads_dense) / len(heads_dense), 4)
-        row["rho_recv"] = round(spearman(A.receiver_scores(vs, heads_sparse),
+            sum(A.spearman(vs[l, h], vb[l, h]) for l, h in heads_dense) / len(heads_dense), 4)
+        row["rho_recv"] = round(A.spearman(A.receiver_scores(vs, heads_sparse),
                                          A.receiver_scores(vd, heads_dense)), 4)
-        row["rho_recv_same_heads"] = round(spearman(A.receiver_scores(vs, heads_dense),
+        row["rho_recv_same_heads"] = round(A.spearman(A.receiver_scores(vs, heads_dense),
                                                     A.receiver_scores(vd, heads_dense)), 4)
     tag = args.tag or f"block{args.block}_{args.score}"
     result = {"tag": tag, "block": args.block, "score": args.score,

@@ -376,6 +376,19 @@ def receiver_scores(vertical: torch.Tensor, heads: list[tuple[int, int]]) -> tor
     return rows.mean(0)
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of two score vectors over the entries where both are finite (ranks by
+    order, ties broken by position); NaN with fewer than three such entries."""
+    ok = ~(torch.isnan(a) | torch.isnan(b))
+    a, b = a[ok].double(), b[ok].double()
+    if a.numel() < 3:
+        return float("nan")
+    ra = torch.argsort(torch.argsort(a)).double()
+    rb = torch.argsort(torch.argsort(b)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
 # --------------------------------------------------------------------------- everything
 
 @dataclass

@@ -164,7 +164,7 @@ def plot(out: Path, result, trace, sink_prior: bool = False) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis.anchors import analyze, trace_sentences
+    from ..analysis.anchors import analyze, spearman, trace_sentences
     from ..store import Trace
 
     if args.out.exists() and not args.out.is_dir():
@@ -232,8 +232,7 @@ def run(args: argparse.Namespace) -> int:
                                   "mean_kl": float(finite.mean()) if finite.numel() else None}
         ok = ~torch.isnan(kl["kl"]) & ~torch.isnan(result.scores)
         if ok.sum() > 2:
-            summary["suppression"]["spearman_kl_vs_receiver"] = _spearman(kl["kl"][ok],
-                                                                          result.scores[ok])
+            summary["suppression"]["spearman_kl_vs_receiver"] = spearman(kl["kl"], result.scores)
     if not args.no_plots:
         summary["plots"] = plot(args.out, result, trace, args.sink_prior)
     (args.out / "anchors.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -247,14 +246,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{item['index']:>3}] {item['receiver_score']:.3g}  {_label(item['text'], 70)}")
     print(f"analysis        {analysis_s:.2f} s; written to {args.out}")
     return 0
-
-
-def _spearman(a, b) -> float:
-    import torch
-
-    def rank(x):
-        return torch.argsort(torch.argsort(x)).double()
-
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
