@@ -240,7 +240,7 @@ def check(
         raise ValueError(f"the dense reference covers {dense.n_tokens} tokens and {dense.last_n} "
                          f"positions; this check needs {T} and {last_n}. Recompute it.")
 
-    from .store import Trace  # the store sits above the tracer; import late like the tracer does
+    from .store import block_sparsity  # the store sits above the tracer; import late like it does
 
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     with sparse_model(model, config) as session:
@@ -250,14 +250,11 @@ def check(
         )
         # the two decode steps ran after the last on_chunk; their rows are not part of the trace
         session.layers.clear()
-    meta = {"block_q": config.block_size, "block_k": config.block_size}
     indices = torch.cat([c[0] for c in chunks], dim=2)  # [L, H, nQ, top_k]
-    sparsity = Trace.from_arrays(indices, torch.cat([c[1] for c in chunks], dim=2), meta=meta,
-                                 tokens=input_ids).sparsity
+    sparsity = block_sparsity(indices, config.block_size, config.block_size, T)
     layer_types = model_summary(model)["layer_types"] or ["full_attention"] * indices.shape[0]
     full = [i for i, t in enumerate(layer_types) if t != "sliding_attention"]
-    full_sparsity = Trace.from_arrays(indices[full], indices[full].float(), meta=meta,
-                                      tokens=input_ids).sparsity if full else None
+    full_sparsity = block_sparsity(indices[full], config.block_size, config.block_size, T) if full else None
     agree, kl, kl_max = _compare(dense.logits[-last_n:], logits[-last_n:])
     result = FidelityResult(
         criterion_passed=tokens == dense.tokens, top_k=config.top_k, block_size=config.block_size,

@@ -162,6 +162,13 @@ def _kept_pairs(indices: torch.Tensor, q_block_start: int, block_q: int, block_k
     return kept + int((g(b) - g(a) - (b - a) * w).sum())                   # diagonal corrected
 
 
+def block_sparsity(indices: torch.Tensor, block_q: int, block_k: int, T: int) -> float:
+    """1 - kept / causal (query, key) token pairs of ``indices [L, H, nQ, k]`` over ``T`` tokens: the
+    exact sparsity :attr:`Trace.sparsity` reports, for selections not (yet) in a trace."""
+    L, H = indices.shape[0], indices.shape[1]
+    return 1.0 - _kept_pairs(indices, 0, block_q, block_k, T) / (L * H * T * (T + 1) // 2)
+
+
 # --------------------------------------------------------------------------- writer
 
 def _fingerprint(meta: dict, shapes: dict, tokens, token_offsets, text) -> str:
@@ -575,9 +582,8 @@ class Trace:
         is kept when x <= q and x's key block is in the row of q's query block; there are
         T(T+1)/2 causal pairs per head. Exact: causal inside diagonal blocks, ragged last blocks."""
         if self._arrays is not None:
-            kept = _kept_pairs(self._arrays[0], 0, self.block_q, self.block_k, self.num_tokens)
-        else:  # counted per shard at write time, so this costs nothing at 1M tokens
-            kept = sum(s["kept_pairs"] for s in self.manifest["shards"])
+            return block_sparsity(self._arrays[0], self.block_q, self.block_k, self.num_tokens)
+        kept = sum(s["kept_pairs"] for s in self.manifest["shards"])  # counted per shard when written
         T = self.num_tokens
         return 1.0 - kept / (self.num_layers * self.num_heads * T * (T + 1) // 2)
 
