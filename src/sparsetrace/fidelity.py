@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .tracer import TraceConfig, chunked_forward, model_summary, new_cache, sparse_model
+from .tracer import TraceConfig, chunked_forward, join_chunks, model_summary, new_cache, sparse_model
 
 DEFAULT_LAST_N = 64
 
@@ -250,7 +250,7 @@ def check(
         )
         # the two decode steps ran after the last on_chunk; their rows are not part of the trace
         session.layers.clear()
-    indices = torch.cat([c[0] for c in chunks], dim=2)  # [L, H, nQ, top_k]
+    indices, _ = join_chunks(chunks)  # [L, H, nQ, top_k]
     sparsity = block_sparsity(indices, config.block_size, config.block_size, T)
     layer_types = model_summary(model)["layer_types"] or ["full_attention"] * indices.shape[0]
     full = [i for i, t in enumerate(layer_types) if t != "sliding_attention"]

@@ -484,10 +484,8 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
     """
     import time
 
-    import torch
-
     from .store import Trace
-    from .tracer import model_summary, sparse_model
+    from .tracer import join_chunks, sparse_model, trace_meta
 
     ids = encode(tokenizer, case)
     max_new = max_new_tokens(case) if max_new is None else max_new
@@ -504,14 +502,8 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
         with sparse_model(model, config) as session:
             tokens, chunks = greedy_decode(model, ids, max_new, chunk_size=config.chunk_size,
                                            session=session, stop=found_all)
-        meta = {
-            "model_id": model_id, "model": model_summary(model), "trace_config": asdict(config),
-            "block_q": config.block_size, "block_k": config.block_size, "top_k": config.top_k,
-            "sink_blocks": config.sink_blocks, "local_blocks": config.local_blocks,
-            "score": config.score, "niah_case": case.id,
-        }
-        trace = Trace.from_arrays(torch.cat([c[0] for c in chunks], dim=2),
-                                  torch.cat([c[1] for c in chunks], dim=2), meta=meta, tokens=ids)
+        meta = {**trace_meta(model, config, model_id), "niah_case": case.id}
+        trace = Trace.from_arrays(*join_chunks(chunks), meta=meta, tokens=ids)
     output = tokenizer.decode(tokens, skip_special_tokens=True)
     return CaseRun(tokens, output, string_match_all(output, case.answers), trace,
                    time.perf_counter() - start)

@@ -228,6 +228,26 @@ def model_summary(model) -> dict:
     }
 
 
+def trace_meta(model, config: TraceConfig, model_id: str = "") -> dict:
+    """The manifest meta of a trace of ``model`` under ``config``."""
+    return {
+        "model_id": model_id,
+        "model": model_summary(model),
+        "trace_config": asdict(config),
+        "block_q": config.block_size,
+        "block_k": config.block_size,
+        "top_k": config.top_k,
+        "sink_blocks": config.sink_blocks,
+        "local_blocks": config.local_blocks,
+        "score": config.score,
+    }
+
+
+def join_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(indices, mass)`` of :meth:`SparseSession.take_chunk` calls, joined along query blocks."""
+    return torch.cat([c[0] for c in chunks], dim=2), torch.cat([c[1] for c in chunks], dim=2)
+
+
 def trace_ids(
     model,
     input_ids: torch.Tensor,
@@ -261,18 +281,8 @@ def trace_ids(
             "(positions past it are extrapolation).",
             stacklevel=2,
         )
-    summary = model_summary(model)
-    meta = {
-        "model_id": model_id,
-        "model": summary,
-        "trace_config": asdict(config),
-        "block_q": config.block_size,
-        "block_k": config.block_size,
-        "top_k": config.top_k,
-        "sink_blocks": config.sink_blocks,
-        "local_blocks": config.local_blocks,
-        "score": config.score,
-    }
+    meta = trace_meta(model, config, model_id)
+    summary = meta["model"]
     n_blocks = math.ceil(T / config.block_size)
     writer = None
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -305,10 +315,8 @@ def trace_ids(
     if writer is not None:
         trace = writer.finish()
     else:
-        trace = Trace.from_arrays(
-            torch.cat([c[0] for c in chunks], dim=2), torch.cat([c[1] for c in chunks], dim=2),
-            meta=meta, tokens=input_ids, token_offsets=token_offsets, text=text,
-        )
+        trace = Trace.from_arrays(*join_chunks(chunks), meta=meta, tokens=input_ids,
+                                  token_offsets=token_offsets, text=text)
     return (trace, logits) if keep_logits else trace
 
 
