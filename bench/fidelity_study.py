@@ -24,15 +24,11 @@ import torch
 from sparsetrace import load_model
 from sparsetrace.data import gsm_problems, haystack_text
 from sparsetrace.fidelity import search_k
+from sparsetrace.niah import parse_length
 from sparsetrace.tracer import TraceConfig, tokenize
 
 RESULTS = Path(__file__).parent / "results" / "fidelity.json"
 TEXTS = ("haystack", "cot")
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
 def chat_turns(tokenizer, question: str, answer: str) -> str:
