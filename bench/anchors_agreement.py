@@ -38,17 +38,16 @@ from sparsetrace.tracer import TraceConfig, chunked_forward, tokenize, trace_ids
 RESULTS = Path(__file__).parent / "results" / "anchors.json"
 
 
-def fidelity_two_token(model, ids, config) -> tuple[bool, float, object]:
-    """(criterion holds, trace seconds, trace): greedy next tokens of the last 2 positions agree."""
+def fidelity_two_token(model, ids, config, text, offsets) -> tuple[bool, float, object]:
+    """(criterion holds, trace seconds, trace): greedy next tokens of the last 2 positions agree.
+    (Not ``fidelity.check``'s criterion, which decodes two tokens; the recorded results used this.)"""
     t0 = time.perf_counter()
-    trace, sparse_logits = trace_ids(model, ids, config, keep_logits=2, **_text_kwargs)
+    trace, sparse_logits = trace_ids(model, ids, config, keep_logits=2, text=text,
+                                     token_offsets=offsets)
     seconds = time.perf_counter() - t0
     dense_logits = chunked_forward(model, ids, config.chunk_size, keep_logits=2)
     ok = bool((sparse_logits.argmax(-1) == dense_logits.argmax(-1)).all())
     return ok, seconds, trace
-
-
-_text_kwargs: dict = {}
 
 
 def main(argv=None) -> int:
@@ -69,12 +68,10 @@ def main(argv=None) -> int:
     for i, target in enumerate(args.tokens):
         text, regions, n_problems = gsm_text(tokenizer, min_tokens=target, seed=args.seed + 100 * i)
         ids, offsets = tokenize(tokenizer, text, target)
-        global _text_kwargs
-        _text_kwargs = {"text": text, "token_offsets": offsets}
         for top_k in args.top_k:
             config = TraceConfig(block_size=args.block, top_k=top_k, score=args.score,
                                  chunk_size=1024)
-            ok, trace_s, trace = fidelity_two_token(model, ids, config)
+            ok, trace_s, trace = fidelity_two_token(model, ids, config, text, offsets)
             if ok:
                 break
         trace.update_manifest(anchors_regions=[list(r) for r in regions])
