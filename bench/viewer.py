@@ -1,6 +1,7 @@
 """Viewer benchmark: time from navigation to the first block map drawn, in headless Chromium.
 
     python bench/viewer.py            # 20k and 1M-token synthetic traces (28 layers x 12 heads)
+    python bench/viewer.py --no-synthetic --trace gpu-8k=DIR ...   # trace directories already written
 
 The 1M-token trace (1,048,544 tokens = 32767 blocks of 32, the int16 limit; 28 x 12 heads,
 top_k 16, ~0.7 GB) is written once into $SPARSETRACE_HOME/bench/trace-1m (about a minute) and
@@ -96,12 +97,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loads", type=int, default=4, help="page loads per trace (first is cold)")
     ap.add_argument("--only-1m", action="store_true")
+    ap.add_argument("--no-synthetic", action="store_true", help="only the --trace directories")
+    ap.add_argument("--trace", action="append", default=[], metavar="NAME=DIR",
+                    help="also measure this trace directory (e.g. one written by the GPU path)")
     args = ap.parse_args()
     home = cache_home() / "bench"
+    from sparsetrace import Trace
+
     with tempfile.TemporaryDirectory() as tmp:
-        traces = [] if args.only_1m else [
+        traces = [] if args.only_1m or args.no_synthetic else [
             ("20k", ensure_trace(Path(tmp) / "trace-20k", 20_000, 28, 12, 16))]
-        traces.append(("1M", ensure_trace(home / "trace-1m", 1_048_544, 28, 12, 16)))
+        if not args.no_synthetic:
+            traces.append(("1M", ensure_trace(home / "trace-1m", 1_048_544, 28, 12, 16)))
+        for spec in args.trace:
+            name, _, folder = spec.rpartition("=")
+            traces.append((name or folder, Trace.load(folder)))
         rows = []
         with Chromium() as browser:
             for name, trace in traces:
@@ -114,6 +124,7 @@ def main() -> int:
                     proc.terminate()
                     proc.wait(10)
                 rows.append({"trace": name, "tokens": trace.num_tokens,
+                             "model": trace.meta.get("model_id"), "device": trace.meta.get("device"),
                              "layers_x_heads": f"{trace.num_layers}x{trace.num_heads}",
                              "query_blocks": trace.num_query_blocks,
                              "trace_bytes": trace.nbytes, "server_start_s": round(start_s, 1),
@@ -126,7 +137,8 @@ def main() -> int:
     result = {"bench": "viewer", "budget_s": BUDGET_S, "cpus": os.cpu_count(),
               "load_avg": os.getloadavg()[0], "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    out = RESULTS if not args.no_synthetic else RESULTS.with_name("viewer_traces.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0 if all(r["under_budget"] and not r["console_errors"] for r in rows) else 1
 

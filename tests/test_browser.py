@@ -235,6 +235,44 @@ def test_viewer_on_a_real_trace(browser, tmp_path, model, tokens):
         server.server_close()
 
 
+def test_viewer_and_report_on_a_trace_from_the_gpu_path(browser, tmp_path):
+    """The trace in tests/data written by the GPU path (FlexAttention + Triton on an H200; the same
+    blocks as the CPU path, tests/test_tracer.py) opens in the viewer with its text under the cursor,
+    says where it was traced, and makes a report that draws."""
+    from sparsetrace import Trace
+    from sparsetrace.viz.report import report_html
+    from sparsetrace.viz.server import make_server
+
+    trace = Trace.load(os.path.join(os.path.dirname(__file__), "data", "smollm2-300-gpu"))
+    server = make_server(trace, port=0, cache_dir=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = open_page(browser, f"http://127.0.0.1:{server.server_address[1]}/")
+        n, total = painted(page)
+        assert n > 0.05 * total
+        assert "traced on cuda: NVIDIA H200" in page.evaluate("document.getElementById('facts').textContent")
+        rect = page.evaluate("(() => { const r = document.getElementById('map')"
+                             ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
+        page.mouse("mouseMoved", rect[0] + rect[2] * 0.05, rect[1] + rect[3] * 0.95)
+        tip = page.wait_for("(() => { const t = document.getElementById('tip'); "
+                            "return t.textContent.includes('key text') && t.textContent; })()", 30)
+        assert tip.split("key text", 1)[1].strip() in trace.text
+        page.screenshot(tmp_path / "gpu-trace.png")
+        assert page.errors == [], page.errors
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = tmp_path / "report.html"
+    out.write_text(report_html(trace), encoding="utf-8")
+    page = open_page(browser, out.as_uri())
+    page.wait_for("+document.body.dataset.drawn >= 4", 30)
+    assert "traced on cuda" in page.evaluate("document.getElementById('facts').textContent")
+    assert painted(page, "#map-0")[0] > 100
+    assert page.errors == [], page.errors
+    page.close()
+
+
 def real_trace(model_id: str = "smollm2-135m", tokens: int = 300):
     from sparsetrace import Trace
     from sparsetrace.models import cache_home

@@ -228,10 +228,18 @@ def model_summary(model) -> dict:
     }
 
 
+def device_name(model) -> str:
+    """Where ``model`` runs, for the manifest: ``"cpu"`` or ``"cuda: <GPU name>"``."""
+    device = next(model.parameters()).device
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
 def trace_meta(model, config: TraceConfig, model_id: str = "") -> dict:
-    """The manifest meta of a trace of ``model`` under ``config``."""
+    """The manifest meta of a trace of ``model`` under ``config`` (``device`` is volatile: a trace begun on
+    one device may be resumed on another)."""
     return {
         "model_id": model_id,
+        "device": device_name(model),
         "model": model_summary(model),
         "trace_config": asdict(config),
         "block_q": config.block_size,

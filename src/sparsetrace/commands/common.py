@@ -32,7 +32,7 @@ def nonnegative_int(text: str) -> int:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--text-file``, ``--max-tokens``, ``--dtype``."""
+    """``--model``, ``--text-file``, ``--max-tokens``, ``--dtype``, ``--device``."""
     parser.add_argument("--model", default=None,
                         help="model alias (smollm2-135m, gemma-3-270m), HF folder or .gguf file "
                              "(default: the embedded SmolLM2-135M-Instruct)")
@@ -41,6 +41,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="use only the first N tokens of the text")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model dtype (default float32)")
+    add_device_option(parser)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs: auto = the GPU when PyTorch sees one (the FlexAttention "
+                             "+ Triton path), else the CPU")
 
 
 def add_trace_options(parser: argparse.ArgumentParser, *, top_k: bool = True) -> None:
@@ -100,18 +108,32 @@ def read_text(path: Path | None, flag: str = "--text-file") -> str:
     return text
 
 
+def device_of(choice: str) -> str:
+    """The torch device ``--device`` names (``auto``: ``cuda`` when PyTorch sees a GPU)."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: PyTorch sees no CUDA GPU here (a CPU-only torch, or no driver); "
+                         "use --device cpu.")
+    return choice
+
+
 def load(args: argparse.Namespace):
-    """``(model, tokenizer, model_id)`` for ``--model`` / ``--dtype``, with the loading noise muted."""
+    """``(model, tokenizer, model_id)`` for ``--model`` / ``--dtype`` / ``--device``, with the loading
+    noise muted."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from ..models import load_model, model_id
 
+    device = device_of(args.device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model(args.model, dtype=dtype)
-    return model, tokenizer, model_id(args.model)
+    return model.to(device), tokenizer, model_id(args.model)
 
 
 def human_bytes(n: float) -> str:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_trace_options, positive_int, read_text
+from .common import add_device_option, add_trace_options, positive_int, read_text
 
 COLUMNS = ["id", "variant", "length", "depth", "k", "sparsity", "score", "criterion", "output",
            "num_tokens", "seconds"]
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None,
                    help="model alias (smollm2-135m, gemma-3-270m), HF folder or .gguf file")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_device_option(p)
     p.add_argument("--variant", default="niah_single_2",
                    help="RULER variant(s), comma-separated (default niah_single_2)")
     p.add_argument("--lengths", default="1k", help="prompt lengths in tokens, e.g. 1k,2k,4k or 600")
@@ -88,8 +89,9 @@ def parse_top_k(text: str) -> list[int | str]:
 
 def run(args: argparse.Namespace) -> int:
     from .. import niah
-    from .common import trace_config
+    from .common import device_of, trace_config
 
+    device_of(args.device)  # a GPU asked for but missing fails before anything is written
     variants = _split(args.variant)
     for name in variants:
         niah.check_variant(name)

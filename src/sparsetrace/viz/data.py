@@ -356,7 +356,8 @@ def describe(trace) -> dict:
     model = meta.get("model_id") or meta.get("model") or "?"
     if isinstance(model, dict):
         model = model.get("architecture") or model.get("name_or_path") or "?"
-    return {"model": str(model), "num_tokens": trace.num_tokens, "num_layers": trace.num_layers,
+    return {"model": str(model), "device": meta.get("device"), "num_tokens": trace.num_tokens,
+            "num_layers": trace.num_layers,
             "num_heads": trace.num_heads, "num_query_blocks": trace.num_query_blocks,
             "num_key_blocks": trace.num_key_blocks, "block_q": trace.block_q,
             "block_k": trace.block_k, "top_k": trace.top_k, "sparsity": trace.sparsity,

@@ -221,5 +221,9 @@ const ST = (() => {
     return parts.length ? ` · fidelity: ${parts.join(", ")}` : "";
   }
 
-  return { BlockMap, drawOverview, legend, fmt, int, esc, level, fidelityText, METRIC_HELP };
+  function deviceText(d) { // the manifest's "device": "cpu" or "cuda: <GPU name>" (traces before it: none)
+    return typeof d === "string" && d ? ` · traced on ${d}` : "";
+  }
+
+  return { BlockMap, drawOverview, legend, fmt, int, esc, level, fidelityText, deviceText, METRIC_HELP };
 })();
