@@ -10,7 +10,7 @@ For every layer and head, block size in {32, 64}, top_k in {8, 16, 32} and block
   the oracle (the exact block top-k under the same score), so the two can be compared.
 Prints a table and ends with one JSON line; writes bench/results/recall.json.
 
-    python bench/recall.py [--tokens 4096] [--layers 0,5,10] [--quick]
+    python bench/recall.py [--tokens 4096] [--layers 0,5,10] [--text essays|cot] [--quick]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from sparsetrace import load_model, oracle_mask, stream_mask
 from sparsetrace.cpu import keep_freed_memory
-from sparsetrace.data import haystack_text
+from sparsetrace.data import gsm_text, haystack_text
 from sparsetrace.probe import capture_qk, dense_block_mass, dense_probs
 from sparsetrace.tracer import tokenize
 
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--top-k", default="8,16,32")
     parser.add_argument("--blocks", default="32,64")
     parser.add_argument("--scores", default="max,lse")
+    parser.add_argument("--text", choices=("essays", "cot"), default="essays",
+                        help="Paul Graham essays, or gsm_symbolic chains of thought in the chat template")
     parser.add_argument("--quick", action="store_true", help="1k tokens, 3 layers")
     parser.add_argument("--json", type=Path, default=Path("bench/results/recall.json"))
     args = parser.parse_args()
@@ -70,7 +72,9 @@ def main() -> None:
     if args.quick:
         args.tokens, args.layers = 1024, "0,14,29"
     model, tokenizer = load_model()
-    ids, _ = tokenize(tokenizer, haystack_text(args.tokens * 6), max_tokens=args.tokens)
+    text = (haystack_text(args.tokens * 6) if args.text == "essays"
+            else gsm_text(tokenizer, min_tokens=args.tokens)[0])
+    ids, _ = tokenize(tokenizer, text, max_tokens=args.tokens)
     T = ids.shape[0]
     layers = capture_qk(model, ids)
     chosen = sorted(layers) if args.layers is None else [int(x) for x in args.layers.split(",")]
@@ -122,7 +126,8 @@ def main() -> None:
             "stream_coverage": s_cov / n_layers, "oracle_coverage": o_cov / n_layers,
             "coverage_gap": (o_cov - s_cov) / n_layers, "key_blocks": n_kb,
         })
-    print(f"\nSmolLM2-135M, {T} tokens of Paul Graham essays, layers {chosen[0]}..{chosen[-1]} "
+    what = "Paul Graham essays" if args.text == "essays" else "gsm_symbolic chains of thought"
+    print(f"\nSmolLM2-135M, {T} tokens of {what}, layers {chosen[0]}..{chosen[-1]} "
           f"({len(chosen)}), all 9 heads, sink 1 + local 1")
     print("| block | top_k | score | recall (searched blocks) | recall (all kept) | stream coverage "
           "| oracle coverage | gap |")
@@ -131,7 +136,7 @@ def main() -> None:
         print(f"| {r['block']} | {r['top_k']} | {r['score']} | {r['recall']:.3f} | "
               f"{r['recall_all_kept']:.3f} | "
               f"{r['stream_coverage']:.3f} | {r['oracle_coverage']:.3f} | {r['coverage_gap']:+.3f} |")
-    result = {"model": "smollm2-135m", "tokens": T, "layers": chosen, "rows": rows,
+    result = {"model": "smollm2-135m", "text": args.text, "tokens": T, "layers": chosen, "rows": rows,
               "seconds": round(time.perf_counter() - start, 1)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))

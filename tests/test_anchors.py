@@ -180,6 +180,20 @@ def test_vertical_scores_kurtosis_and_receivers():
     assert torch.isnan(scores[5:]).all()  # nothing 4+ sentences after the last four
 
 
+def test_kurtosis_can_leave_out_the_first_and_last_sentences():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(2)
+    v = A.vertical_scores(torch.rand(2, 3, 20, 20, generator=g, dtype=torch.float64))
+    v[0, 0, 0] = 50.0  # a sink-like first sentence decides this head's kurtosis ...
+    plain, dropped = A.head_kurtosis(v), A.head_kurtosis(v, drop_first=2, drop_last=5)
+    want = scipy_stats.kurtosis(v[..., 2:15].numpy(), axis=-1, fisher=True, bias=True, nan_policy="omit")
+    assert_close("kurtosis without the first 2 and last 5", dropped,
+                 torch.as_tensor(__import__("numpy").asarray(want)), atol=1e-9)
+    assert A.receiver_heads(plain, top=1) == [(0, 0)] and A.receiver_heads(dropped, top=1) != [(0, 0)]
+    with pytest.raises(ValueError, match=r"leaves 3 with a vertical score; kurtosis needs at least 4"):
+        A.head_kurtosis(v, drop_first=10, drop_last=7)  # sentences 10..12 left
+
+
 def test_analyze_runs_on_a_synthetic_trace_with_text():
     text = " ".join(f"Sentence number {i} says something." for i in range(12))
     words = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]

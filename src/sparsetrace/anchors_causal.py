@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .analysis.anchors import Sentence
-from .mask import BlockMask
+from .mask import BlockMask, pack_rows
 from .tracer import TraceConfig, chunked_forward, new_cache, sparse_model
 
 RULES = ("majority", "whole")
@@ -57,9 +57,7 @@ def remove_blocks(mask: BlockMask, blocks: torch.Tensor, first_query_block: int,
         drop &= chosen[None, :, None, None]
     if not drop.any():
         return mask
-    big = torch.iinfo(torch.int32).max
-    packed = torch.sort(torch.where(drop | (idx < 0), big, idx), dim=-1).values
-    packed = torch.where(packed == big, -1, packed).to(torch.int32)
+    packed = pack_rows(idx, ~drop & (idx >= 0)).to(torch.int32)
     return BlockMask(packed, mask.block_q, mask.block_k)
 
 

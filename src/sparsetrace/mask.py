@@ -103,6 +103,14 @@ class BlockMask:
         return kept & _allowed(torch.arange(S, device=kept.device)[None, :], q_pos, window)
 
 
+def pack_rows(ids: torch.Tensor, keep: torch.Tensor, fill: int = -1) -> torch.Tensor:
+    """The entries of ``ids`` where ``keep``, ascending at the front of each row, ``fill`` after them: how a
+    row of block indices is re-packed after dropping some (``BlockMask`` rows, FlexAttention's index rows)."""
+    big = torch.iinfo(ids.dtype).max
+    packed = torch.sort(torch.where(keep, ids, big), dim=-1).values
+    return packed.masked_fill(packed == big, fill)
+
+
 def _allowed(k_pos: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Which (query, key) positions may attend: causal, and within ``window`` keys when one is given
     (transformers' convention: key > query - window)."""

@@ -12,7 +12,8 @@ receiver-head analysis reads full T x T attention. Here the same quantities come
   3. vertical score of sentence j = mean of ``M[i, j]`` over the sentences ``i >= j + 4``
      (:func:`vertical_scores`; Thought Anchors' ``proximity_ignore = 4``);
   4. kurtosis of each head's vertical scores (:func:`head_kurtosis`; Fisher / excess, biased,
-     NaNs omitted = ``scipy.stats.kurtosis(v, fisher=True, bias=True, nan_policy="omit")``);
+     NaNs omitted = ``scipy.stats.kurtosis(v, fisher=True, bias=True, nan_policy="omit")``;
+     optionally leaving out the first / last sentences, as Thought Anchors' code can);
   5. receiver heads = the ``top`` heads by kurtosis (averaged over traces when given several);
      receiver score of a sentence = its vertical score averaged over the receiver heads.
 
@@ -354,9 +355,24 @@ def kurtosis(x: torch.Tensor) -> torch.Tensor:
     return m4 / m2**2 - 3.0
 
 
-def head_kurtosis(vertical: torch.Tensor) -> torch.Tensor:
-    """``[L, H]`` kurtosis of each head's vertical scores ``[L, H, nS]``."""
-    return kurtosis(vertical)
+def head_kurtosis(vertical: torch.Tensor, drop_first: int = 0, drop_last: int = 0) -> torch.Tensor:
+    """``[L, H]`` kurtosis of each head's vertical scores ``[L, H, nS]``, over the sentences
+    ``drop_first <= j < nS - drop_last`` (Thought Anchors' code has these two knobs: the first sentences
+    of a text act as attention sinks, and the vertical scores of the last ones average over a few later
+    sentences only; both can decide a head's kurtosis on their own). Default: every sentence.
+
+    Raises ValueError when fewer than 4 sentences with a vertical score are left.
+    """
+    nS = vertical.shape[-1]
+    if drop_first < 0 or drop_last < 0:
+        raise ValueError(f"drop_first and drop_last must be >= 0; got {drop_first}, {drop_last}.")
+    kept = vertical[..., drop_first: max(nS - drop_last, drop_first)]
+    scored = int((~torch.isnan(kept)).sum(-1).max()) if kept.numel() else 0
+    if scored < 4:
+        raise ValueError(f"dropping the first {drop_first} and last {drop_last} of {nS} sentences leaves "
+                         f"{scored} with a vertical score; kurtosis needs at least 4: lower --drop-first "
+                         "/ --drop-last or give a longer text.")
+    return kurtosis(kept)
 
 
 def receiver_heads(kurtoses: torch.Tensor | list[torch.Tensor], top: int = TOP_HEADS
@@ -403,6 +419,8 @@ class Anchors:
     heads: list[tuple[int, int]]
     scores: torch.Tensor
     proximity_ignore: int = PROXIMITY_IGNORE
+    drop_first: int = 0
+    drop_last: int = 0
     extra: dict = field(default_factory=dict)
 
     def summary(self, n: int = 5) -> dict:
@@ -412,6 +430,8 @@ class Anchors:
             "num_sentences": len(self.sentences),
             "proximity_ignore": self.proximity_ignore,
             "kurtosis": "fisher (excess), biased, NaNs omitted",
+            "kurtosis_drop_first": self.drop_first,
+            "kurtosis_drop_last": self.drop_last,
             "receiver_heads": [{"layer": layer, "head": head,
                                 "kurtosis": round(float(self.kurtosis[layer, head]), 4)}
                                for layer, head in self.heads],
@@ -431,10 +451,12 @@ def trace_vertical(trace, sentences: list[Sentence], proximity_ignore: int = PRO
 
 def analyze(traces, *, sentences=None, top: int = TOP_HEADS,
             proximity_ignore: int = PROXIMITY_IGNORE,
-            sink_prior: bool = SINK_PRIOR) -> Anchors | list[Anchors]:
+            sink_prior: bool = SINK_PRIOR, drop_first: int = 0,
+            drop_last: int = 0) -> Anchors | list[Anchors]:
     """Thought-anchor analysis of a trace (or a list: receiver heads then come from the kurtosis
     averaged over all of them, and a list of results is returned). ``sentences`` default to
-    :func:`trace_sentences` (one list per trace when several are given)."""
+    :func:`trace_sentences` (one list per trace when several are given); ``drop_first`` /
+    ``drop_last`` go to :func:`head_kurtosis`."""
     many = isinstance(traces, (list, tuple))
     traces = list(traces) if many else [traces]
     if sentences is None:
@@ -443,8 +465,8 @@ def analyze(traces, *, sentences=None, top: int = TOP_HEADS,
         sentences = [sentences]
     verticals = [trace_vertical(t, s, proximity_ignore, sink_prior)
                  for t, s in zip(traces, sentences)]
-    kurts = [head_kurtosis(v) for v in verticals]
+    kurts = [head_kurtosis(v, drop_first, drop_last) for v in verticals]
     heads = receiver_heads(kurts, top)
-    results = [Anchors(s, v, k, heads, receiver_scores(v, heads), proximity_ignore)
+    results = [Anchors(s, v, k, heads, receiver_scores(v, heads), proximity_ignore, drop_first, drop_last)
                for s, v, k in zip(sentences, verticals, kurts)]
     return results if many else results[0]

@@ -20,6 +20,7 @@ from .common import (
     add_model_options,
     add_trace_options,
     load,
+    nonnegative_int,
     positive_int,
     read_text,
     trace_config,
@@ -41,6 +42,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the --gsm problems (0)")
     add_trace_options(p)
     p.add_argument("--top-heads", type=positive_int, default=20, help="receiver heads (20)")
+    p.add_argument("--drop-first", type=nonnegative_int, default=0, metavar="N",
+                   help="leave the first N sentences out of each head's kurtosis (0; Thought Anchors' "
+                        "code: sink-like opening sentences)")
+    p.add_argument("--drop-last", type=nonnegative_int, default=0, metavar="N",
+                   help="leave the last N sentences out of each head's kurtosis (0; their vertical "
+                        "scores average over few later sentences)")
     p.add_argument("--suppress", action="store_true",
                    help="also measure the KL on later sentences when each sentence's key blocks "
                         "are removed (one sparse forward per sentence)")
@@ -197,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
               f"-> {args.out / 'trace'}")
     sentences = trace_sentences(trace)
     t0 = time.perf_counter()
-    result = analyze(trace, sentences=sentences, top=args.top_heads, sink_prior=args.sink_prior)
+    result = analyze(trace, sentences=sentences, top=args.top_heads, sink_prior=args.sink_prior,
+                     drop_first=args.drop_first, drop_last=args.drop_last)
     analysis_s = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
 

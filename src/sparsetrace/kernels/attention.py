@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
 from ..attention import _gather_blocks, sparse_attention_torch
-from ..mask import BlockMask, _allowed
+from ..mask import BlockMask, _allowed, pack_rows
 from .scoring import _load_query_tile, _logit_tile, triton_supported
 
 _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(FlexBlockMask.from_kv_blocks).parameters
@@ -89,9 +89,7 @@ def _causal_mask_mod(q_offset: int, window: int | None, device):
 
 def _first(ids: torch.Tensor, keep: torch.Tensor):
     """Entries of ``ids`` where ``keep``, moved to the front of each row in order: (indices, counts)."""
-    big = torch.iinfo(torch.int32).max
-    packed = torch.sort(torch.where(keep, ids, big), dim=-1).values  # [B, H, nQ, K]
-    return packed.masked_fill(packed == big, 0).contiguous(), keep.sum(-1, dtype=torch.int32).contiguous()
+    return pack_rows(ids, keep, fill=0).contiguous(), keep.sum(-1, dtype=torch.int32).contiguous()
 
 
 def flex_block_mask(mask: BlockMask, T: int, S: int, window: int | None = None, *,
