@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .tracer import TraceConfig, chunked_forward, join_chunks, model_summary, new_cache, sparse_model
+from .tracer import TraceConfig, greedy_decode, join_chunks, model_summary, sparse_model
 
 DEFAULT_LAST_N = 64
 
@@ -157,14 +157,12 @@ def _check_memory(model, n_tokens: int, chunk_size: int, last_n: int,
 
 # --------------------------------------------------------------------------- runs
 
-def _greedy_two(model, input_ids: torch.Tensor, chunk_size: int, last_n: int, on_chunk=None):
-    """Prefill ``input_ids``, keep the last ``last_n`` logits, decode two greedy tokens from the cache."""
-    cache = new_cache()
-    logits = chunked_forward(model, input_ids, chunk_size, keep_logits=last_n, on_chunk=on_chunk,
-                             cache=cache)
-    first = int(logits[-1].argmax())
-    after = chunked_forward(model, torch.tensor([first]), chunk_size, keep_logits=1, cache=cache)
-    return logits, (first, int(after[-1].argmax()))
+def _greedy_two(model, input_ids: torch.Tensor, chunk_size: int, last_n: int, session=None):
+    """Prefill ``input_ids``, keep the last ``last_n`` logits, decode two greedy tokens (no EOS stop:
+    the criterion compares two tokens); with ``session``, also the prefill's trace chunks."""
+    logits, tokens, chunks = greedy_decode(model, input_ids, 2, chunk_size=chunk_size,
+                                           keep_logits=last_n, session=session, stop_at_eos=False)
+    return logits, tuple(tokens), chunks
 
 
 def _prepare(input_ids, block_size: int, last_n: int) -> tuple[torch.Tensor, int]:
@@ -187,7 +185,7 @@ def dense_reference(model, input_ids, *, chunk_size: int = 1024, last_n: int = D
     exceeds ``available_bytes`` (default: MemAvailable)."""
     input_ids, last_n = _prepare(input_ids, block_size, last_n)
     _check_memory(model, input_ids.shape[0], chunk_size, last_n, available_bytes)
-    logits, tokens = _greedy_two(model, input_ids, chunk_size, last_n)
+    logits, tokens, _ = _greedy_two(model, input_ids, chunk_size, last_n)
     return DenseReference(logits, tokens, input_ids.shape[0])
 
 
@@ -242,14 +240,8 @@ def check(
 
     from .store import block_sparsity  # the store sits above the tracer; import late like it does
 
-    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     with sparse_model(model, config) as session:
-        logits, tokens = _greedy_two(
-            model, input_ids, config.chunk_size, last_n,
-            on_chunk=lambda start, end: chunks.append(session.take_chunk()),
-        )
-        # the two decode steps ran after the last on_chunk; their rows are not part of the trace
-        session.layers.clear()
+        logits, tokens, chunks = _greedy_two(model, input_ids, config.chunk_size, last_n, session)
     indices, _ = join_chunks(chunks)  # [L, H, nQ, top_k]
     sparsity = block_sparsity(indices, config.block_size, config.block_size, T)
     layer_types = model_summary(model)["layer_types"] or ["full_attention"] * indices.shape[0]

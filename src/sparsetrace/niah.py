@@ -443,36 +443,6 @@ class CaseRun:
     seconds: float = 0.0
 
 
-def greedy_decode(model, input_ids, max_new: int, *, chunk_size: int = 1024, session=None,
-                  stop=None) -> tuple[list[int], list]:
-    """Greedy decoding with one KV cache: chunked prefill, then one token per forward.
-
-    Runs with whatever attention the model is set to; with ``session`` (the :class:`SparseSession`
-    of an active ``sparse_model`` block) the prefill's per-chunk ``(indices, mass)`` are collected
-    and returned, and decode steps are not recorded. ``stop(tokens) -> bool`` ends early (at least
-    two tokens are always decoded, for the two-token criterion). Returns ``(tokens, chunks)``.
-    """
-    import torch
-
-    from .tracer import chunked_forward, new_cache
-
-    cache = new_cache()
-    chunks: list = []
-    on_chunk = (lambda start, end: chunks.append(session.take_chunk())) if session else None
-    logits = chunked_forward(model, input_ids, chunk_size, keep_logits=1, cache=cache,
-                             on_chunk=on_chunk)
-    if session is not None:
-        session.record = False
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    tokens = [int(logits[-1].argmax())]
-    while len(tokens) < max_new and tokens[-1] not in eos and not (
-            len(tokens) >= 2 and stop is not None and stop(tokens)):
-        logits = chunked_forward(model, torch.tensor([tokens[-1]]), 1, keep_logits=1, cache=cache)
-        tokens.append(int(logits[-1].argmax()))
-    return tokens, chunks
-
-
 def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | None = None,
              model_id: str = "") -> CaseRun:
     """Decode ``case`` greedily, dense (``config=None``, the model's own attention) or with STREAM
@@ -485,7 +455,7 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
     import time
 
     from .store import Trace
-    from .tracer import join_chunks, sparse_model, trace_meta
+    from .tracer import greedy_decode, join_chunks, sparse_model, trace_meta
 
     ids = encode(tokenizer, case)
     max_new = max_new_tokens(case) if max_new is None else max_new
@@ -497,11 +467,11 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
     start = time.perf_counter()
     trace = None
     if config is None:
-        tokens, _ = greedy_decode(model, ids, max_new, stop=found_all)
+        _, tokens, _ = greedy_decode(model, ids, max_new, stop=found_all)
     else:
         with sparse_model(model, config) as session:
-            tokens, chunks = greedy_decode(model, ids, max_new, chunk_size=config.chunk_size,
-                                           session=session, stop=found_all)
+            _, tokens, chunks = greedy_decode(model, ids, max_new, chunk_size=config.chunk_size,
+                                              session=session, stop=found_all)
         meta = {**trace_meta(model, config, model_id), "niah_case": case.id}
         trace = Trace.from_arrays(*join_chunks(chunks), meta=meta, tokens=ids)
     output = tokenizer.decode(tokens, skip_special_tokens=True)

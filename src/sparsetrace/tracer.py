@@ -210,6 +210,36 @@ def chunked_forward(
     return torch.cat(kept) if kept else torch.empty(0)
 
 
+
+def greedy_decode(model, input_ids: torch.Tensor, max_new: int, *, chunk_size: int = 1024,
+                  keep_logits: int = 1, session: SparseSession | None = None,
+                  stop: Callable[[list[int]], bool] | None = None, stop_at_eos: bool = True
+                  ) -> tuple[torch.Tensor, list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Greedy decoding on one KV cache: :func:`chunked_forward` prefill, then one token per forward.
+
+    Runs with whatever attention the model is set to; with ``session`` (the :class:`SparseSession` of
+    an active :func:`sparse_model` block) the prefill's per-chunk ``(indices, mass)`` are collected
+    and decode steps are not recorded, so the chunks are the trace of ``input_ids`` alone. Decoding
+    ends after ``max_new`` tokens, at EOS (unless ``stop_at_eos`` is False), or when ``stop(tokens)``
+    holds (asked from the second token on: the two-token criterion always gets two). Returns the
+    prefill's last ``keep_logits`` logits ``[keep, V]``, the tokens and the chunks.
+    """
+    cache = new_cache()
+    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    on_chunk = (lambda start, end: chunks.append(session.take_chunk())) if session else None
+    logits = chunked_forward(model, input_ids, chunk_size, keep_logits=keep_logits, cache=cache,
+                             on_chunk=on_chunk)
+    if session is not None:
+        session.record = False
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) if stop_at_eos else None
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    tokens = [int(logits[-1].argmax())]
+    while len(tokens) < max_new and tokens[-1] not in eos and not (
+            len(tokens) >= 2 and stop is not None and stop(tokens)):
+        step = chunked_forward(model, torch.tensor([tokens[-1]]), 1, keep_logits=1, cache=cache)
+        tokens.append(int(step[-1].argmax()))
+    return logits, tokens, chunks
+
 def model_summary(model) -> dict:
     """The facts about a model that a trace manifest keeps."""
     cfg = model.config
