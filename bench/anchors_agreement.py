@@ -3,24 +3,27 @@ rank sentences the same way?
 
 Texts: reasoning-gym gsm_symbolic problems in the model's chat template (user question, assistant
 step-by-step reasoning), as many problems as reach each target length, ``--texts`` different texts per
-length. Each text's top_k is the first candidate meeting ``fidelity.check``'s two-token criterion (the
-next two greedy tokens equal the dense run's), i.e. the sparsity the criterion allows; the text is then
-traced at that k. The dense reference (sparsetrace.anchors_dense) gives exact sentence matrices and the
-block-spread ones (dense block masses through the same uniform-spread approximation), which splits the
-disagreement into the approximation's part and the pruning's part.
+length. Each text's top_k is what ``fidelity.search_k`` finds (the smallest k whose next two greedy
+tokens equal the dense run's, by binary search), i.e. the sparsity the criterion allows; with
+``--top-k`` candidates instead, the first candidate that passes ``fidelity.check``. The text is traced
+at that k and at twice it. The dense reference (sparsetrace.anchors_dense) gives exact sentence
+matrices and the block-spread ones (dense block masses through the same uniform-spread approximation),
+which splits the disagreement into the approximation's part and the pruning's part.
 
-Metrics, per kurtosis setting (``--drop FIRST,LAST``: sentences left out of each head's kurtosis; 0,0 is
-the plain definition), receiver heads chosen from the kurtosis averaged over all texts (targets:
-Spearman >= 0.9, overlap >= 16/20):
+Metrics (``analysis.anchors.compare``), per kurtosis setting (``--drop FIRST,LAST``: sentences left
+out of each head's kurtosis; 0,0 is the plain definition), receiver heads chosen from the kurtosis
+averaged over all texts (targets: Spearman >= 0.9, overlap >= 16/20):
   overlap     |top-20 receiver heads (sparse) & top-20 (dense)|
   spread      the same for the block-spread reference (nothing pruned)
   split-half  |dense top-20 of the first half of the texts & dense top-20 of the second half|: how
               reproducible the dense receiver heads themselves are
+  k vs 2k     overlap and rho_heads of the trace at k against the trace at 2k: the check that needs
+              no dense run (what `sparsetrace anchors --compare` reports for long inputs)
   rho_heads   mean over texts and dense receiver heads of Spearman(sparse vertical, dense vertical)
   rho_recv    mean over texts of Spearman(sparse receiver score, dense receiver score), each with its
               own receiver heads
 
-    python bench/anchors_agreement.py --tokens 1024 2048 --texts 6 --block 4 --top-k 32 64 128
+    python bench/anchors_agreement.py --tokens 1024 2048 --texts 6 --block 4
 Prints a table, ends with one JSON line, and merges its rows into bench/results/anchors.json.
 """
 
@@ -30,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ import torch
 from sparsetrace.analysis import anchors as A
 from sparsetrace.anchors_dense import dense_sentence_matrices
 from sparsetrace.data import gsm_text
-from sparsetrace.fidelity import check, dense_reference
+from sparsetrace.fidelity import check, dense_reference, search_k
 from sparsetrace.models import load_model
 from sparsetrace.tracer import TraceConfig, tokenize, trace_ids
 
@@ -50,61 +54,67 @@ def parse_drop(text: str) -> tuple[int, int]:
 
 
 def one_text(model, tokenizer, target: int, seed: int, args) -> dict:
-    """Trace one text at the smallest candidate k that passes fidelity.check; its vertical scores
-    (sparse, dense, block-spread) and facts."""
+    """Trace one text at the k the criterion allows (and at twice it); its vertical scores (sparse at
+    k and 2k, dense, block-spread) and facts."""
     text, regions, n_problems = gsm_text(tokenizer, min_tokens=target, seed=seed)
     ids, offsets = tokenize(tokenizer, text, target)
-    dense_ref = dense_reference(model, ids, chunk_size=1024, block_size=args.block)
-    for top_k in args.top_k:
-        config = TraceConfig(block_size=args.block, top_k=top_k, score=args.score, chunk_size=1024)
-        fid = check(model, ids, config, dense=dense_ref)
-        if fid.criterion_passed:
-            break
+    base = TraceConfig(block_size=args.block, score=args.score, chunk_size=1024)
+    if args.top_k:
+        dense_ref = dense_reference(model, ids, chunk_size=1024, block_size=args.block)
+        for top_k in args.top_k:
+            fid = check(model, ids, replace(base, top_k=top_k), dense=dense_ref)
+            if fid.criterion_passed:
+                break
+    else:
+        found = search_k(model, ids, base)
+        top_k, fid = found.top_k, found.result
     t0 = time.perf_counter()
-    trace = trace_ids(model, ids, config, text=text, token_offsets=offsets)
+    trace = trace_ids(model, ids, replace(base, top_k=top_k), text=text, token_offsets=offsets)
     trace_s = time.perf_counter() - t0
+    double = trace_ids(model, ids, replace(base, top_k=2 * top_k), text=text, token_offsets=offsets)
     sentences = A.trace_sentences(trace, regions, check_resolution=False)
-    v_sparse = A.trace_vertical(trace, sentences)
     t0 = time.perf_counter()
     dense, spread = dense_sentence_matrices(model, ids, sentences, block=(args.block, args.block))
     dense_s = time.perf_counter() - t0
     lengths = sorted(s.num_tokens for s in sentences)
     row = {"tokens": int(ids.numel()), "seed": seed, "problems": n_problems, "top_k": top_k,
            "criterion_passed": fid.criterion_passed, "kl": round(fid.kl, 4),
-           "sparsity": round(trace.sparsity, 4), "sentences": len(sentences),
-           "median_sentence_tokens": lengths[len(lengths) // 2], "trace_s": round(trace_s, 1),
-           "dense_s": round(dense_s, 1)}
-    return {"row": row, "sparse": v_sparse, "dense": A.vertical_scores(dense),
+           "sparsity": round(trace.sparsity, 4), "sparsity_2k": round(double.sparsity, 4),
+           "sentences": len(sentences), "median_sentence_tokens": lengths[len(lengths) // 2],
+           "trace_s": round(trace_s, 1), "dense_s": round(dense_s, 1)}
+    return {"row": row, "sparse": A.trace_vertical(trace, sentences),
+            "double": A.trace_vertical(double, sentences), "dense": A.vertical_scores(dense),
             "spread": A.vertical_scores(spread)}
 
 
 def agreement(texts: list[dict], drop: tuple[int, int], top: int) -> dict:
     """Receiver-head overlaps and Spearman correlations over ``texts`` for one kurtosis setting."""
-    def heads(kind, subset=None):
-        chosen = texts if subset is None else subset
-        return A.receiver_heads([A.head_kurtosis(t[kind], *drop) for t in chosen], top)
+    def verticals(kind):
+        return [t[kind] for t in texts]
 
-    h_sparse, h_dense, h_spread = heads("sparse"), heads("dense"), heads("spread")
-    half = len(texts) // 2
-    split = (len(set(heads("dense", texts[:half])) & set(heads("dense", texts[half:])))
-             if half else None)
+    def compare(ours, reference):
+        return A.compare(verticals(ours), verticals(reference), top=top, drop_first=drop[0],
+                         drop_last=drop[1])
 
-    def mean(values):
-        values = list(values)
-        return round(sum(values) / len(values), 4)
+    sparse, spread = compare("sparse", "dense"), compare("spread", "dense")
+    stability = compare("sparse", "double")
 
+    def dense_heads(chosen):
+        return set(A.receiver_heads([A.head_kurtosis(t["dense"], *drop) for t in chosen], top))
+
+    half = len(texts) // 2  # different texts on the two sides: not a compare() of one set
+    split = len(dense_heads(texts[:half]) & dense_heads(texts[half:])) if half else None
     return {
         "drop_first": drop[0], "drop_last": drop[1],
-        "overlap": len(set(h_sparse) & set(h_dense)),
-        "overlap_spread_vs_dense": len(set(h_spread) & set(h_dense)),
+        "overlap": sparse["overlap"],
+        "overlap_spread_vs_dense": spread["overlap"],
         "dense_split_half": split,
-        "rho_heads": mean(A.spearman(t["sparse"][l, h], t["dense"][l, h])
-                          for t in texts for l, h in h_dense),
-        "rho_heads_spread_vs_dense": mean(A.spearman(t["spread"][l, h], t["dense"][l, h])
-                                          for t in texts for l, h in h_dense),
-        "rho_recv": mean(A.spearman(A.receiver_scores(t["sparse"], h_sparse),
-                                    A.receiver_scores(t["dense"], h_dense)) for t in texts),
-        "receiver_heads_sparse": h_sparse, "receiver_heads_dense": h_dense,
+        "overlap_k_vs_2k": stability["overlap"],
+        "rho_heads": round(sparse["rho_heads"], 4),
+        "rho_heads_spread_vs_dense": round(spread["rho_heads"], 4),
+        "rho_heads_k_vs_2k": round(stability["rho_heads"], 4),
+        "rho_recv": round(sparse["rho_receiver"], 4),
+        "receiver_heads_sparse": sparse["heads"], "receiver_heads_dense": sparse["reference_heads"],
     }
 
 
@@ -114,8 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--texts", type=int, default=4, help="texts per length (different problems)")
     p.add_argument("--block", type=int, default=4)
-    p.add_argument("--top-k", type=int, nargs="+", default=[32, 64, 128],
-                   help="candidates, smallest first: the first passing fidelity.check is used")
+    p.add_argument("--top-k", type=int, nargs="+", default=None,
+                   help="candidates, smallest first: the first passing fidelity.check is used "
+                        "(default: fidelity.search_k's binary search over every k)")
     p.add_argument("--score", choices=("max", "lse"), default="max")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-heads", type=int, default=20)
@@ -134,7 +145,7 @@ def main(argv=None) -> int:
             print(f"{target} tokens, text {i}: {texts[-1]['row']}", flush=True)
         tag = args.tag or f"{args.model}_block{args.block}_{args.score}_{target}"
         result = {"tag": tag, "model": args.model, "block": args.block, "score": args.score, "tokens": target,
-                  "top_k_candidates": args.top_k, "top_heads": args.top_heads,
+                  "top_k_candidates": args.top_k or "search_k", "top_heads": args.top_heads,
                   "settings": [agreement(texts, drop, args.top_heads) for drop in args.drop],
                   "texts": [t["row"] for t in texts]}
         stored[tag] = result
@@ -145,12 +156,14 @@ def main(argv=None) -> int:
         sparsity = sum(t["row"]["sparsity"] for t in texts) / len(texts)
         print(f"\n{tag}: {len(texts)} texts, mean sparsity {sparsity:.3f}, "
               f"k {[t['row']['top_k'] for t in texts]}")
-        print("drop first,last | overlap | spread | dense split-half | rho_heads | rho spread | rho_recv")
+        print("drop first,last | overlap | spread | dense split-half | k vs 2k | rho_heads | rho spread | "
+              "rho k vs 2k | rho_recv")
+        n = args.top_heads
         for s in summary[tag]:
-            print(f"{s['drop_first']},{s['drop_last']} | {s['overlap']}/{args.top_heads} | "
-                  f"{s['overlap_spread_vs_dense']}/{args.top_heads} | {s['dense_split_half']}/"
-                  f"{args.top_heads} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
-                  f"{s['rho_recv']}", flush=True)
+            print(f"{s['drop_first']},{s['drop_last']} | {s['overlap']}/{n} | "
+                  f"{s['overlap_spread_vs_dense']}/{n} | {s['dense_split_half']}/{n} | "
+                  f"{s['overlap_k_vs_2k']}/{n} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
+                  f"{s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
     print(json.dumps(summary))
     return 0
 

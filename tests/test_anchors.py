@@ -208,6 +208,31 @@ def test_analyze_runs_on_a_synthetic_trace_with_text():
     assert both[0].heads == result.heads
 
 
+def test_compare_counts_shared_receiver_heads_and_rank_agreement():
+    g = torch.Generator().manual_seed(4)
+    texts = [torch.rand(3, 5, 14, generator=g, dtype=torch.float64) for _ in range(3)]
+    same = A.compare(texts, texts, top=4)
+    assert same["overlap"] == 4 and same["heads"] == same["reference_heads"]
+    assert same["rho_heads"] == pytest.approx(1.0) and same["rho_receiver"] == pytest.approx(1.0)
+    # Negated scores keep each head's kurtosis (an even moment) but reverse every ranking: the same
+    # heads, Spearman -1.
+    flipped = A.compare([-v for v in texts], texts, top=4)
+    assert flipped["overlap"] == 4 and flipped["rho_heads"] == pytest.approx(-1.0)
+    # Against independent scores: the overlap is the brute-force intersection of the two top-4s,
+    # and the Spearman the plain mean over texts and the reference's heads.
+    other = [torch.rand(3, 5, 14, generator=g, dtype=torch.float64) for _ in range(3)]
+    got = A.compare(texts, other, top=4)
+    mine = A.receiver_heads([A.head_kurtosis(v) for v in texts], 4)
+    theirs = A.receiver_heads([A.head_kurtosis(v) for v in other], 4)
+    assert got["overlap"] == len(set(mine) & set(theirs))
+    want = sum(spearman(a[lh], b[lh]) for a, b in zip(texts, other) for lh in theirs) / 12
+    assert got["rho_heads"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="same texts on both sides"):
+        A.compare(texts, other[:2])
+    with pytest.raises(ValueError, match="same model and the same sentences"):
+        A.compare(texts, [v[..., :10] for v in other])
+
+
 # --------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_raise_one_sentence_value_errors():
@@ -323,3 +348,66 @@ def test_suppression_kl_is_nonnegative_and_zero_before_the_sentence(small_model,
     assert edited.indices.tolist() == [[[[0, 2, 3, -1], [0, 1, 4, -1], [1, 5, -1, -1]]]]
     same = remove_blocks(BlockMask(idx, 4, 4), torch.tensor([3]), 3, heads=[])  # no head chosen
     assert torch.equal(same.indices, idx)
+
+
+@pytest.mark.slow
+def test_cli_writes_tables_plots_suppression_and_compares_two_traces(tmp_path, capsys, smollm):
+    import csv
+    import json
+
+    from sparsetrace.cli import main
+    from sparsetrace.tracer import TraceConfig, tokenize, trace_ids
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--gsm", "2", "--max-tokens", "320", "--block-size", "8", "--chunk-size", "320"]
+    assert main(["anchors", *common, "--top-k", "6", "--suppress", "--out", str(a)]) == 0
+    with open(a / "sentences.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "text", "token_start", "token_end", "vertical_score",
+                             "receiver_score", "suppression_kl", "suppressed_blocks"]
+    spans = [(int(r["token_start"]), int(r["token_end"])) for r in rows]
+    assert all(s < e <= n for (s, e), (n, _) in zip(spans, spans[1:] + [(320, 0)]))
+    kls = [float(r["suppression_kl"]) for r in rows if r["suppression_kl"]]
+    assert len(kls) >= len(rows) - 4 and min(kls) >= 0 and max(kls) > 0
+    assert all(r["receiver_score"] == "" for r in rows[-4:])  # nothing 4+ sentences later
+    with open(a / "heads.csv", encoding="utf-8") as f:
+        heads = list(csv.DictReader(f))
+    assert len(heads) == 30 * 9 and sum(h["receiver_rank"] != "" for h in heads) == 20
+    for name in ("receiver_scores.png", "receiver_heads.png", "kurtosis.png"):
+        assert (a / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((a / "anchors.json").read_text())
+    assert len(summary["receiver_heads"]) == 20 and summary["suppression"]["mean_kl"] > 0
+
+    # The same text at twice the k, then the check that needs no dense run.
+    assert main(["anchors", *common, "--top-k", "12", "--no-plots", "--out", str(b)]) == 0
+    capsys.readouterr()
+    for other, out in ((b, tmp_path / "c"), (a, tmp_path / "self")):
+        assert main(["anchors", "--trace", str(a / "trace"), "--compare", str(other / "trace"),
+                     "--no-plots", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    versus = json.loads((tmp_path / "c" / "anchors.json").read_text())["compare"]
+    assert versus["top_k"] == 12 and 0 <= versus["receiver_heads_in_common"] <= 20
+    assert -1 <= versus["spearman_vertical_on_its_heads"] <= 1
+    itself = json.loads((tmp_path / "self" / "anchors.json").read_text())["compare"]
+    assert itself["receiver_heads_in_common"] == 20 and itself["stable"]
+    assert itself["spearman_vertical_on_its_heads"] == pytest.approx(1.0)
+    assert versus["stable"] == (versus["receiver_heads_in_common"] >= 16
+                                and versus["spearman_vertical_on_its_heads"] >= 0.9)
+    assert ("too sparse to read anchors" in printed) == (not versus["stable"])
+    assert "against k=12  receiver heads in common" in printed
+    print(f"k=6 against k=12: {versus}")
+
+    # Bad input: one sentence, exit 2, nothing written.
+    model, tokenizer = smollm
+    ids, _ = tokenize(tokenizer, "No text is kept in this trace. " * 20, 64)
+    bare = tmp_path / "bare"
+    trace_ids(model, ids, TraceConfig(block_size=8, top_k=4, chunk_size=64), out=bare)
+    cases = [(["--trace", str(a / "trace"), "--compare", str(bare)], "other tokens"),
+             (["--trace", str(bare)], "no text and character offsets"),
+             (["--trace", str(a / "trace"), "--compare", str(tmp_path / "missing")], "missing")]
+    for argv, says in cases:
+        out = tmp_path / "refused"
+        assert main(["anchors", *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "Traceback" not in err
+        assert not out.exists()

@@ -405,6 +405,42 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def compare(ours: list[torch.Tensor], reference: list[torch.Tensor], *, top: int = TOP_HEADS,
+            drop_first: int = 0, drop_last: int = 0) -> dict:
+    """How far two analyses of the same texts agree. ``ours`` and ``reference`` hold one vertical-score
+    tensor ``[L, H, nS]`` per text (same texts, same sentences, same order): a sparse trace against the
+    dense reference, or a trace at ``top_k`` against one at ``2 * top_k`` where dense cannot run.
+
+    Returns ``overlap`` (receiver heads in common, each side's chosen from its kurtosis averaged over
+    the texts), ``rho_heads`` (Spearman of the vertical scores, averaged over the texts and the
+    reference's receiver heads) and ``rho_receiver`` (Spearman of the receiver scores, each side with
+    its own heads, averaged over the texts), plus both head lists.
+    """
+    if len(ours) != len(reference) or not ours:
+        raise ValueError(f"compare needs the same texts on both sides; got {len(ours)} and "
+                         f"{len(reference)} vertical-score tensors.")
+    for a, b in zip(ours, reference):
+        if a.shape != b.shape:
+            raise ValueError(f"vertical scores of shape {tuple(a.shape)} and {tuple(b.shape)}: the two "
+                             "analyses must cover the same model and the same sentences.")
+    heads_ours = receiver_heads([head_kurtosis(v, drop_first, drop_last) for v in ours], top)
+    heads_ref = receiver_heads([head_kurtosis(v, drop_first, drop_last) for v in reference], top)
+
+    def mean(values: list[float]) -> float:
+        values = [x for x in values if x == x]  # a constant head has no ranks
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "overlap": len(set(heads_ours) & set(heads_ref)),
+        "top": len(heads_ref),
+        "rho_heads": mean([spearman(a[layer, head], b[layer, head])
+                           for a, b in zip(ours, reference) for layer, head in heads_ref]),
+        "rho_receiver": mean([spearman(receiver_scores(a, heads_ours), receiver_scores(b, heads_ref))
+                              for a, b in zip(ours, reference)]),
+        "heads": heads_ours, "reference_heads": heads_ref,
+    }
+
+
 # --------------------------------------------------------------------------- everything
 
 @dataclass

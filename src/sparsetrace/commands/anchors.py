@@ -4,7 +4,9 @@ Reads a trace (``--trace DIR``) or traces first (``--text-file F`` or ``--gsm N`
 problems in the model's chat template; the trace goes to ``OUT/trace``), then writes to ``--out``:
 ``sentences.csv``, ``heads.csv``, ``anchors.json`` and three PNG plots (receiver scores, sentence maps
 of the top receiver heads, layer x head kurtosis). ``--suppress`` adds the causal check (one sparse
-forward per sentence; see :mod:`sparsetrace.anchors_causal`).
+forward per sentence; see :mod:`sparsetrace.anchors_causal`). ``--compare DIR`` measures how far the
+result moves against a second trace of the same tokens (e.g. at twice the top_k): the check for inputs
+too long for the dense method.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .common import (
 )
 
 SUPPRESS_MAX_TOKENS = 4096  # one forward per sentence, T x vocab float32 baseline in memory
+# --compare calls two traces' anchors the same at issue 8's agreement targets (16 of 20 heads, 0.9)
+STABLE_OVERLAP, STABLE_RHO = 0.8, 0.9
 
 
 def add_parser(sub) -> None:
@@ -56,6 +60,10 @@ def add_parser(sub) -> None:
     p.add_argument("--sink-prior", action="store_true",
                    help="put the mass of key block 0 on token 0 (the attention sink) instead of "
                         "spreading it; use when the first sentence shares block 0 with token 0")
+    p.add_argument("--compare", type=Path, default=None, metavar="DIR",
+                   help="a second trace of the same tokens (e.g. at twice --top-k): report the "
+                        "receiver heads in common and the Spearman of the vertical scores on its "
+                        "receiver heads; if they move, the first trace is too sparse for anchors")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
@@ -108,8 +116,8 @@ def plot(out: Path, result, trace, sink_prior: bool = False) -> list[str]:
     files = []
     scores = result.scores.numpy()
     nS = len(result.sentences)
-    order = [int(i) for i in torch.argsort(torch.nan_to_num(result.scores, nan=-1e9),
-                                           descending=True)[: min(20, nS)]]
+    ranked = torch.argsort(torch.nan_to_num(result.scores, nan=-1e9), descending=True)
+    order = [int(i) for i in ranked if not torch.isnan(result.scores[i])][:20]  # last 4 have none
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 9), gridspec_kw={"height_ratios": [1, 2]})
     top.bar(range(nS), scores, color="tab:blue", width=1.0 if nS > 100 else 0.8)
     for i in order[:5]:
@@ -171,13 +179,16 @@ def plot(out: Path, result, trace, sink_prior: bool = False) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis.anchors import analyze, spearman, trace_sentences
+    from ..analysis.anchors import analyze, compare, spearman, trace_sentences, trace_vertical
     from ..store import Trace
 
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a directory path.")
     if args.trace is not None and (args.text_file is not None or args.gsm is not None):
         raise ValueError("give either --trace DIR or a text to trace (--text-file / --gsm), not both.")
+    other = None
+    if args.compare is not None:
+        other = Trace.load(args.compare)  # before tracing: a bad --compare costs nothing
     model = tokenizer = None
     start = time.perf_counter()
     if args.trace is not None:
@@ -207,6 +218,21 @@ def run(args: argparse.Namespace) -> int:
     result = analyze(trace, sentences=sentences, top=args.top_heads, sink_prior=args.sink_prior,
                      drop_first=args.drop_first, drop_last=args.drop_last)
     analysis_s = time.perf_counter() - t0
+    agreement = None
+    if other is not None:
+        if not torch.equal(other.tokens, trace.tokens) or other.num_layers != trace.num_layers \
+                or other.num_heads != trace.num_heads:
+            raise ValueError(f"--compare {args.compare} is a trace of other tokens or another model; "
+                             "give a trace of the same text and model (e.g. traced again at twice "
+                             "--top-k).")
+        found = compare([result.vertical], [trace_vertical(other, sentences, sink_prior=args.sink_prior)],
+                        top=args.top_heads, drop_first=args.drop_first, drop_last=args.drop_last)
+        agreement = {"trace": str(args.compare), "top_k": other.top_k, "sparsity": other.sparsity,
+                     "receiver_heads_in_common": found["overlap"], "of": found["top"],
+                     "spearman_vertical_on_its_heads": found["rho_heads"],
+                     "spearman_receiver_scores": found["rho_receiver"]}
+        agreement["stable"] = (found["overlap"] >= STABLE_OVERLAP * found["top"]
+                               and found["rho_heads"] >= STABLE_RHO)
     args.out.mkdir(parents=True, exist_ok=True)
 
     kl = None
@@ -241,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
         ok = ~torch.isnan(kl["kl"]) & ~torch.isnan(result.scores)
         if ok.sum() > 2:
             summary["suppression"]["spearman_kl_vs_receiver"] = spearman(kl["kl"], result.scores)
+    if agreement is not None:
+        summary["compare"] = agreement
     if not args.no_plots:
         summary["plots"] = plot(args.out, result, trace, args.sink_prior)
     (args.out / "anchors.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -252,5 +280,14 @@ def run(args: argparse.Namespace) -> int:
           + (" ..." if len(result.heads) > 10 else ""))
     for item in summary["top_sentences"]:
         print(f"  [{item['index']:>3}] {item['receiver_score']:.3g}  {_label(item['text'], 70)}")
+    if agreement is not None:
+        print(f"against k={agreement['top_k']}  receiver heads in common "
+              f"{agreement['receiver_heads_in_common']}/{agreement['of']}, Spearman of vertical "
+              f"scores {agreement['spearman_vertical_on_its_heads']:.3f}, of receiver scores "
+              f"{agreement['spearman_receiver_scores']:.3f}")
+        if not agreement["stable"]:
+            print(f"                the receiver heads move with k (wanted >= {STABLE_OVERLAP:.0%} in "
+                  f"common and Spearman >= {STABLE_RHO}): this trace is too sparse to read anchors "
+                  "from; use the larger k (docs/anchors.md).")
     print(f"analysis        {analysis_s:.2f} s; written to {args.out}")
     return 0
