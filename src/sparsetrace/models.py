@@ -148,7 +148,11 @@ def _convert_gguf(source: str | None, dest: Path) -> None:
         alias = _alias(source)
         gguf = _packaged_gguf(alias, build) if alias else Path(source).expanduser().resolve()
         folder, name = str(gguf.parent), gguf.name
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        except ImportError as e:  # transformers reads GGUF through the optional `gguf` package
+            raise ValueError(f"reading {name} needs the packages gguf and accelerate ({e}); run "
+                             "`pip install gguf accelerate` (pip install -e . installs both).") from None
         arch = _architecture_of(config)
         _check_supported(arch, gguf)  # before the slow dequantization
         loaded = AutoModelForCausalLM.from_pretrained(
