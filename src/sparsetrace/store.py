@@ -162,11 +162,15 @@ def _kept_pairs(indices: torch.Tensor, q_block_start: int, block_q: int, block_k
     return kept + int((g(b) - g(a) - (b - a) * w).sum())                   # diagonal corrected
 
 
+def _sparsity(kept_pairs: int, num_layers: int, num_heads: int, T: int) -> float:
+    """1 - kept / causal (query, key) token pairs, of which each head has T(T+1)/2."""
+    return 1.0 - kept_pairs / (num_layers * num_heads * T * (T + 1) // 2)
+
+
 def block_sparsity(indices: torch.Tensor, block_q: int, block_k: int, T: int) -> float:
     """1 - kept / causal (query, key) token pairs of ``indices [L, H, nQ, k]`` over ``T`` tokens: the
     exact sparsity :attr:`Trace.sparsity` reports, for selections not (yet) in a trace."""
-    L, H = indices.shape[0], indices.shape[1]
-    return 1.0 - _kept_pairs(indices, 0, block_q, block_k, T) / (L * H * T * (T + 1) // 2)
+    return _sparsity(_kept_pairs(indices, 0, block_q, block_k, T), indices.shape[0], indices.shape[1], T)
 
 
 # --------------------------------------------------------------------------- writer
@@ -584,8 +588,7 @@ class Trace:
         if self._arrays is not None:
             return block_sparsity(self._arrays[0], self.block_q, self.block_k, self.num_tokens)
         kept = sum(s["kept_pairs"] for s in self.manifest["shards"])  # counted per shard when written
-        T = self.num_tokens
-        return 1.0 - kept / (self.num_layers * self.num_heads * T * (T + 1) // 2)
+        return _sparsity(kept, self.num_layers, self.num_heads, self.num_tokens)
 
     def __repr__(self) -> str:
         model = self.meta.get("model_id") or self.meta.get("model") or "?"

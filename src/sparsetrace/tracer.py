@@ -210,7 +210,6 @@ def chunked_forward(
     return torch.cat(kept) if kept else torch.empty(0)
 
 
-
 def greedy_decode(model, input_ids: torch.Tensor, max_new: int, *, chunk_size: int = 1024,
                   keep_logits: int = 1, session: SparseSession | None = None,
                   stop: Callable[[list[int]], bool] | None = None, stop_at_eos: bool = True
@@ -239,6 +238,7 @@ def greedy_decode(model, input_ids: torch.Tensor, max_new: int, *, chunk_size: i
         step = chunked_forward(model, torch.tensor([tokens[-1]]), 1, keep_logits=1, cache=cache)
         tokens.append(int(step[-1].argmax()))
     return logits, tokens, chunks
+
 
 def model_summary(model) -> dict:
     """The facts about a model that a trace manifest keeps."""
