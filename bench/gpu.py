@@ -7,8 +7,8 @@ Run on a CUDA machine from the repository root (docs/gpu.md):
 
 One layer of Qwen2.5-1.5B's attention shape (12 query heads, 2 kv heads, head_dim 128, bf16) on random
 q, k, v, per length T (queries = keys = T):
-- ``stream``: ``kernels.gpu_stream_mask`` (Triton scorer, search in torch);
-- ``sparse``: ``kernels.gpu_sparse_attention(return_mass=True)`` (FlexAttention + Triton block masses),
+- ``stream``: ``stream_mask(impl="triton")`` (Triton scorer, search in torch);
+- ``sparse``: ``sparse_attention(return_mass=True, impl="triton")`` (FlexAttention + Triton block masses),
   also split into ``flex`` (output only) and ``mass`` (the second QK pass, given the logsumexp);
 - ``dense``: ``scaled_dot_product_attention(is_causal=True)`` on the flash and the cuDNN backends, same
   tensors; ``dense_ms`` is the faster of the two;
@@ -18,7 +18,7 @@ q, k, v, per length T (queries = keys = T):
 - trace bytes (int16 indices + fp16 masses, 28 layers x 12 heads) against the dense fp16 causal pattern
   (28 x 12 x T^2 / 2 entries of 2 bytes);
 - the log-log slope of stream time over 64k..1M (least squares and end points);
-- the torch path of ``mask.stream_mask`` on the GPU, eager and under ``torch.compile``, against the Triton
+- the torch path of ``stream_mask`` on the GPU, eager and under ``torch.compile``, against the Triton
   scorer at short lengths (the torch path materialises the ``[B, Hq, nQ, bq, 2m*bk]`` tile per level).
 Out-of-memory is recorded as ``"OOM"``, other failures as ``"ERR: ..."``; the sweep goes on.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparsetrace.mask import MaskConfig, stream_mask
+from sparsetrace import MaskConfig, sparse_attention, stream_mask
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 28, 12, 2, 128  # Qwen2.5-1.5B
 TARGETS = {131072: 0.25, 1048576: 0.03}
@@ -112,17 +111,13 @@ def dense_times(q, k, v) -> dict:
 
 
 def torch_stream_mask(config: MaskConfig):
-    """mask.stream_mask forced onto its torch path (if it grows an ``impl`` switch)."""
-    kwargs = {"block_q": config.block_q, "block_k": config.block_k, "top_k": config.top_k,
-              "sink_blocks": config.sink_blocks, "local_blocks": config.local_blocks}
-    if "impl" in inspect.signature(stream_mask).parameters:
-        kwargs["impl"] = "torch"
-    return lambda q, k: stream_mask(q, k, **kwargs)
+    """stream_mask forced onto its torch path."""
+    return lambda q, k: stream_mask(q, k, config, impl="torch")
 
 
 def parse_config(text: str) -> MaskConfig:
     bq, bk, top_k, sink, local = (int(x) for x in text.split(","))
-    return MaskConfig(bq, bk, top_k, sink, local)
+    return MaskConfig(block_q=bq, block_k=bk, top_k=top_k, sink_blocks=sink, local_blocks=local)
 
 
 def num(x):
@@ -223,9 +218,9 @@ def main() -> None:
 
 
 def sweep_launch(T: int, configs, gen) -> dict:
-    """Time ``gpu_stream_mask`` at length T for a few scorer launch settings per config; install the
+    """Time ``stream_mask(impl="triton")`` at length T for a few scorer launch settings per config; install the
     fastest per block shape as ``kernels.scoring.scorer_launch``. Returns the timings."""
-    from sparsetrace.kernels import gpu_stream_mask, scoring
+    from sparsetrace.kernels import scoring
 
     default = scoring.scorer_launch
     q = torch.randn(1, HEADS, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -273,8 +268,7 @@ def bench_length(T: int, configs, full: bool, gen) -> list[dict]:
 
 
 def bench_config(q, k, v, config: MaskConfig, dense, full: bool) -> dict:
-    from sparsetrace.kernels import attention as katt
-    from sparsetrace.kernels import gpu_sparse_attention, gpu_stream_mask
+    from sparsetrace.kernels import flex
 
     T = q.shape[2]
     t0 = time.perf_counter()
@@ -282,11 +276,11 @@ def bench_config(q, k, v, config: MaskConfig, dense, full: bool) -> dict:
     row["stream_ms"] = guarded(lambda: time_ms(lambda: gpu_stream_mask(q, k, config)))
     nQ = math.ceil(T / config.block_q)
     levels = math.ceil(math.log2(math.ceil(
-        max(math.ceil(T / config.block_k) - config.sink_blocks - config.local_blocks, config.middle)
-        / config.middle)))
+        max(math.ceil(T / config.block_k) - config.sink_blocks - config.local_blocks, middle(config))
+        / middle(config))))
     # upper bound: every level scores 2m tiles of bq x bk x D per query block and head
     row["levels"] = levels
-    row["stream_tflop"] = 2 * levels * 2 * config.middle * nQ * HEADS * (
+    row["stream_tflop"] = 2 * levels * 2 * middle(config) * nQ * HEADS * (
         config.block_q * config.block_k * HEAD_DIM) / 1e12
     if not full:
         return row
@@ -297,9 +291,9 @@ def bench_config(q, k, v, config: MaskConfig, dense, full: bool) -> dict:
         row["sparse_ms"] = guarded(lambda: time_ms(
             lambda: gpu_sparse_attention(q, k, v, mask, return_mass=True)))
         row["flex_ms"] = guarded(lambda: time_ms(lambda: gpu_sparse_attention(q, k, v, mask)))
-        lse = guarded(lambda: gpu_sparse_attention_lse(q, k, v, mask, katt))
+        lse = guarded(lambda: gpu_sparse_attention_lse(q, k, v, mask))
         row["mass_ms"] = lse if isinstance(lse, str) else guarded(lambda: time_ms(
-            lambda: katt.block_mass(q, k, lse, mask.indices, config.block_q, config.block_k,
+            lambda: flex.block_mass(q, k, lse, mask.indices, config.block_q, config.block_k,
                                     HEAD_DIM**-0.5)))
     row.update(dense)
     ok = all(num(row[c]) is not None for c in ("stream_ms", "sparse_ms", "dense_ms"))
@@ -317,8 +311,6 @@ def bench_config(q, k, v, config: MaskConfig, dense, full: bool) -> dict:
 
 def compare_torch_path(T: int, config: MaskConfig, eager: bool, compile_: bool, gen) -> dict:
     """mask.stream_mask's torch path on the GPU, eager and/or compiled, against the Triton scorer."""
-    from sparsetrace.kernels import gpu_stream_mask
-
     q = torch.randn(1, HEADS, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, KV_HEADS, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     entry = {"T": T, "config": config_name(config)}
@@ -349,15 +341,25 @@ def compare_torch_path(T: int, config: MaskConfig, eager: bool, compile_: bool, 
     return entry
 
 
-def gpu_sparse_attention_lse(q, k, v, mask, katt):
-    """The logsumexp FlexAttention returns for this mask (input of the mass pass timed alone)."""
-    from torch.nn.attention.flex_attention import AuxRequest
+def middle(config: MaskConfig) -> int:
+    """m: the blocks the search chooses per query block."""
+    return config.top_k - config.sink_blocks - config.local_blocks
 
-    T, S, D = q.shape[2], k.shape[2], q.shape[3]
-    _, aux = katt._flex()(q, k, v, block_mask=katt.flex_block_mask(mask, T, S), scale=D**-0.5,
-                          enable_gqa=True, return_aux=AuxRequest(lse=True),
-                          kernel_options=katt.flex_kernel_options(mask.block_q, mask.block_k, D, q.dtype))
-    return aux.lse
+
+def gpu_stream_mask(q, k, config):
+    return stream_mask(q, k, config, impl="triton")
+
+
+def gpu_sparse_attention(q, k, v, mask, return_mass=False):
+    return sparse_attention(q, k, v, mask, return_mass=return_mass, impl="triton")
+
+
+def gpu_sparse_attention_lse(q, k, v, mask):
+    """The logsumexp FlexAttention returns for this mask (input of the mass pass timed alone)."""
+    from sparsetrace.kernels import flex
+
+    _, lse = flex.flex_attention_lse(q, k, v, mask, scale=q.shape[3] ** -0.5, return_lse=True)
+    return lse
 
 
 _HEADER = (f"{'T':>8s} {'config':>14s} {'stream_ms':>10s} {'flex_ms':>9s} {'mass_ms':>9s} "

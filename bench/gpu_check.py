@@ -5,11 +5,11 @@ Run on a CUDA machine from the repository root (docs/gpu.md):
     PYTHONPATH=src python bench/gpu_check.py
 
 What is compared, per case (ragged T and S, q_offset = S - T > 0, GQA, batch 2, windows, strides, scores):
-- indices: ``kernels.gpu_stream_mask`` (Triton scorer) against ``mask.stream_mask`` on the CPU, on float32
+- indices: ``stream_mask(impl="triton")`` (the Triton scorer) against ``stream_mask`` on the CPU, on float32
   and on bf16 inputs (the CPU scores the same bf16 values in float32). Rows may differ only where the search
   meets a near tie: a float64 rerun of the search flags rows whose m-th and (m+1)-th best half at some level
   are within ``TIE_RTOL`` of each other; a differing row that is not flagged fails the check.
-- attention: ``kernels.gpu_sparse_attention`` (FlexAttention) against ``attention.sparse_attention_reference``
+- attention: ``sparse_attention(impl="triton")`` (FlexAttention) against ``attention.dense.sparse_attention_reference``
   in float64, relative Frobenius error; passes if at most twice the error of plain torch in the input dtype
   (dense masked softmax attention with every op in that dtype) or under a floor.
 - masses: the same call's ``mass`` against the float64 reference (max abs error, the same rule), rows sum
@@ -24,9 +24,10 @@ import time
 
 import torch
 
-import sparsetrace.mask as mask_mod
-from sparsetrace.attention import sparse_attention_reference
-from sparsetrace.mask import MaskConfig, _forced_sinks, stream_mask
+from sparsetrace import BlockMask, MaskConfig, sparse_attention, stream_mask
+from sparsetrace.attention.dense import sparse_attention_reference
+from sparsetrace.selection.blocks import candidate_range, forced_sinks
+from sparsetrace.selection.stream import halves, split_into_groups
 
 TIE_RTOL = 1e-4  # float32 scores of D <= 256 products differ by ~1e-6 relative; a margin under this is a tie
 ATT_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # relative Frobenius error always accepted
@@ -48,21 +49,20 @@ CASES = [
 def tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
     """Rows ``[B, Hq, nQ]`` where the float64 search meets a near tie at some level (CPU, float64)."""
     from sparsetrace.kernels.scoring import score_halves_torch
-    from sparsetrace.mask import _causal_block_counts, _halves, _split_into_groups
 
     q, k = q.double().cpu(), k.double().cpu()
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    sinks = _forced_sinks(config, window)
+    sinks = forced_sinks(config, window)
     m = config.top_k - sinks - config.local_blocks
-    lo, n = _causal_block_counts(T, S, config, "cpu", window)
+    lo, n = candidate_range(T, S, config, "cpu", window)
     n_kb = math.ceil(S / config.block_k)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=m)
-    starts, ends = _split_into_groups(lo + sinks, count, m)
+    starts, ends = split_into_groups(lo + sinks, count, m)
     starts, ends = starts.expand(B, Hq, -1, -1), ends.expand(B, Hq, -1, -1)
     flagged = torch.zeros(B, Hq, starts.shape[2], dtype=torch.bool)
     for _ in range(math.ceil(math.log2(math.ceil(max(n_kb - sinks - config.local_blocks, m) / m)))):
-        hs, he = _halves(starts, ends)
+        hs, he = halves(starts, ends)
         scores = score_halves_torch(q, k, hs, he, config, scale, window).double()
         scores = scores.masked_fill(he <= hs, -math.inf)
         ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
@@ -115,8 +115,7 @@ def main() -> int:
         return 2
     import triton
 
-    from sparsetrace.kernels import attention as katt
-    from sparsetrace.kernels import gpu_sparse_attention, gpu_stream_mask
+    from sparsetrace.kernels import flex
 
     for key, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
         if hasattr(torch._dynamo.config, key):  # many shapes in one process: never fall back to eager
@@ -126,9 +125,8 @@ def main() -> int:
     rows, failures = [], []
     for case in CASES:
         name, B, Hq, Hkv, T, S, D, bq, bk, top_k, sink, local, score, stride, window = case
-        config = MaskConfig(bq, bk, top_k, sink, local, score, stride)
-        kwargs = {"block_q": bq, "block_k": bk, "top_k": top_k, "sink_blocks": sink,
-                  "local_blocks": local, "score": score, "query_stride": stride, "window": window}
+        config = MaskConfig(block_q=bq, block_k=bk, top_k=top_k, sink_blocks=sink, local_blocks=local,
+                            score=score, query_stride=stride)
         scale = D**-0.5
         q32 = torch.randn(B, Hq, T, D, generator=gen)
         k32 = torch.randn(B, Hkv, S, D, generator=gen)
@@ -138,8 +136,8 @@ def main() -> int:
             q, k, v = q32.to(dtype), k32.to(dtype), v32.to(dtype)
             row = {"case": name, "dtype": str(dtype).replace("torch.", "")}
             # 1. indices
-            cpu_mask = stream_mask(q, k, **kwargs)
-            gpu_mask = gpu_stream_mask(q.cuda(), k.cuda(), config, window=window)
+            cpu_mask = stream_mask(q, k, config, window=window)
+            gpu_mask = stream_mask(q.cuda(), k.cuda(), config, window=window, impl="triton")
             differ = (gpu_mask.indices.cpu() != cpu_mask.indices).any(-1)  # [B, Hq, nQ]
             ties = tie_rows(q, k, config, window, scale)
             unexplained = differ & ~ties
@@ -150,9 +148,9 @@ def main() -> int:
             # 2. attention and masses over the CPU mask
             ref_out, ref_mass = sparse_attention_reference(q, k, v, cpu_mask, return_mass=True,
                                                            window=window)
-            dev_mask = mask_mod.BlockMask(cpu_mask.indices.cuda(), bq, bk)
-            out, mass = gpu_sparse_attention(q.cuda(), k.cuda(), v.cuda(), dev_mask, return_mass=True,
-                                             window=window)
+            dev_mask = BlockMask(cpu_mask.indices.cuda(), bq, bk)
+            out, mass = sparse_attention(q.cuda(), k.cuda(), v.cuda(), dev_mask, return_mass=True,
+                                         window=window, impl="triton")
             dense = dev_mask.to_dense(T, S, window)
             plain_out, plain_probs = plain_torch_attention(q.cuda(), k.cuda(), v.cuda(), dense, scale)
             plain_mass = plain_torch_mass(plain_probs.float(), dev_mask, T, S)
@@ -164,8 +162,8 @@ def main() -> int:
             # 3. Triton block_mass against its torch twin on the same lse (a direct kernel check)
             lse = _reference_lse(q.cuda(), k.cuda(), dense, scale)
             kq, kk = q.cuda(), k.cuda()
-            tri = katt.block_mass(kq, kk, lse, dev_mask.indices, bq, bk, scale, window)
-            twin = katt.block_mass_torch(kq, kk, lse, dev_mask.indices, bq, bk, scale, window)
+            tri = flex.block_mass(kq, kk, lse, dev_mask.indices, bq, bk, scale, window)
+            twin = flex.block_mass_torch(kq, kk, lse, dev_mask.indices, bq, bk, scale, window)
             kernel_gap = max_err(tri, twin)
             row.update(att_err=att, att_tol=att_tol, mass_err=mas, mass_tol=mass_tol, rowsum=rowsum,
                        mass_kernel_gap=kernel_gap, seconds=time.perf_counter() - t0)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
 
-from sparsetrace.tracer import TraceConfig, trace_ids
+from sparsetrace.config import TraceConfig
+from sparsetrace.tracing.tracer import trace_ids
 
 
 def qwen25_1_5b(tiny: bool) -> Qwen2Config:
@@ -84,10 +85,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (a script check)")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
-    trace_config = TraceConfig(block_size=64, top_k=16, chunk_size=args.chunk)
+    trace_config = TraceConfig.of(block_size=64, top_k=16, chunk_size=args.chunk)
     if args.tiny:
         args.qwen_tokens, args.gemma_tokens = 2048, 1024
-        trace_config = TraceConfig(block_size=64, top_k=8, chunk_size=512)
+        trace_config = TraceConfig.of(block_size=64, top_k=8, chunk_size=512)
     rows = [
         run("qwen2.5-1.5b-shape", qwen25_1_5b(args.tiny), args.qwen_tokens, trace_config, args.out_dir, device),
         run("gemma-3-1b-shape", gemma3_1b(args.tiny), args.gemma_tokens, trace_config, args.out_dir, device),

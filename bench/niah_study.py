@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from sparsetrace import niah
-from sparsetrace.commands.niah import comparisons, parse_depths, parse_top_k, sweep
-from sparsetrace.models import context_window, load_model
-from sparsetrace.tracer import TraceConfig
+from sparsetrace.config import TraceConfig
+from sparsetrace.datasets import ruler as niah
+from sparsetrace.runs.niah import comparisons, parse_depths, parse_top_k, sweep
+from sparsetrace.tracing.models import context_window, load_model
 
 OUT = Path(__file__).parent / "results" / "niah.json"
 
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                 model, tokenizer = loaded[model_name]
                 if length + 16 > context_window(model):
                     continue
-                configs = {k: TraceConfig(block_size=args.block_size, top_k=k) for k in ks
+                configs = {k: TraceConfig.of(block_size=args.block_size, top_k=k) for k in ks
                            if k != "dense"}
                 cases = niah.make_cases(variant, tokenizer, [length], depths, samples=args.samples,
                                         seed=args.seed)

@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 from sparsetrace import load_model, oracle_mask, stream_mask
-from sparsetrace.cpu import keep_freed_memory
-from sparsetrace.data import gsm_text, haystack_text
-from sparsetrace.probe import capture_qk, dense_block_mass, dense_probs
-from sparsetrace.tracer import tokenize
+from sparsetrace.attention.dense import dense_block_mass, dense_probs
+from sparsetrace.datasets.essays import haystack_text
+from sparsetrace.datasets.gsm import gsm_text
+from sparsetrace.tracing.cpu import keep_freed_memory
+from sparsetrace.tracing.probe import capture_qk
+from sparsetrace.tracing.tracer import tokenize
 
 
 def middle_picks(indices: torch.Tensor, sink: int, local: int, n: torch.Tensor) -> list[set]:

@@ -101,7 +101,7 @@ def worker(provider: str, T: int, repeats: int, mem_limit_gib: float) -> dict:
     import torch
 
     import sparsetrace as sp
-    from sparsetrace.cpu import keep_freed_memory
+    from sparsetrace.tracing.cpu import keep_freed_memory
 
     keep_freed_memory()  # as the tracer does on CPU (page faults otherwise dominate)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 def one_run(tokens: int, top_k: int, chunk: int) -> dict:
     """Run the CLI in a child process and read its peak RSS from the kernel."""
-    from sparsetrace.data import haystack_text
+    from sparsetrace.datasets.essays import haystack_text
 
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "essays.txt"

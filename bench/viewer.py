@@ -9,7 +9,13 @@ reused. For each trace `sparsetrace view` runs as a subprocess; each page load i
 page itself: `window.__sparsetraceFirstDraw` is `performance.now()` (ms since navigation start)
 when the block map is first drawn. The first load after the server starts is "cold"; then
 "warm" loads, a wheel zoom (time to the redrawn map), and the server's grid endpoint alone.
-Prints a table, writes bench/results/viewer.json, ends with one JSON line.
+The browser is Debian's headless chromium driven by Playwright (``$SPARSETRACE_CHROMIUM`` or
+``chromium`` on the PATH; `make browser` installs it). Prints a table, writes
+bench/results/viewer.json (viewer_traces.json with --no-synthetic; --out elsewhere), ends with one
+JSON line.
+
+    python bench/viewer.py --no-synthetic --trace gpu-300=tests/data/smollm2-300-gpu --loads 2 \
+        --out /tmp/viewer.json     # a quick check, seconds
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,12 +34,48 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sparsetrace.models import cache_home
-from sparsetrace.viz.browser import Chromium
+from playwright.sync_api import sync_playwright
+
+from sparsetrace.tracing.models import cache_home
 from sparsetrace.viz.synthetic import write_synthetic_trace
 
 RESULTS = Path(__file__).with_name("results") / "viewer.json"
 BUDGET_S = 5.0
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str:
+    """Debian's chromium ($SPARSETRACE_CHROMIUM wins); exits with a message when there is none."""
+    path = os.environ.get("SPARSETRACE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        sys.exit(f"no chromium at {path}: run `make browser` (or `apt-get install chromium`), or "
+                 "point $SPARSETRACE_CHROMIUM at a Chromium binary")
+    return path
+
+
+def new_page(browser):
+    """A page at 1400 x 1000 and the list of its errors (console errors, exceptions, failed
+    requests, HTTP errors)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("console", lambda m: m.type in ("error", "assert")
+            and errors.append(f"console.{m.type}: {m.text}"))
+    page.on("pageerror", lambda exc: errors.append(f"exception: {exc}"))
+    page.on("requestfailed", lambda r: errors.append(f"failed request: {r.url}: {r.failure}"))
+    page.on("response", lambda r: r.status >= 400
+            and errors.append(f"response: status of {r.status} for {r.url}"))
+    return page, errors
+
+
+def wait_for(page, expression: str, timeout: float = 60.0, polling: int = 50):
+    """Poll a JS expression until truthy; its value."""
+    handle = page.wait_for_function(expression, timeout=timeout * 1e3, polling=polling)
+    try:
+        return handle.json_value()
+    finally:
+        handle.dispose()
 
 
 def ensure_trace(path: Path, tokens: int, layers: int, heads: int, top_k: int):
@@ -62,27 +105,29 @@ def start_view(path: Path):
 
 
 def measure(browser, url: str, loads: int) -> dict:
-    first = []
+    first, errors = [], []
     for _ in range(loads):
-        page = browser.page(1400, 1000)
+        page, page_errors = new_page(browser)
         page.goto(url)
-        first.append(page.wait_for("window.__sparsetraceFirstDraw", 60))
-        errors = list(page.errors)
+        first.append(wait_for(page, "window.__sparsetraceFirstDraw", 60))
         if len(first) < loads:
             page.close()
+            errors += page_errors
     # zoom: wheel over the map, time until the map is redrawn from a new grid
     r = page.evaluate("(() => { const r = document.getElementById('map')"
                       ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
     before = int(page.evaluate("document.body.dataset.drawn"))
+    page.mouse.move(r[0] + r[2] / 2, r[1] + r[3] / 2)
     t0 = page.evaluate("performance.now()")
-    page.mouse("mouseWheel", r[0] + r[2] / 2, r[1] + r[3] / 2, deltaX=0, deltaY=-600)
-    page.wait_for(f"+document.body.dataset.drawn > {before}", 60, interval=0.01)
+    page.mouse.wheel(0, -600)
+    wait_for(page, f"+document.body.dataset.drawn > {before}", 60, polling=10)
     zoom_ms = page.evaluate("performance.now()") - t0
     painted = page.evaluate("""(() => { const c = document.getElementById('map'),
         d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
         for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i+1] < 250 || d[i+2] < 250) n++;
         return n; })()""")
     page.close()
+    errors += page_errors  # every load's, the zoom's included
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     t = time.perf_counter()
     opener.open(url + "api/grid?layer=3&head=1&rows=800&cols=800").read()
@@ -100,6 +145,9 @@ def main() -> int:
     ap.add_argument("--no-synthetic", action="store_true", help="only the --trace directories")
     ap.add_argument("--trace", action="append", default=[], metavar="NAME=DIR",
                     help="also measure this trace directory (e.g. one written by the GPU path)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"results file (default {RESULTS}, or viewer_traces.json next to it with "
+                         "--no-synthetic)")
     args = ap.parse_args()
     home = cache_home() / "bench"
     from sparsetrace import Trace
@@ -113,7 +161,8 @@ def main() -> int:
             name, _, folder = spec.rpartition("=")
             traces.append((name or folder, Trace.load(folder)))
         rows = []
-        with Chromium() as browser:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             for name, trace in traces:
                 t = time.perf_counter()
                 proc, url = start_view(trace.path)
@@ -136,8 +185,8 @@ def main() -> int:
         print(" | ".join(f"{r[c]!s:>18}" for c in cols))
     result = {"bench": "viewer", "budget_s": BUDGET_S, "cpus": os.cpu_count(),
               "load_avg": os.getloadavg()[0], "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out = RESULTS if not args.no_synthetic else RESULTS.with_name("viewer_traces.json")
+    out = args.out or (RESULTS if not args.no_synthetic else RESULTS.with_name("viewer_traces.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0 if all(r["under_budget"] and not r["console_errors"] for r in rows) else 1

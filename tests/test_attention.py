@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import sparsetrace as sp
-from sparsetrace.mask import BlockMask
+from sparsetrace.selection.blocks import BlockMask
 
 
 def _with_sink(case):
@@ -138,7 +138,7 @@ _MEMORY_PROBE = textwrap.dedent(
     """
     import json, torch
     import sparsetrace as sp
-    from sparsetrace.attention import sparse_attention_torch
+    from sparsetrace.attention.blockwise import sparse_attention_torch
 
     def status_mib(field):
         for line in open("/proc/self/status"):

@@ -1,48 +1,100 @@
-"""The viewer and the report in a real browser: headless Chromium driven over the DevTools
-protocol (sparsetrace.viz.browser, stdlib only). Skipped when no chromium is installed (the
-Makefile's `make browser` installs Debian's).
+"""The viewer and the report in a real browser: headless Debian chromium driven by Playwright (the
+session's ``browser`` fixture in conftest.py). A missing chromium fails these tests, it does not
+skip them: `make browser` installs Debian's.
 
-Each test checks that the block map is drawn (pixels read back with getImageData, counted
-against the white background), that interactions change what is drawn, and that the page logged
-no console error, exception or failed load. Screenshots land in the test's tmp dir."""
+Each test checks that the block map is drawn (pixels read back with getImageData, counted against
+the white background), that interactions change what is drawn, and that the page logged no console
+error, threw no exception, had no failed request and got no HTTP error (collected from Playwright's
+page events). Screenshots land in the test's tmp dir."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from sparsetrace.viz.browser import BrowserError, Chromium, find_chromium
 from sparsetrace.viz.synthetic import write_synthetic_trace
 
-pytestmark = pytest.mark.skipif(find_chromium() is None,
-                                reason="chromium not installed (make browser, or apt-get install "
-                                       "chromium)")
+VIEWPORT = {"width": 1400, "height": 1000}
 
-# non-background pixels of a canvas (background: white)
-PAINTED = """(() => {{
-  const c = document.querySelector({sel!r}), d = c.getContext('2d')
+# non-background pixels of a canvas (background: white): [painted, total]
+PAINTED = """(sel) => {
+  const c = document.querySelector(sel), d = c.getContext('2d')
     .getImageData(0, 0, c.width, c.height).data;
   let n = 0;
   for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250) n++;
   return [n, c.width * c.height];
-}})()"""
+}"""
+MAP_RECT = ("(() => { const r = document.getElementById('map').getBoundingClientRect(); "
+            "return [r.left, r.top, r.width, r.height]; })()")
+TOOLTIP = ("(() => { const t = document.getElementById('tip'); "
+           "return t.textContent.includes('key text') && t.textContent; })()")
 
 
 def painted(page, selector="#map"):
-    return page.evaluate(PAINTED.format(sel=selector))
+    return page.evaluate(PAINTED, selector)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with Chromium() as b:
-        yield b
+def new_page(browser):
+    """A fresh page (its own context) at 1400 x 1000 CSS pixels, and the list its errors go to:
+    console errors and failed assertions, uncaught exceptions, failed requests, HTTP errors."""
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+
+    def console(msg):
+        if msg.type in ("error", "assert"):
+            errors.append(f"console.{msg.type}: {msg.text} {msg.location.get('url', '')}".strip())
+
+    def response(r):
+        if r.status >= 400:
+            errors.append(f"response: status of {r.status} for {r.request.method} {r.url}")
+
+    page.on("console", console)
+    page.on("pageerror", lambda exc: errors.append(f"exception: {exc}"))
+    page.on("requestfailed", lambda r: errors.append(f"failed request: {r.method} {r.url}: {r.failure}"))
+    page.on("response", response)
+    return page, errors
+
+
+def wait_for(page, expression: str, timeout: float = 30.0, errors=None):
+    """Poll a JS expression (every 50 ms) until truthy and return its value; an exception while
+    evaluating counts as not yet (e.g. the page is still loading)."""
+    try:
+        handle = page.wait_for_function(
+            f"() => {{ try {{ return ({expression}); }} catch (e) {{ return undefined; }} }}",
+            timeout=timeout * 1e3, polling=50)
+    except PlaywrightTimeout:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {expression!r}; "
+                             f"page errors: {errors}") from None
+    try:
+        return handle.json_value()
+    finally:
+        handle.dispose()
+
+
+def open_page(browser, url):
+    page, errors = new_page(browser)
+    page.goto(url)
+    wait_for(page, "document.body && document.body.dataset.drawn", 60, errors)
+    return page, errors
+
+
+def draws(page) -> int:
+    return int(page.evaluate("document.body.dataset.drawn || 0"))
+
+
+def redrawn(page, before: int, errors, timeout: float = 30.0):
+    wait_for(page, f"+document.body.dataset.drawn > {before}", timeout, errors)
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +131,8 @@ def server(synthetic):
         proc.wait(10)
 
 
-def open_page(browser, url):
-    page = browser.page(1400, 1000)
-    page.goto(url)
-    page.wait_for("document.body && document.body.dataset.drawn", 60)
-    return page
-
-
-def draws(page) -> int:
-    return int(page.evaluate("document.body.dataset.drawn || 0"))
-
-
 def test_viewer_draws_zooms_and_shades_text(browser, server, tmp_path):
-    page = open_page(browser, server)
+    page, errors = open_page(browser, server)
     n, total = painted(page)
     grid = page.evaluate("window.__sparsetrace.map.grid && "
                          "[window.__sparsetrace.map.grid.q_step, window.__sparsetrace.map.grid.rows]")
@@ -100,29 +141,28 @@ def test_viewer_draws_zooms_and_shades_text(browser, server, tmp_path):
     assert n > 0.02 * total and grid[0] > 1  # drawn, and aggregated server-side
     facts = page.evaluate("document.getElementById('facts').textContent")
     assert "20,000 tokens" in facts and "two-token criterion passed" in facts, facts
-    page.screenshot(tmp_path / "viewer.png")
+    page.screenshot(path=tmp_path / "viewer.png")
 
     # choose a head by clicking its cell in the overview (once the overview is computed)
-    page.wait_for("(() => { const o = window.__sparsetrace.S.overview; "
-                  "return o && o.done_layers === o.num_layers; })()", 60)
+    wait_for(page, "(() => { const o = window.__sparsetrace.S.overview; "
+                   "return o && o.done_layers === o.num_layers; })()", 60, errors)
     box = page.evaluate("""(() => { const c = document.getElementById('overview'),
         r = c.getBoundingClientRect(), b = c.cellBox, s = r.width / c.width;
         return [r.left + (b.left + 2 * b.cw + b.cw / 2) * s, r.top + (b.top + 1 * b.ch + b.ch / 2) * s]; })()""")
     before = draws(page)
-    page.mouse("mousePressed", *box)
-    page.mouse("mouseReleased", *box)
-    page.wait_for(f"+document.body.dataset.drawn > {before}", 30)
+    page.mouse.click(*box)
+    redrawn(page, before, errors)
     assert page.evaluate("[window.__sparsetrace.S.layer, window.__sparsetrace.S.head]") == [1, 2]
     assert "layer 1, head 2" in page.evaluate("document.getElementById('map-title').textContent")
 
     # zoom with the wheel, around the map's centre, until one cell is one block
-    rect = page.evaluate("(() => { const r = document.getElementById('map')"
-                         ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
+    rect = page.evaluate(MAP_RECT)
     cx, cy = rect[0] + rect[2] * 0.6, rect[1] + rect[3] * 0.7
+    page.mouse.move(cx, cy)
     for _ in range(3):
         before = draws(page)
-        page.mouse("mouseWheel", cx, cy, deltaX=0, deltaY=-400)
-        page.wait_for(f"+document.body.dataset.drawn > {before}", 30)
+        page.mouse.wheel(0, -400)
+        redrawn(page, before, errors)
     g = page.evaluate("(({q0, q1, q_step, k_step}) => [q0, q1, q_step, k_step])"
                       "(window.__sparsetrace.map.grid)")
     print("after wheel zoom: grid q0, q1, q_step, k_step =", g)
@@ -132,44 +172,47 @@ def test_viewer_draws_zooms_and_shades_text(browser, server, tmp_path):
     # the + button zooms further, drag pans
     before = draws(page)
     page.evaluate("document.getElementById('zoom-in').click()")
-    page.wait_for(f"+document.body.dataset.drawn > {before}", 30)
+    redrawn(page, before, errors)
     v0 = page.evaluate("window.__sparsetrace.map.view")
-    page.mouse("mousePressed", cx, cy)
-    page.mouse("mouseMoved", cx + 120, cy - 80, button="left")
-    page.mouse("mouseReleased", cx + 120, cy - 80)
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 120, cy - 80)
+    page.mouse.up()
     v1 = page.evaluate("window.__sparsetrace.map.view")
     assert v1["k0"] < v0["k0"] and v1["q0"] > v0["q0"]
 
     # hover: the tooltip shows the tokens of the blocks under the cursor, fetched lazily
-    page.mouse("mouseMoved", cx, cy)
-    tip = page.wait_for("(() => { const t = document.getElementById('tip'); "
-                        "return t.textContent.includes('key text') && t.textContent; })()", 30)
+    page.mouse.move(cx, cy)
+    tip = wait_for(page, TOOLTIP, 30, errors)
     print("tooltip:", tip[:160].replace("\n", " | "))
     assert re.search(r"query block \d+ \(tokens [\d,]+–[\d,]+\)", tip)
 
     # click a cell: its query rows become the selected span; the text is shaded
-    page.mouse("mousePressed", cx, cy)
-    page.mouse("mouseReleased", cx, cy)
-    page.wait_for("!!document.querySelector('#text span.q')", 30)
+    page.mouse.click(cx, cy)
+    wait_for(page, "!!document.querySelector('#text span.q')", 30, errors)
     shaded = page.evaluate("[...document.querySelectorAll('#text span')].filter(s => "
                            "!s.style.background.endsWith(', 0)')).length")
     assert shaded > 0
     page.evaluate("document.querySelector('input[value=sentence]').click()")
-    page.wait_for("document.querySelectorAll('#text span').length > 0", 10)
-    page.screenshot(tmp_path / "viewer-zoomed.png")
-    assert page.errors == [], page.errors
+    wait_for(page, "document.querySelectorAll('#text span').length > 0", 10, errors)
+    page.screenshot(path=tmp_path / "viewer-zoomed.png")
+    assert errors == [], errors
     page.close()
 
 
 def test_viewer_bad_request_is_a_400_with_a_message(browser, server):
-    page = open_page(browser, server)
-    assert page.errors == [], page.errors
+    page, errors = open_page(browser, server)
+    assert errors == [], errors
     status = page.evaluate("fetch('/api/grid?layer=99&head=0').then(r => r.status)")
     assert status == 400
-    assert page.evaluate("fetch('/api/grid?layer=99&head=0').then(r => r.json())")["error"] \
-        .startswith("layer 99 is out of range")
-    # the failed loads are caught as errors (which is what the other tests assert never happens)
-    assert page.errors and all("status of 400" in e for e in page.errors), page.errors
+    assert page.evaluate("fetch('/api/grid?layer=99&head=0').then(r => r.json())")["error"] == \
+        "layer 99 out of range for a trace with 4 layers (valid: -4..3)"
+    page.wait_for_timeout(200)  # let the page's events reach us
+    # the failed loads are caught as errors (which is what the other tests assert never happens):
+    # the browser's console line and the HTTP response itself
+    assert errors and all("status of 400" in e for e in errors), errors
+    assert any(e.startswith("console.error") for e in errors), errors
+    assert any(e.startswith("response") for e in errors), errors
     page.close()
 
 
@@ -178,8 +221,8 @@ def test_report_from_disk_and_in_an_iframe(browser, synthetic, tmp_path):
 
     out = tmp_path / "report.html"
     out.write_text(report_html(synthetic, max_cells=200), encoding="utf-8")
-    page = open_page(browser, out.as_uri())
-    page.wait_for("+document.body.dataset.drawn >= 4", 30)
+    page, errors = open_page(browser, out.as_uri())
+    wait_for(page, "+document.body.dataset.drawn >= 4", 30, errors)
     assert "top-1 agreement 0.970" in page.evaluate("document.getElementById('facts').textContent")
     for i in range(4):
         n, total = painted(page, f"#map-{i}")
@@ -188,19 +231,19 @@ def test_report_from_disk_and_in_an_iframe(browser, synthetic, tmp_path):
     page.evaluate("document.querySelector('[data-z=in]').click()")
     assert page.evaluate("window.__sparsetraceMaps[0].view.q1") < before
     assert painted(page, "#map-0")[0] > 100
-    page.screenshot(tmp_path / "report.png")
-    assert page.errors == [], page.errors
+    page.screenshot(path=tmp_path / "report.png")
+    assert errors == [], errors
     page.close()
 
     # what Jupyter shows: the report inside an iframe's srcdoc (its script must run there)
     nb = tmp_path / "notebook.html"
     nb.write_text(f"<!doctype html><meta charset=utf-8><link rel=icon href='data:,'>"
                   f"<body>{Report(synthetic, max_cells=64)._repr_html_()}</body>", encoding="utf-8")
-    page = browser.page()
+    page, errors = new_page(browser)
     page.goto(nb.as_uri())
-    page.wait_for("(() => { const f = document.querySelector('iframe'); return f && "
-                  "f.contentDocument && +f.contentDocument.body.dataset.drawn >= 4; })()", 30)
-    assert page.errors == [], page.errors
+    wait_for(page, "(() => { const f = document.querySelector('iframe'); return f && "
+                   "f.contentDocument && +f.contentDocument.body.dataset.drawn >= 4; })()", 30, errors)
+    assert errors == [], errors
     page.close()
 
 
@@ -212,20 +255,18 @@ def check_served_trace(browser, trace, screenshot) -> str:
     server = make_server(trace, port=0, cache_dir=None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        page = open_page(browser, f"http://127.0.0.1:{server.server_address[1]}/")
+        page, errors = open_page(browser, f"http://127.0.0.1:{server.server_address[1]}/")
         n, total = painted(page)
         assert n > 0.05 * total
-        rect = page.evaluate("(() => { const r = document.getElementById('map')"
-                             ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
-        page.mouse("mouseMoved", rect[0] + rect[2] * 0.05, rect[1] + rect[3] * 0.95)
-        tip = page.wait_for("(() => { const t = document.getElementById('tip'); "
-                            "return t.textContent.includes('key text') && t.textContent; })()", 30)
+        rect = page.evaluate(MAP_RECT)
+        page.mouse.move(rect[0] + rect[2] * 0.05, rect[1] + rect[3] * 0.95)
+        tip = wait_for(page, TOOLTIP, 30, errors)
         key_text = tip.split("key text", 1)[1]
         print("real tooltip key text:", key_text[:80])
         assert key_text.strip() and key_text.strip() in trace.text
         facts = page.evaluate("document.getElementById('facts').textContent")
-        page.screenshot(screenshot)
-        assert page.errors == [], page.errors
+        page.screenshot(path=screenshot)
+        assert errors == [], errors
         page.close()
         return facts
     finally:
@@ -255,18 +296,18 @@ def test_viewer_and_report_on_a_trace_from_the_gpu_path(browser, tmp_path):
     assert "traced on cuda: NVIDIA H200" in facts
     out = tmp_path / "report.html"
     out.write_text(report_html(trace), encoding="utf-8")
-    page = open_page(browser, out.as_uri())
-    page.wait_for("+document.body.dataset.drawn >= 4", 30)
+    page, errors = open_page(browser, out.as_uri())
+    wait_for(page, "+document.body.dataset.drawn >= 4", 30, errors)
     assert "traced on cuda" in page.evaluate("document.getElementById('facts').textContent")
     assert painted(page, "#map-0")[0] > 100
-    assert page.errors == [], page.errors
+    assert errors == [], errors
     page.close()
 
 
 def real_trace(model_id: str = "smollm2-135m", tokens: int = 300):
     from sparsetrace import Trace
-    from sparsetrace.models import cache_home
     from sparsetrace.store import TraceError
+    from sparsetrace.tracing.models import cache_home
 
     path = cache_home() / "test-traces" / f"{model_id}-{tokens}-k4-b16"
     try:
@@ -274,26 +315,33 @@ def real_trace(model_id: str = "smollm2-135m", tokens: int = 300):
     except TraceError:
         shutil.rmtree(path, ignore_errors=True)  # our cache: rebuild
     from sparsetrace import load_model
-    from sparsetrace.data import haystack_text
-    from sparsetrace.tracer import TraceConfig, trace_text
+    from sparsetrace.config import TraceConfig
+    from sparsetrace.datasets.essays import haystack_text
+    from sparsetrace.tracing.tracer import trace_text
 
     model, tokenizer = load_model(model_id)
     return trace_text(model, tokenizer, haystack_text(tokens * 8),
-                      TraceConfig(top_k=4, block_size=16, chunk_size=160), max_tokens=tokens,
+                      TraceConfig.of(top_k=4, block_size=16, chunk_size=160), max_tokens=tokens,
                       out=path, model_id=model_id, progress=False)
 
 
-def test_browser_helper_reports_page_errors(browser, tmp_path):
+def test_page_errors_are_collected(browser, tmp_path):
+    """The error collection the other tests rely on: console.error, an uncaught exception and a
+    failed load all land in the list; a JS error in evaluate raises."""
+    with socket.socket() as s:  # a port nothing listens on: the load is refused
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
     bad = tmp_path / "bad.html"
     bad.write_text("<!doctype html><link rel=icon href='data:,'><script>console.error('boom');"
-                   "undefinedFunction();</script>")
-    page = browser.page()
+                   f"undefinedFunction();</script><img src='http://127.0.0.1:{closed}/x.png'>")
+    page, errors = new_page(browser)
     page.goto(bad.as_uri())
     deadline = time.monotonic() + 10
-    while len(page.errors) < 2 and time.monotonic() < deadline:
-        page.evaluate("1")
-    assert any("boom" in e for e in page.errors)
-    assert any("undefinedFunction" in e for e in page.errors)
-    with pytest.raises(BrowserError):
+    while len(errors) < 3 and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert any("boom" in e for e in errors), errors
+    assert any(e.startswith("exception") and "undefinedFunction" in e for e in errors), errors
+    assert any(e.startswith("failed request") and f":{closed}/x.png" in e for e in errors), errors
+    with pytest.raises(PlaywrightError, match="nope"):
         page.evaluate("nope.nope")
     page.close()

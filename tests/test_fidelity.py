@@ -7,16 +7,18 @@ the real-model tests keep to a few hundred tokens, and Gemma's anchor to ~1100 (
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
 
-from sparsetrace import Trace, fidelity, load_model
+from sparsetrace import Trace, load_model
 from sparsetrace.cli import main
-from sparsetrace.data import haystack_text
-from sparsetrace.fidelity import FidelityResult, check, dense_reference, search_k
-from sparsetrace.tracer import TraceConfig, sparse_model, tokenize, trace_ids
+from sparsetrace.config import TraceConfig
+from sparsetrace.datasets.essays import haystack_text
+from sparsetrace.runs import fidelity
+from sparsetrace.runs.fidelity import FidelityResult, check, dense_reference, search_k
+from sparsetrace.tracing.backend import sparse_model
+from sparsetrace.tracing.tracer import tokenize, trace_ids
 
 KEYS = {"criterion_passed", "top_k", "block_size", "sparsity", "top1_agreement", "kl", "kl_max",
         "dense_tokens", "sparse_tokens", "n_tokens", "last_n", "model_id"}
@@ -45,7 +47,7 @@ def test_every_block_kept_matches_dense(smollm, essay_ids, tmp_path):
     result lands in the manifest of a trace of the same input and config."""
     model, _ = smollm
     ids = essay_ids[:192]
-    config = TraceConfig(block_size=32, top_k=6, chunk_size=128)  # 6 blocks: all of them
+    config = TraceConfig.of(block_size=32, top_k=6, chunk_size=128)  # 6 blocks: all of them
     trace = trace_ids(model, ids, config, out=tmp_path / "trace")
     r = check(model, ids, config, last_n=64, trace=tmp_path / "trace", model_id="smollm2-135m")
     print(r)
@@ -61,10 +63,10 @@ def test_every_block_kept_matches_dense(smollm, essay_ids, tmp_path):
 def test_tiny_k_diverges_more_than_big_k(smollm, essay_ids):
     model, _ = smollm
     ids = essay_ids[:192]
-    base = TraceConfig(block_size=16, chunk_size=192)
+    base = TraceConfig.of(block_size=16, chunk_size=192)
     dense = dense_reference(model, ids, chunk_size=192, last_n=64)
-    tiny = check(model, ids, replace(base, top_k=3), dense=dense)
-    big = check(model, ids, replace(base, top_k=10), dense=dense)
+    tiny = check(model, ids, base.replace(top_k=3), dense=dense)
+    big = check(model, ids, base.replace(top_k=10), dense=dense)
     print(f"top_k 3: {tiny}\ntop_k 10: {big}")
     assert tiny.sparsity > big.sparsity > 0.0
     assert tiny.kl > big.kl
@@ -73,14 +75,25 @@ def test_tiny_k_diverges_more_than_big_k(smollm, essay_ids):
 
 @pytest.mark.slow
 def test_search_k_on_real_weights(smollm, essay_ids):
-    """Only what binary search guarantees: the k returned passed, every probe is recorded and
-    within the bounds, and the reported sparsity is that k's."""
+    """The k found is checked against every k of the range by brute force: it passes, each probe equals
+    an independent check at its k, every k the search ruled out below it fails, and when the criterion
+    is monotone over the range the k found is the smallest passing one."""
     model, _ = smollm
     ids = essay_ids[:160]
+    base = TraceConfig.of(block_size=16, chunk_size=160)
     seen: list[int] = []
-    found = search_k(model, ids, TraceConfig(block_size=16, chunk_size=160), k_min=3, k_max=6,
-                     on_probe=lambda r: seen.append(r.top_k))
+    found = search_k(model, ids, base, k_min=3, k_max=6, on_probe=lambda r: seen.append(r.top_k))
     print(found.to_dict()["search"])
+    brute = {k: check(model, ids, base.replace(top_k=k)) for k in range(3, 7)}
+    print({k: (r.criterion_passed, round(r.kl, 4)) for k, r in brute.items()})
+    assert brute[found.top_k].criterion_passed
+    for probe in found.probes:
+        want = brute[probe["top_k"]]
+        assert probe["criterion_passed"] == want.criterion_passed and probe["kl"] == pytest.approx(want.kl)
+    assert all(not brute[k].criterion_passed for k in seen if k < found.top_k)
+    passing = [k for k in range(3, 7) if brute[k].criterion_passed]
+    if passing == list(range(passing[0], 7)):  # monotone here: binary search must find the minimum
+        assert found.top_k == passing[0]
     assert 3 <= found.top_k <= 6
     assert found.result.criterion_passed and found.result.top_k == found.top_k
     assert [p["top_k"] for p in found.probes] == seen and len(set(seen)) == len(seen)
@@ -115,17 +128,17 @@ def test_cli_writes_json_and_records_in_a_trace(smollm, essay_file, tmp_path, ca
 
 def test_input_shorter_than_one_block_is_refused():
     with pytest.raises(ValueError, match="fewer than one block of 32"):
-        check(None, torch.arange(20), TraceConfig(block_size=32))
+        check(None, torch.arange(20), TraceConfig.of(block_size=32))
     with pytest.raises(ValueError, match="fewer than one block"):
-        search_k(None, torch.arange(20), TraceConfig(block_size=32))
+        search_k(None, torch.arange(20), TraceConfig.of(block_size=32))
 
 
 def test_search_bounds_are_checked():
     ids = torch.arange(256)
     with pytest.raises(ValueError, match="k_min=6 exceeds k_max=4"):
-        search_k(None, ids, TraceConfig(block_size=32), k_min=6, k_max=4)
+        search_k(None, ids, TraceConfig.of(block_size=32), k_min=6, k_max=4)
     with pytest.raises(ValueError, match="raise --k-min to 3"):
-        search_k(None, ids, TraceConfig(block_size=32), k_min=2, k_max=4)
+        search_k(None, ids, TraceConfig.of(block_size=32), k_min=2, k_max=4)
 
 
 @pytest.mark.slow
@@ -146,8 +159,9 @@ def _fake_runs(monkeypatch, passes):
     monkeypatch.setattr(fidelity, "dense_reference", lambda *a, **kw: dense)
 
     def fake_check(model, ids, config, **kw):
-        ok = passes(config.top_k)
-        return FidelityResult(ok, config.top_k, config.block_size, 1 - config.top_k / 8, 1.0, 0.0,
+        k = config.mask.top_k
+        ok = passes(k)
+        return FidelityResult(ok, k, config.mask.block_q, 1 - k / 8, 1.0, 0.0,
                               0.0, (1, 2), (1, 2) if ok else (1, 3), 256, 4)
 
     monkeypatch.setattr(fidelity, "check", fake_check)
@@ -156,7 +170,7 @@ def _fake_runs(monkeypatch, passes):
 def test_search_finds_the_threshold_of_a_monotone_criterion(monkeypatch):
     for threshold in range(3, 9):
         _fake_runs(monkeypatch, lambda k, t=threshold: k >= t)
-        found = search_k(None, torch.arange(256), TraceConfig(block_size=32), k_min=3, k_max=8)
+        found = search_k(None, torch.arange(256), TraceConfig.of(block_size=32), k_min=3, k_max=8)
         probed = [p["top_k"] for p in found.probes]
         assert found.top_k == threshold, (threshold, probed)
         assert len(probed) == len(set(probed)) <= 4 and all(3 <= k <= 8 for k in probed)
@@ -165,13 +179,13 @@ def test_search_finds_the_threshold_of_a_monotone_criterion(monkeypatch):
 def test_search_reports_k_max_failing(monkeypatch):
     _fake_runs(monkeypatch, lambda k: False)
     with pytest.raises(ValueError, match=r"largest k tried, k_max=6, fails .* raise --k-max"):
-        search_k(None, torch.arange(256), TraceConfig(block_size=32), k_min=3, k_max=6)
+        search_k(None, torch.arange(256), TraceConfig.of(block_size=32), k_min=3, k_max=6)
 
 
 def test_search_on_a_non_monotone_criterion_returns_a_passing_k(monkeypatch):
     """k = 4 passes, 5 and 6 fail, 7+ pass: binary search may miss 4, but what it returns passed."""
     _fake_runs(monkeypatch, lambda k: k == 4 or k >= 7)
-    found = search_k(None, torch.arange(256), TraceConfig(block_size=32), k_min=3, k_max=8)
+    found = search_k(None, torch.arange(256), TraceConfig.of(block_size=32), k_min=3, k_max=8)
     assert found.result.criterion_passed and found.top_k in (4, 7)
     assert {p["top_k"]: p["criterion_passed"] for p in found.probes}[found.top_k]
 
@@ -218,7 +232,7 @@ def test_gemma_every_block_kept_equals_sdpa_logits():
     model, tokenizer = load_model("gemma-3-270m")
     ids, _ = tokenize(tokenizer, haystack_text(8000), max_tokens=1099)
     ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
-    config = TraceConfig(block_size=32, top_k=-(-ids.shape[0] // 32), chunk_size=1024)
+    config = TraceConfig.of(block_size=32, top_k=-(-ids.shape[0] // 32), chunk_size=1024)
     got = {}
     with torch.no_grad():
         got["sdpa", torch.float32] = model(ids[None], logits_to_keep=keep).logits[0].double()

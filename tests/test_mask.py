@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import sparsetrace as sp
-from sparsetrace import reference
 
 MASKS = {"stream": sp.stream_mask, "oracle": sp.oracle_mask}
 
@@ -81,9 +80,9 @@ def test_matches_loop_reference(case, kind, score, query_stride):
     if kind == "integers":
         q, k = q.mul(1.2).round().clamp(-2, 2), k.mul(1.2).round().clamp(-2, 2)
     kw = mask_kwargs(case, score=score, query_stride=query_stride)
-    got, want = sp.stream_mask(q, k, **kw).indices, reference.loop_stream_mask(q, k, **kw)
+    got, want = sp.stream_mask(q, k, **kw).indices, sp.stream_mask(q, k, impl="reference", **kw).indices
     assert torch.equal(got, want), _diff(f"stream vs loop {kind} {kw}", got, want)
-    got, want = sp.oracle_mask(q, k, **kw).indices, reference.loop_oracle_mask(q, k, **kw)
+    got, want = sp.oracle_mask(q, k, **kw).indices, sp.oracle_mask(q, k, impl="reference", **kw).indices
     assert torch.equal(got, want), _diff(f"oracle vs loop {kind} {kw}", got, want)
 
 
@@ -134,9 +133,9 @@ def test_matches_loop_reference_aligned(case, score):
     block): the case where no pair is causally masked, which random ragged shapes rarely produce."""
     q, k = make_qkv(case)
     kw = mask_kwargs(case, score=score)
-    got, want = sp.stream_mask(q, k, **kw).indices, reference.loop_stream_mask(q, k, **kw)
+    got, want = sp.stream_mask(q, k, **kw).indices, sp.stream_mask(q, k, impl="reference", **kw).indices
     assert torch.equal(got, want), _diff(f"stream vs loop {kw}", got, want)
-    got, want = sp.oracle_mask(q, k, **kw).indices, reference.loop_oracle_mask(q, k, **kw)
+    got, want = sp.oracle_mask(q, k, **kw).indices, sp.oracle_mask(q, k, impl="reference", **kw).indices
     assert torch.equal(got, want), _diff(f"oracle vs loop {kw}", got, want)
 
 
@@ -397,8 +396,8 @@ def test_sliding_window_matches_loop_reference(window, score):
     kw = dict(block_q=8, block_k=8, top_k=5, sink_blocks=1, local_blocks=1, score=score, window=window)
     fast = sp.stream_mask(q, k, **kw).indices
     exact = sp.oracle_mask(q, k, **kw).indices
-    assert torch.equal(fast, reference.loop_stream_mask(q, k, **kw))
-    assert torch.equal(exact, reference.loop_oracle_mask(q, k, **kw))
+    assert torch.equal(fast, sp.stream_mask(q, k, impl="reference", **kw).indices)
+    assert torch.equal(exact, sp.oracle_mask(q, k, impl="reference", **kw).indices)
     dense = sp.BlockMask(fast, 8, 8).to_dense(230, 262, window)  # [B, H, T, S]
     T, S = 230, 262
     first = torch.arange(0, T, 8) + (S - T)

@@ -23,8 +23,9 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsetrace import models
-from sparsetrace.models import SUPPORTED_ARCHITECTURES, context_window, load_model, model_id
+from sparsetrace.errors import UsageError
+from sparsetrace.tracing import models
+from sparsetrace.tracing.models import SUPPORTED_ARCHITECTURES, context_window, load_model, model_id
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -123,7 +124,7 @@ def test_unsupported_architecture_is_rejected_before_weights(tmp_path):
 
 
 def test_missing_path_names_the_aliases(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*smollm2-135m"):
+    with pytest.raises(UsageError, match="does not exist.*smollm2-135m"):
         load_model(str(tmp_path / "nope"))
 
 

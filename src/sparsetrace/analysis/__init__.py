@@ -1,1 +1,6 @@
-"""Analyses of traces (anchors, NIAH retrieval routes, ...): they read `Trace` only, never the model."""
+"""Analyses of traces. Each reads a :class:`sparsetrace.store.Trace` only, never the model.
+
+``sentences``  sentences of the traced text with token spans
+``anchors``    thought anchors: sentence attention, vertical scores, receiver heads
+``routes``     needle-in-a-haystack: needle mass per head, the needle-to-answer route across layers
+"""

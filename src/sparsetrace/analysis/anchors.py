@@ -4,8 +4,8 @@ After "Thought Anchors: Which LLM Reasoning Steps Matter?" (Bogdan, Macar, Nanda
 receiver-head analysis reads full T x T attention. Here the same quantities come from a STREAM trace
 (O(T * top_k) numbers per head), never from a T x T pattern:
 
-  1. split the reasoning text into sentences (:func:`split_sentences`) and map them to token spans
-     through the trace's character offsets (:func:`map_to_tokens`);
+  1. split the reasoning text into sentences and map them to token spans through the trace's character
+     offsets (:mod:`.sentences`);
   2. per layer and head, the sentence x sentence matrix ``M[a, b]`` = mean token-to-token attention
      from sentence a's tokens to sentence b's tokens (:func:`sentence_matrices`), rebuilt from the kept
      blocks and their masses (the approximation is stated there);
@@ -22,170 +22,20 @@ receiver-head analysis reads full T x T attention. Here the same quantities come
 
 from __future__ import annotations
 
-import itertools
-import re
-import warnings
+import csv
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+from .sentences import Sentence, sentence_ids, sentence_lengths, trace_sentences
+
 PROXIMITY_IGNORE = 4  # Thought Anchors: a sentence's vertical score ignores the next 3 sentences
-MIN_CHARS = 10  # Thought Anchors: fragments shorter than this merge into the next one
 TOP_HEADS = 20
-SINK_PRIOR = False  # see block_sentence_sums; set per call
-COARSE_WARN, COARSE_FAIL = 2.0, 8.0  # block size / median sentence tokens: warn, refuse
-
-_THINK = re.compile(r"</?think>")
-# A cut after ., ? or ! followed by whitespace, or at a blank line (a newline, spaces, a newline).
-_CUT = re.compile(r"(?<=[.?!])(?=\s)|\n[ \t]*\n")
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """One sentence: its text, character span ``[char_start, char_end)`` in the traced text and token
-    span ``[token_start, token_end)`` (exclusive end) in the trace's tokens."""
-
-    index: int
-    text: str
-    char_start: int
-    char_end: int
-    token_start: int = -1
-    token_end: int = -1
-
-    @property
-    def char_span(self) -> tuple[int, int]:
-        return self.char_start, self.char_end
-
-    @property
-    def num_tokens(self) -> int:
-        return self.token_end - self.token_start
-
-
-# --------------------------------------------------------------------------- 1. sentences
-
-def split_sentences(text: str, regions: list[tuple[int, int]] | None = None, *,
-                    min_chars: int = MIN_CHARS) -> list[Sentence]:
-    """Split ``text`` into sentences the way Thought Anchors splits a chain of thought.
-
-    Rules: a sentence ends after ``.``, ``?`` or ``!`` followed by whitespace, and at a blank line;
-    ``<think>`` / ``</think>`` tags are removed (they also end a sentence); surrounding whitespace is
-    stripped; a fragment shorter than ``min_chars`` characters merges into the next one (the last one,
-    into the previous). ``regions`` (character spans, default the whole text) restricts the split to
-    parts of the text, e.g. the message contents of a chat transcript; sentences never cross regions.
-    Character spans index ``text``; a merged sentence spans from its first fragment's start to its
-    last's end and its ``text`` is the fragments joined by one space. Token spans are not set here.
-    """
-    regions = [(0, len(text))] if regions is None else regions
-    out: list[Sentence] = []
-    for start, end in regions:
-        pieces: list[tuple[int, int]] = []
-        cuts = [start]
-        for m in _THINK.finditer(text, start, end):
-            cuts += [m.start(), m.end()]
-        cuts.append(end)
-        for a, b in zip(cuts[::2], cuts[1::2]):  # the stretches between tags
-            edges = [a] + [m.end() for m in _CUT.finditer(text, a, b)] + [b]
-            for u, v in itertools.pairwise(edges):
-                u += len(text[u:v]) - len(text[u:v].lstrip())
-                v -= len(text[u:v]) - len(text[u:v].rstrip())
-                if v > u:
-                    pieces.append((u, v))
-        for u, v, joined in _merge_short(text, pieces, min_chars):
-            out.append(Sentence(len(out), joined, u, v))
-    return out
-
-
-def _merge_short(text: str, pieces: list[tuple[int, int]], min_chars: int):
-    """Thought Anchors' merge: a short fragment joins the next (the last joins the previous)."""
-    spans = [[u, v, text[u:v]] for u, v in pieces]
-    i = 0
-    while i < len(spans) and len(spans) > 1:
-        if len(spans[i][2]) >= min_chars:
-            i += 1
-        elif i == len(spans) - 1:
-            prev = spans[i - 1]
-            spans[i - 1] = [prev[0], spans[i][1], prev[2] + " " + spans[i][2]]
-            spans.pop(i)
-        else:
-            spans[i + 1] = [spans[i][0], spans[i + 1][1], spans[i][2] + " " + spans[i + 1][2]]
-            spans.pop(i)
-    return [tuple(s) for s in spans]
-
-
-def map_to_tokens(sentences: list[Sentence], token_offsets: torch.Tensor) -> list[Sentence]:
-    """Set token spans from the tokens' character spans ``token_offsets [T, 2]``.
-
-    A sentence owns the tokens that overlap its character span (a token " The" whose span starts at
-    the space before the sentence belongs to it); spans are made disjoint in sentence order, and
-    sentences left without tokens (e.g. past a ``max_tokens`` cut) are dropped and re-indexed.
-    """
-    offsets = torch.as_tensor(token_offsets).long().view(-1, 2)
-    starts = torch.cummax(offsets[:, 0], 0).values.contiguous()  # monotone for searchsorted
-    ends = torch.cummax(offsets[:, 1], 0).values.contiguous()
-    cs = torch.tensor([s.char_start for s in sentences], dtype=torch.long)
-    ce = torch.tensor([s.char_end for s in sentences], dtype=torch.long)
-    first = torch.searchsorted(ends, cs, right=True).tolist()  # first token ending after char_start
-    stop = torch.searchsorted(starts, ce, right=False).tolist()  # first token starting at/after end
-    out, prev_end = [], 0
-    for s, a, b in zip(sentences, first, stop):
-        a = max(a, prev_end)
-        if b > a:
-            out.append(Sentence(len(out), s.text, s.char_start, s.char_end, a, b))
-            prev_end = b
-    return out
-
-
-def trace_sentences(trace, regions: list[tuple[int, int]] | None = None, *,
-                    min_chars: int = MIN_CHARS, check_resolution: bool = True) -> list[Sentence]:
-    """Sentences of ``trace.text`` with token spans; ``regions`` default to the manifest's
-    ``anchors_regions`` (set by the gsm builder), else the whole text.
-
-    Raises ValueError for a trace without text offsets, fewer than two sentences, or blocks far larger
-    than the sentences (warns when merely coarse).
-    """
-    if trace.text is None or trace.token_offsets is None:
-        raise ValueError("the trace has no text and character offsets; trace a text with "
-                         "`sparsetrace trace --text-file F` (or trace_text), which records them.")
-    if regions is None:
-        regions = trace.manifest.get("anchors_regions") or trace.meta.get("anchors_regions")
-        regions = [tuple(r) for r in regions] if regions else None
-    sentences = map_to_tokens(split_sentences(trace.text, regions, min_chars=min_chars),
-                              trace.token_offsets[: trace.num_tokens])
-    if len(sentences) < 2:
-        raise ValueError(f"the traced text has {len(sentences)} sentence(s); thought anchors need at "
-                         "least two (sentences end at . ? ! followed by whitespace, or a blank line).")
-    if check_resolution:
-        check_block_resolution(sentences, max(trace.block_q, trace.block_k))
-    return sentences
-
-
-def check_block_resolution(sentences: list[Sentence], block: int) -> float:
-    """Blocks vs sentences: returns block / median sentence length in tokens; warns above 2,
-    raises ValueError above 8 (a block then spans many sentences and the matrix is mostly smear)."""
-    lengths = torch.tensor([s.num_tokens for s in sentences], dtype=torch.float)
-    ratio = block / max(lengths.median().item(), 1.0)
-    if ratio > COARSE_FAIL:
-        raise ValueError(f"block size {block} is {ratio:.0f}x the median sentence ({lengths.median():.0f}"
-                         f" tokens): far too coarse for sentence attention; re-trace with "
-                         f"--block-size {max(4, int(lengths.median().item()))} or smaller.")
-    if ratio > COARSE_WARN:
-        warnings.warn(f"block size {block} is {ratio:.1f}x the median sentence "
-                      f"({lengths.median():.0f} tokens): sentence resolution is coarse; a smaller "
-                      "--block-size gives sharper sentence attention.", stacklevel=3)
-    return ratio
-
-
-def sentence_ids(sentences: list[Sentence], T: int) -> torch.Tensor:
-    """int64 ``[T]``: the sentence of each token, -1 outside every sentence."""
-    sid = torch.full((T,), -1, dtype=torch.long)
-    for s in sentences:
-        sid[s.token_start:s.token_end] = s.index
-    return sid
-
-
-def sentence_lengths(sentences: list[Sentence]) -> torch.Tensor:
-    return torch.tensor([s.num_tokens for s in sentences], dtype=torch.float64)
-
+# compare_traces calls two traces' anchors the same above these (16 of 20 heads, Spearman 0.9)
+STABLE_OVERLAP, STABLE_RHO = 0.8, 0.9
 
 # --------------------------------------------------------------------------- 2. sentence matrices
 
@@ -312,7 +162,7 @@ def normalize_sums(sums: torch.Tensor, sentences: list[Sentence]) -> torch.Tenso
 
 
 def layer_sentence_matrices(trace, layer: int, sentences: list[Sentence],
-                            sink_prior: bool = SINK_PRIOR) -> torch.Tensor:
+                            sink_prior: bool = False) -> torch.Tensor:
     """``M [H, nS, nS]`` float64 of one layer: mean token-to-token attention, sentence a -> b."""
     indices, mass = trace.layer(layer)
     sums = block_sentence_sums(indices, mass, sentences, trace.num_tokens, trace.block_q,
@@ -321,7 +171,7 @@ def layer_sentence_matrices(trace, layer: int, sentences: list[Sentence],
 
 
 def sentence_matrices(trace, sentences: list[Sentence], layers=None,
-                      sink_prior: bool = SINK_PRIOR) -> torch.Tensor:
+                      sink_prior: bool = False) -> torch.Tensor:
     """``M [L, H, nS, nS]`` for ``layers`` (default all). Memory L * H * nS^2: for many sentences
     prefer :func:`analyze`, which keeps only the vertical scores."""
     layers = range(trace.num_layers) if layers is None else layers
@@ -361,15 +211,15 @@ def head_kurtosis(vertical: torch.Tensor, drop_first: int = 0, drop_last: int = 
     of a text act as attention sinks, and the vertical scores of the last ones average over a few later
     sentences only; both can decide a head's kurtosis on their own). Default: every sentence.
 
-    Raises ValueError when fewer than 4 sentences with a vertical score are left.
+    Raises UsageError when fewer than 4 sentences with a vertical score are left.
     """
     nS = vertical.shape[-1]
     if drop_first < 0 or drop_last < 0:
-        raise ValueError(f"drop_first and drop_last must be >= 0; got {drop_first}, {drop_last}.")
+        raise UsageError(f"drop_first and drop_last must be >= 0; got {drop_first}, {drop_last}.")
     kept = vertical[..., drop_first: max(nS - drop_last, drop_first)]
     scored = int((~torch.isnan(kept)).sum(-1).max()) if kept.numel() else 0
     if scored < 4:
-        raise ValueError(f"dropping the first {drop_first} and last {drop_last} of {nS} sentences leaves "
+        raise UsageError(f"dropping the first {drop_first} and last {drop_last} of {nS} sentences leaves "
                          f"{scored} with a vertical score; kurtosis needs at least 4: lower --drop-first "
                          "/ --drop-last or give a longer text.")
     return kurtosis(kept)
@@ -417,11 +267,11 @@ def compare(ours: list[torch.Tensor], reference: list[torch.Tensor], *, top: int
     its own heads, averaged over the texts), plus both head lists.
     """
     if len(ours) != len(reference) or not ours:
-        raise ValueError(f"compare needs the same texts on both sides; got {len(ours)} and "
+        raise UsageError(f"compare needs the same texts on both sides; got {len(ours)} and "
                          f"{len(reference)} vertical-score tensors.")
     for a, b in zip(ours, reference):
         if a.shape != b.shape:
-            raise ValueError(f"vertical scores of shape {tuple(a.shape)} and {tuple(b.shape)}: the two "
+            raise UsageError(f"vertical scores of shape {tuple(a.shape)} and {tuple(b.shape)}: the two "
                              "analyses must cover the same model and the same sentences.")
     heads_ours = receiver_heads([head_kurtosis(v, drop_first, drop_last) for v in ours], top)
     heads_ref = receiver_heads([head_kurtosis(v, drop_first, drop_last) for v in reference], top)
@@ -439,6 +289,27 @@ def compare(ours: list[torch.Tensor], reference: list[torch.Tensor], *, top: int
                               for a, b in zip(ours, reference)]),
         "heads": heads_ours, "reference_heads": heads_ref,
     }
+
+
+def compare_traces(trace, result: Anchors, other, *, top: int = TOP_HEADS, drop_first: int = 0,
+                   drop_last: int = 0, sink_prior: bool = False) -> dict:
+    """How far ``result`` (of ``trace``) moves against ``other``, a trace of the same tokens (e.g. at
+    twice the top_k): the check for inputs too long for the dense reference. JSON-able, with ``stable``
+    when at least ``STABLE_OVERLAP`` of the receiver heads are shared and the Spearman of the vertical
+    scores on them is at least ``STABLE_RHO``."""
+    if (not torch.equal(other.tokens, trace.tokens) or other.num_layers != trace.num_layers
+            or other.num_heads != trace.num_heads):
+        where = "" if other.path is None else f" {other.path}"
+        raise UsageError(f"the trace{where} to compare with holds other tokens or another model; give a "
+                         "trace of the same text and model (e.g. traced again at twice --top-k).")
+    found = compare([result.vertical],
+                    [trace_vertical(other, result.sentences, result.proximity_ignore, sink_prior)],
+                    top=top, drop_first=drop_first, drop_last=drop_last)
+    return {"trace": None if other.path is None else str(other.path), "top_k": other.top_k,
+            "sparsity": other.sparsity, "receiver_heads_in_common": found["overlap"], "of": found["top"],
+            "spearman_vertical_on_its_heads": found["rho_heads"],
+            "spearman_receiver_scores": found["rho_receiver"],
+            "stable": found["overlap"] >= STABLE_OVERLAP * found["top"] and found["rho_heads"] >= STABLE_RHO}
 
 
 # --------------------------------------------------------------------------- everything
@@ -476,9 +347,50 @@ class Anchors:
             **self.extra,
         }
 
+    def write_tables(self, out: Path, kl: dict | None = None) -> None:
+        """``sentences.csv`` (vertical score averaged over all heads, receiver score, and with ``kl`` the
+        suppression KL of ``sparsetrace.runs.suppression``) and ``heads.csv`` (kurtosis, receiver rank)."""
+        with open(out / "sentences.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "text", "token_start", "token_end", "vertical_score", "receiver_score"]
+                       + (["suppression_kl", "suppressed_blocks"] if kl is not None else []))
+            vertical = self.vertical.nanmean((0, 1))  # mean over all heads
+            for s in self.sentences:
+                row = [s.index, s.text, s.token_start, s.token_end, _csv_number(vertical[s.index]),
+                       _csv_number(self.scores[s.index])]
+                if kl is not None:
+                    row += [_csv_number(kl["kl"][s.index]), int(kl["blocks"][s.index])]
+                w.writerow(row)
+        receivers = {h: rank for rank, h in enumerate(self.heads)}
+        with open(out / "heads.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", "head", "kurtosis", "receiver_rank"])
+            L, H = self.kurtosis.shape
+            for layer in range(L):
+                for head in range(H):
+                    rank = receivers.get((layer, head))
+                    w.writerow([layer, head, _csv_number(self.kurtosis[layer, head]),
+                                "" if rank is None else rank + 1])
+
+
+def _csv_number(x) -> str:
+    x = float(x)
+    return "" if math.isnan(x) else f"{x:.6g}"
+
+
+def suppression_summary(result: Anchors, kl: dict, heads: str) -> dict:
+    """JSON-able summary of a suppression run (``sparsetrace.runs.suppression``) beside ``result``: the
+    mean KL and its Spearman against the receiver scores."""
+    finite = kl["kl"][~torch.isnan(kl["kl"])]
+    out = {"heads": heads, "rule": "majority", "mean_kl": float(finite.mean()) if finite.numel() else None}
+    ok = ~torch.isnan(kl["kl"]) & ~torch.isnan(result.scores)
+    if ok.sum() > 2:
+        out["spearman_kl_vs_receiver"] = spearman(kl["kl"], result.scores)
+    return out
+
 
 def trace_vertical(trace, sentences: list[Sentence], proximity_ignore: int = PROXIMITY_IGNORE,
-                   sink_prior: bool = SINK_PRIOR) -> torch.Tensor:
+                   sink_prior: bool = False) -> torch.Tensor:
     """``[L, H, nS]`` vertical scores, one layer's matrices alive at a time."""
     return torch.stack([vertical_scores(layer_sentence_matrices(trace, layer, sentences,
                                                                 sink_prior), proximity_ignore)
@@ -487,7 +399,7 @@ def trace_vertical(trace, sentences: list[Sentence], proximity_ignore: int = PRO
 
 def analyze(traces, *, sentences=None, top: int = TOP_HEADS,
             proximity_ignore: int = PROXIMITY_IGNORE,
-            sink_prior: bool = SINK_PRIOR, drop_first: int = 0,
+            sink_prior: bool = False, drop_first: int = 0,
             drop_last: int = 0) -> Anchors | list[Anchors]:
     """Thought-anchor analysis of a trace (or a list: receiver heads then come from the kurtosis
     averaged over all of them, and a list of results is returned). ``sentences`` default to

@@ -9,22 +9,21 @@ the input and settings of an existing trace and records the result in its manife
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from .common import (
+from ..errors import UsageError
+from .options import (
+    add_config_flags,
     add_model_options,
-    add_trace_options,
+    config_from_args,
+    flag_of,
+    given_config_options,
     load,
     positive_int,
     read_text,
-    trace_config,
 )
-
-# TraceConfig fields that change the selection: with --trace they default to the trace's values.
-_SELECTION_FLAGS = {"block_size": 32, "sink_blocks": 1, "local_blocks": 1, "score": "max",
-                    "estimator": "stream"}
-_DEFAULT_TOP_K = 16
 
 
 def add_parser(sub) -> None:
@@ -34,12 +33,10 @@ def add_parser(sub) -> None:
                                    "KL(dense||sparse) over the last positions, and the block "
                                    "sparsity; or search the smallest top_k that passes.")
     add_model_options(p)
-    add_trace_options(p, top_k=False)
-    # None = "not given": with --trace the trace's own settings fill these in.
-    p.set_defaults(**{name: None for name in _SELECTION_FLAGS})
+    add_config_flags(p, skip=("top_k",))  # flags not given take the --trace's settings, else the defaults
     which = p.add_mutually_exclusive_group()
     which.add_argument("--top-k", type=positive_int, default=None,
-                       help=f"key blocks kept per query block (default {_DEFAULT_TOP_K}, or the trace's)")
+                       help="key blocks kept per query block (default 16, or the trace's)")
     which.add_argument("--search-k", action="store_true",
                        help="binary-search the smallest top_k that meets the criterion")
     p.add_argument("--k-min", type=positive_int, default=None,
@@ -54,27 +51,28 @@ def add_parser(sub) -> None:
                         "its manifest (without --text-file its tokens are used)")
 
 
-def _settings(args: argparse.Namespace, trace) -> None:
-    """Fill unset selection flags from the trace (or the usual defaults); refuse contradictions."""
-    theirs = trace.meta.get("trace_config", {}) if trace is not None else {}
-    for name, default in {**_SELECTION_FLAGS, "top_k": _DEFAULT_TOP_K}.items():
-        given = getattr(args, name)
-        if given is None:
-            setattr(args, name, theirs.get(name, default))
-        elif name in theirs and given != theirs[name] and not (name == "top_k" and args.search_k):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {given} differs from the trace's {theirs[name]}; drop {flag} "
-                             "so the result describes that trace.")
+def _config(args: argparse.Namespace, trace):
+    """The flags over the trace's own configuration (or the defaults); a flag that contradicts the
+    trace is refused, so the result describes that trace (``--top-k`` may differ with ``--search-k``)."""
+    base = None if trace is None else trace.trace_config
+    if base is not None:
+        theirs = dataclasses.asdict(base.mask)  # what changes the selection (not chunking, storage)
+        for name, given in given_config_options(args).items():
+            if name in theirs and given != theirs[name] and not (name == "top_k" and args.search_k):
+                flag = flag_of(name)
+                raise UsageError(f"{flag} {given} differs from the trace's {theirs[name]}; drop {flag} "
+                                 "so the result describes that trace.")
+    return config_from_args(args, base)
 
 
 def _tokens(args, tokenizer, trace):
-    from ..tracer import tokenize
+    from ..tracing.tracer import tokenize
 
     if args.text_file is None and trace is not None:
         return trace.tokens
     ids, _ = tokenize(tokenizer, read_text(args.text_file), args.max_tokens)
     if trace is not None and not (ids.shape == trace.tokens.shape and bool((ids == trace.tokens).all())):
-        raise ValueError(f"--text-file gives {ids.shape[0]} tokens that differ from the "
+        raise UsageError(f"--text-file gives {ids.shape[0]} tokens that differ from the "
                          f"{trace.num_tokens} tokens of --trace {args.trace}; drop --text-file to "
                          "use the trace's own tokens.")
     return ids
@@ -113,25 +111,24 @@ def probe_table(search) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.search_k and args.k_min is not None and args.k_max is not None and args.k_min > args.k_max:
-        raise ValueError(f"--k-min {args.k_min} exceeds --k-max {args.k_max}; give k-min <= k-max.")
+        raise UsageError(f"--k-min {args.k_min} exceeds --k-max {args.k_max}; give k-min <= k-max.")
     if not args.search_k and (args.k_min is not None or args.k_max is not None):
-        raise ValueError("--k-min and --k-max bound --search-k; add --search-k or drop them.")
+        raise UsageError("--k-min and --k-max bound --search-k; add --search-k or drop them.")
     if args.text_file is None and args.trace is None:
-        raise ValueError("no input text: pass --text-file FILE (or --trace DIR of a trace).")
+        raise UsageError("no input text: pass --text-file FILE (or --trace DIR of a trace).")
     trace = None
     if args.trace is not None:
         from ..store import Trace
 
-        trace = Trace.load(args.trace, verify=False)
+        trace = Trace.load(args.trace)
         if args.model is None and trace.meta.get("model_id"):
             args.model = trace.meta["model_id"]
-    _settings(args, trace)
-    config = trace_config(args)
-    from .. import fidelity
+    config = _config(args, trace)
+    from ..runs import fidelity
 
     model, tokenizer, model_id = load(args)
     if trace is not None and trace.meta.get("model_id") not in (None, "", model_id):
-        raise ValueError(f"--trace {args.trace} was made with {trace.meta['model_id']}, not "
+        raise UsageError(f"--trace {args.trace} was made with {trace.meta['model_id']}, not "
                          f"{model_id}; pass --model {trace.meta['model_id']}.")
     ids = _tokens(args, tokenizer, trace)
     if args.search_k:

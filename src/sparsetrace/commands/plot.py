@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import positive_int
+from .options import output_file, positive_int
 
 
 def add_parser(sub) -> None:
@@ -27,12 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from ..store import Trace
     from ..viz.plot import plot_block_map
 
-    if args.out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise ValueError(f"--out {args.out}: give a .png, .pdf or .svg file name.")
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --out {args.out} does not exist; create it first.")
-    trace = Trace.load(args.trace, verify=False)
-    plot_block_map(trace, args.layer, args.head, args.out, max_cells=args.max_cells,
-                   reduce=args.reduce)
-    print(f"wrote {args.out}")
+    out = output_file(args.out, (".png", ".pdf", ".svg"))
+    trace = Trace.load(args.trace, verify=False)  # each shard is hashed before its first read
+    plot_block_map(trace, args.layer, args.head, out, max_cells=args.max_cells, reduce=args.reduce)
+    print(f"wrote {out}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import positive_int
+from .options import output_file, positive_int
 
 
 def head_list(text: str) -> list[tuple[int, int]]:
@@ -41,21 +41,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import cache_home
-    from ..store import Trace, atomic_write_bytes
-    from ..viz.data import cached_head_stats
-    from ..viz.report import report_html
+    from ..store import Trace
+    from ..tracing.models import cache_home
+    from ..viz.report import write_report
 
-    if args.out.is_dir():
-        raise IsADirectoryError(f"--out {args.out} is a directory; give a file name such as "
-                                "report.html.")
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --out {args.out} does not exist; create it first.")
+    out = output_file(args.out, (".html", ".htm"))
     start = time.perf_counter()
-    trace = Trace.load(args.trace, verify=False)
-    stats = cached_head_stats(trace, cache_home() / "viz")  # shared with `view`
-    html = report_html(trace, stats=stats, heads=args.heads, n_heads=args.n_heads, max_cells=args.max_cells,
-                       anchors=args.anchors, niah=args.niah, by=args.by)
-    atomic_write_bytes(args.out, html.encode("utf-8"))
-    print(f"wrote {args.out} ({len(html) / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
+    trace = Trace.load(args.trace, verify=False)  # each shard is hashed before its first read
+    size = write_report(trace, out, cache_dir=cache_home() / "viz", heads=args.heads, n_heads=args.n_heads,
+                        max_cells=args.max_cells, anchors=args.anchors, niah=args.niah, by=args.by)
+    print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return 0

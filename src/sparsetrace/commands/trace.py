@@ -1,4 +1,4 @@
-"""``sparsetrace trace``: run a model with STREAM attention over a text and write the trace."""
+"""``sparsetrace trace``: run a model with sparse attention over a text and write the trace."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import add_model_options, add_trace_options, human_bytes, load, read_text, trace_config
+from .options import add_config_flags, add_model_options, config_from_args, load, output_dir, read_text
 
 
 def add_parser(sub) -> None:
@@ -14,13 +14,15 @@ def add_parser(sub) -> None:
                        description="Run the model with STREAM block-sparse attention over a text "
                                    "(chunked prefill) and write the trace directory.")
     add_model_options(p)
-    add_trace_options(p)
+    add_config_flags(p)
     p.add_argument("--out", type=Path, required=True, help="trace directory to write (resumes if killed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def summarize(trace, seconds: float | None = None) -> str:
     """The lines ``trace`` prints: size, sparsity and bytes against a dense float16 record."""
+    from ..store import human_bytes
+
     lines = [
         f"tokens          {trace.num_tokens}",
         f"layers x heads  {trace.num_layers} x {trace.num_heads}",
@@ -36,20 +38,19 @@ def summarize(trace, seconds: float | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = trace_config(args)
-    text = read_text(args.text_file)
     from ..store import MANIFEST
-    from ..tracer import trace_text
+    from ..tracing.tracer import trace_text
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; give a directory path.")
+    config = config_from_args(args)
+    text = read_text(args.text_file)
+    out = output_dir(args.out)
     model, tokenizer, model_id = load(args)
     start = time.perf_counter()
-    resumed = (args.out / MANIFEST).exists()
-    trace = trace_text(model, tokenizer, text, config, max_tokens=args.max_tokens, out=args.out,
+    resumed = (out / MANIFEST).exists()
+    trace = trace_text(model, tokenizer, text, config, max_tokens=args.max_tokens, out=out,
                        model_id=model_id, progress=not args.no_progress)
     if resumed:
-        print(f"resumed the trace in {args.out}")
+        print(f"resumed the trace in {out}")
     print(summarize(trace, time.perf_counter() - start))
-    print(f"written to      {args.out}")
+    print(f"written to      {out}")
     return 0

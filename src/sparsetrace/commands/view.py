@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import nonnegative_int
+from .options import nonnegative_int
 
 
 def add_parser(sub) -> None:
@@ -27,11 +27,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import cache_home
     from ..store import Trace
+    from ..tracing.models import cache_home
     from ..viz.server import serve
 
-    trace = Trace.load(args.trace, verify=False)
+    trace = Trace.load(args.trace, verify=False)  # each shard is hashed before its first read
     try:
         serve(trace, host=args.host, port=args.port, anchors=args.anchors, niah=args.niah,
               cache_dir=cache_home() / "viz", quiet=not args.log)

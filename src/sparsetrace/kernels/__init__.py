@@ -1,19 +1,16 @@
-"""GPU paths of sparsetrace: the STREAM tile scorer (Triton) and block-sparse attention (FlexAttention).
+"""GPU kernels: the STREAM tile scorer (Triton) and block-sparse attention (FlexAttention + a Triton mass pass).
 
-Imported lazily, and only on CUDA code paths: ``sparsetrace.attention.sparse_attention(impl="auto")`` and
-``sparsetrace.mask.stream_mask`` hand CUDA tensors over to the functions here. Nothing in this package is
-imported by ``import sparsetrace`` or by CPU-only code, so CPU installs never need Triton.
+Imported lazily and only by ``sparsetrace.ops`` when a tensor is on CUDA, so CPU installs never import
+Triton. The kernels depend only on the shared block operations (``sparsetrace.selection.blocks``); which
+kernel runs, and the fallback to torch when one cannot, is decided in ``sparsetrace.ops``.
 
-    from sparsetrace.kernels import gpu_stream_mask, gpu_sparse_attention
-    mask = gpu_stream_mask(q, k, MaskConfig(block_q=64, block_k=64, top_k=16))
-    out, mass = gpu_sparse_attention(q, k, v, mask, return_mass=True)
+``tiles``    Triton helpers both kernels use (load a query tile, a logit tile, reduce it; supported sizes)
+``scoring``  ``score_halves``: the block score of every half's representative, one program per query block
+``flex``     ``flex_attention_lse`` (FlexAttention over the kept blocks) and ``block_mass`` (the mass pass)
 
-Both give the same results as their CPU references (``mask.stream_mask``, ``attention.sparse_attention_torch``):
-indices identical on float32 inputs up to ties of float32 scores; attention and masses within the tolerance
-of the input dtype. ``bench/gpu_check.py`` checks this on a GPU; ``docs/gpu.md`` says how to run it.
+Results equal their CPU references (indices up to float32 score ties; attention and masses within the
+input dtype's tolerance); ``bench/gpu_check.py`` checks this on a GPU (docs/gpu.md).
 """
-
-from __future__ import annotations
 
 try:
     import triton  # noqa: F401
@@ -22,16 +19,3 @@ except ImportError as error:  # pragma: no cover - only on CUDA machines without
         "sparsetrace.kernels needs Triton, which ships with CUDA builds of PyTorch; install one "
         "(pip install torch --index-url https://download.pytorch.org/whl/cu126) or use impl='torch'."
     ) from error
-
-from .attention import block_mass, block_mass_torch, flex_block_mask, gpu_sparse_attention
-from .scoring import gpu_stream_mask, score_halves, score_halves_torch
-
-__all__ = [
-    "block_mass",
-    "block_mass_torch",
-    "flex_block_mask",
-    "gpu_sparse_attention",
-    "gpu_stream_mask",
-    "score_halves",
-    "score_halves_torch",
-]

@@ -1,47 +1,33 @@
 """STREAM on the GPU: a fused Triton scorer for the halves of every level, with the search kept in torch.
 
-The hot loop of ``mask.stream_mask`` is ``_tile_scores``: per query block, gather the 2m representative key
-blocks and reduce the ``block_q x (2m * block_k)`` logit tile by max (or log-sum-exp). In torch that tile is
-materialised (``[B, Hq, nQ, bq, 2m * bk]`` float32 per level: 44 GB at 1M tokens, 12 heads, blocks of 64).
-``_score_halves_kernel`` keeps it in registers: one program per (batch, head, query block) loads its query
-tile once and loops over the 2m halves, one ``q . k^T`` tile per half. Everything else (groups, halves,
-keeping the m best, assembling sinks and locals) reuses the torch helpers of ``mask.py`` unchanged, so the
-GPU path can only differ from the CPU path in the scores themselves.
+The hot loop of STREAM (``selection.stream``) is the tile score (``selection.blocks.tile_scores``): per query
+block, gather the 2m representative key blocks and reduce the ``block_q x (2m * block_k)`` logit tile by max
+(or log-sum-exp). In torch that tile is materialised (``[B, Hq, nQ, bq, 2m * bk]`` float32 per level: 44 GB at
+1M tokens, 12 heads, blocks of 64). ``_score_halves_kernel`` keeps it in registers: one program per (batch,
+head, query block) loads its query tile once and loops over the 2m halves, one ``q . k^T`` tile per half.
+Everything else (groups, halves, keeping the m best, assembling sinks and locals) is
+``selection.stream.hierarchical_search`` unchanged (``sparsetrace.ops`` plugs :func:`score_halves` into it),
+so the GPU path can only differ from the CPU path in the scores themselves.
 
 Two shortcuts that cannot change the result:
-- an empty half (the right half of a one-block group) scores -inf without a tile, as ``_keep_best`` does;
+- an empty half (the right half of a one-block group) scores -inf without a tile, as ``keep_best`` does;
 - a row whose halves hold at most m non-empty ones keeps exactly those whatever their scores, so its tiles
   are skipped (every non-empty half is causal, so its real score is finite and beats the empty ones).
 
 Exactness: bf16/fp16 inputs go through tensor-core dots with float32 accumulation (bf16 products are exact
 in float32, so this is the float32 reference up to summation order); float32 inputs use IEEE float32 dots
-(no TF32), so indices match the CPU ``stream_mask`` up to ties of float32 scores.
+(no TF32), so indices match the CPU path up to ties of float32 scores.
 """
 
 import math
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ..mask import (
-    BlockMask,
-    MaskConfig,
-    _check_inputs,
-    _key_blocks,
-    _query_blocks,
-    _tile_scores,
-    hierarchical_search,
-)
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
+from ..config import MaskConfig
+from ..selection.blocks import centre_blocks, key_blocks, query_blocks, tile_scores
+from .tiles import load_query_tile, logit_tile, program_row, reduce_tile, triton_supported
 
 
 def scorer_launch(block_q: int, block_k: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -49,62 +35,13 @@ def scorer_launch(block_q: int, block_k: int, head_dim: int, dtype: torch.dtype)
 
     The tile shape itself is fixed by the mask (``block_q x block_k``, padded to powers of two); only the
     warps per program and the software-pipelining depth are free. 16-bit defaults are the fastest of
-    ``bench/gpu.py --sweep-launch`` on an H100 at 1M tokens (2026-11-28: 64x64 tiles 4 warps / 3 stages,
-    252 ms vs 304 ms with 8 / 2; 128x64 tiles 4 / 1, 186 ms vs 197 ms); float32 (IEEE dots, tests only)
-    keeps 8 warps.
+    ``bench/gpu.py --sweep-launch`` at 1M tokens (64x64 tiles: 4 warps, 3 stages; 128x64: 4 warps, 1 stage;
+    figures in bench/RESULTS.md); float32 (IEEE dots, tests only) keeps 8 warps.
     """
     if dtype == torch.float32:
         return {"num_warps": 8, "num_stages": 2}
     small = triton.next_power_of_2(block_q) * triton.next_power_of_2(block_k) <= 64 * 64
     return {"num_warps": 4, "num_stages": 3 if small else 1}
-
-
-def triton_supported(block_q: int, block_k: int, head_dim: int) -> str | None:
-    """None if the Triton kernels take these sizes, else the reason (the caller falls back to torch)."""
-    BQ, BK = triton.next_power_of_2(block_q), triton.next_power_of_2(block_k)
-    if min(BQ, BK) < 16:
-        return f"block_q={block_q} and block_k={block_k} must be at least 16 (tensor-core tiles)"
-    if BQ * BK > 128 * 128 or max(BQ, BK) > 256:
-        return f"a {BQ}x{BK} score tile does not fit in registers (at most 128x128)"
-    if head_dim not in (16, 32, 64, 128, 256):
-        return f"head_dim={head_dim} must be a power of two in [16, 256]"
-    return None
-
-
-@triton.jit
-def _load_query_tile(Q, q_base, t, row_ok, d, stride_t, stride_d):
-    """[BQ, D] queries of one block (rows past the block or past T read 0)."""
-    ptrs = Q + q_base + t[:, None] * stride_t + d[None, :] * stride_d
-    return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _logit_tile(q, K, k_base, j, live, cols, d, stride_s, stride_d, S, BLOCK_K: tl.constexpr,
-                IEEE: tl.constexpr):
-    """``q . k^T`` of key block j: [BQ, BK] float32, the absolute key positions [BK] and which of them
-    exist (inside the block and S; none unless ``live``)."""
-    k_pos = j * BLOCK_K + cols
-    col_ok = (cols < BLOCK_K) & (k_pos < S) & (k_pos >= 0) & live
-    ptrs = K + k_base + k_pos[None, :].to(tl.int64) * stride_s + d[:, None] * stride_d
-    kt = tl.load(ptrs, mask=col_ok[None, :], other=0.0)  # [D, BK]
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
-    return s, k_pos, col_ok
-
-
-@triton.jit
-def _reduce_tile(s, allowed, scale, LSE: tl.constexpr):
-    """Block score of one tile: max of the allowed logits, or log-sum-exp of the scaled ones."""
-    if LSE:
-        x = tl.where(allowed, s * scale, float("-inf"))
-        top = tl.max(tl.max(x, axis=1), axis=0)
-        total = tl.sum(tl.sum(tl.exp(x - top), axis=1), axis=0)
-        value = tl.where(top == float("-inf"), float("-inf"), top + tl.log(total))
-    else:
-        value = tl.max(tl.max(tl.where(allowed, s, float("-inf")), axis=1), axis=0)
-    return value
 
 
 @triton.jit
@@ -116,15 +53,9 @@ def _score_halves_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
     D: tl.constexpr, LSE: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    # Program order: the query heads of one kv head fastest, then query blocks, so programs running
-    # together read the same key blocks (at the first level every head of a group has the same halves).
-    pid = tl.program_id(0)
+    # At the first level every head of a GQA group has the same halves: program_row runs them together.
+    b, h, i = program_row(tl.program_id(0), Hq, Hkv, nQ)
     group = Hq // Hkv
-    hh = pid % group
-    i = (pid // group) % nQ
-    bg = pid // (group * nQ)
-    b = bg // Hkv
-    h = (bg % Hkv) * group + hh
     row = ((b * Hq + h) * nQ + i).to(tl.int64) * R  # halves are contiguous [B, Hq, nQ, R]
 
     r = tl.arange(0, RP)
@@ -143,7 +74,7 @@ def _score_halves_kernel(
         used = (row_ok & (rows % query_stride == 0)) | (rows == last_row)
         q_pos = t + (S - T)
         d = tl.arange(0, D)
-        q = _load_query_tile(Q, b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, t.to(tl.int64), row_ok,
+        q = load_query_tile(Q, b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, t.to(tl.int64), row_ok,
                              d, sqt, sqd)
         k_base = b.to(tl.int64) * skb + (h // group).to(tl.int64) * skh
         cols = tl.arange(0, BK)
@@ -153,11 +84,11 @@ def _score_halves_kernel(
             pick = r == x
             j = tl.sum(tl.where(pick, centre, 0), axis=0)
             live = tl.sum(tl.where(pick & nonempty, 1, 0), axis=0) > 0  # empty halves load nothing
-            s, k_pos, col_ok = _logit_tile(q, K, k_base, j, live, cols, d, sks, skd, S, BLOCK_K, IEEE)
+            s, k_pos, col_ok = logit_tile(q, K, k_base, j, live, cols, d, sks, skd, S, BLOCK_K, IEEE)
             allowed = used[:, None] & col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
             if WINDOW:  # transformers' sliding window: key > query - window
                 allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-            scores = tl.where(pick, _reduce_tile(s, allowed, scale, LSE), scores)
+            scores = tl.where(pick, reduce_tile(s, allowed, scale, LSE), scores)
         tl.store(OUT + row + r, tl.where(nonempty, scores, float("-inf")), mask=r < R)
 
 
@@ -202,52 +133,18 @@ def score_halves(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
 
 def score_halves_torch(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
                        window: int | None = None, *, max_elements: int = 2**28) -> torch.Tensor:
-    """The same scores with ``mask._tile_scores`` (the CPU path), chunked over query blocks so the
+    """The same scores with ``selection.blocks.tile_scores`` (the CPU path), chunked over query blocks so the
     ``[B, Hq, chunk, bq, 2m * bk]`` float32 tile stays under ``max_elements``. Any device."""
     B, Hq, nQ, R = half_starts.shape
     S = k.shape[2]
     n_kb = math.ceil(S / config.block_k)
-    q_blocks, q_pos, q_used = _query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
-    k_blocks = _key_blocks(k, config.block_k)  # [B, Hkv, nKB, bk, D]
-    centre = torch.clamp((half_starts + half_ends - 1) // 2, 0, n_kb - 1)  # [B, Hq, nQ, R]
+    q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
+    k_blocks = key_blocks(k, config.block_k)  # [B, Hkv, nKB, bk, D]
+    centre = centre_blocks(half_starts, half_ends, n_kb)  # [B, Hq, nQ, R]
     step = max(1, max_elements // (B * Hq * config.block_q * R * config.block_k * 2))
     out = []
     for i in range(0, nQ, step):
         sl = slice(i, min(i + step, nQ))
-        out.append(_tile_scores(q_blocks[:, :, sl], q_pos[sl], q_used[sl], k_blocks, centre[:, :, sl],
+        out.append(tile_scores(q_blocks[:, :, sl], q_pos[sl], q_used[sl], k_blocks, centre[:, :, sl],
                                 config, scale, window))
     return torch.cat(out, dim=2)  # [B, Hq, nQ, R]
-
-
-def gpu_stream_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
-                    window: int | None = None, scorer=None) -> BlockMask:
-    """``mask.stream_mask`` on CUDA tensors, the tile scores from the Triton kernel.
-
-    Args:
-        q: post-RoPE queries ``[B, Hq, T, D]``; k: post-RoPE keys ``[B, Hkv, S, D]`` (GQA: Hq % Hkv == 0).
-        config: the selection (block sizes, top_k, forced blocks, score, query_stride).
-        scale: logit scale of the ``"lse"`` score, default ``D ** -0.5``.
-        window: sliding window of the layer, None for a global layer (as in ``stream_mask``).
-        scorer: ``score_halves`` (default) or ``score_halves_torch``; same signature.
-    Returns:
-        BlockMask with int32 ``indices [B, Hq, nQ, top_k]``, identical to ``stream_mask`` up to score ties.
-    """
-    _check_inputs(q, k, config)
-    D = q.shape[-1]
-    scale = D**-0.5 if scale is None else scale
-    if scorer is None:
-        reason = triton_supported(config.block_q, config.block_k, D)
-        if reason is None and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            reason = f"dtype {q.dtype}"
-        if reason is not None or not q.is_cuda:
-            _warn_once(f"sparsetrace: Triton scorer not used ({reason or q.device}); scoring in torch.")
-            scorer = score_halves_torch
-        else:
-            scorer = score_halves
-    if k.dtype != q.dtype:
-        k = k.to(q.dtype)
-
-    # The schedule of mask.stream_mask, step for step; only the scorer differs.
-    return hierarchical_search(
-        q, k, config, window, lambda starts, ends: scorer(q, k, starts, ends, config, scale, window)
-    )

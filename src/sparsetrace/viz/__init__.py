@@ -6,7 +6,7 @@
     plot_block_map(trace, layer=3, head=1, out="map.png")   # matplotlib, imported lazily
 
 Everything reads a :class:`~sparsetrace.store.Trace` only (never the model); long traces are
-aggregated on the fly (``data.block_grid``), never expanded to a dense query x key matrix.
+aggregated on the fly (``views.block_grid``), never expanded to a dense query x key matrix.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ _LAZY = {
     "Report": "report",
     "plot_block_map": "plot",
     "serve": "server",
-    "head_stats": "data",
-    "block_grid": "data",
+    "head_stats": "views",
+    "block_grid": "views",
 }
 
 __all__ = list(_LAZY)

@@ -1,7 +1,7 @@
 """``sparsetrace plot``: a static block map of one head with matplotlib (Agg, imported lazily).
 
 Readable at any length: the map is aggregated to at most ``max_cells`` x ``max_cells`` cells
-(max mass per cell, data.block_grid), colours are on a log scale, ticks are token positions,
+(max mass per cell, views.block_grid), colours are on a log scale, ticks are token positions,
 and the title names the model, layer, head and k.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import data
+from ..errors import UsageError
+from . import views
 
 INSTALL_HINT = "pip install 'sparsetrace[viz]' (or pip install matplotlib)"
 
@@ -20,7 +21,7 @@ def pyplot():
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ValueError(f"plotting needs matplotlib: {INSTALL_HINT}") from None
+        raise UsageError(f"plotting needs matplotlib: {INSTALL_HINT}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -35,11 +36,10 @@ def plot_block_map(trace, layer: int, head: int, out=None, *, max_cells: int = 1
     plt = pyplot()
     from matplotlib.colors import LogNorm
 
-    layer = data._check(layer, trace.num_layers, "layer")
-    head = data._check(head, trace.num_heads, "head")
+    layer, head = trace.head_index(layer, head)
     q0, q1 = q_range or (None, None)
     k0, k1 = k_range or (None, None)
-    g = data.block_grid(trace, layer, head, q0, q1, k0, k1, max_rows=max_cells,
+    g = views.block_grid(trace, layer, head, q0, q1, k0, k1, max_rows=max_cells,
                         max_cols=max_cells, reduce=reduce)
     T, bq, bk = trace.num_tokens, trace.block_q, trace.block_k
     vals = g.values.copy()
@@ -59,7 +59,7 @@ def plot_block_map(trace, layer: int, head: int, out=None, *, max_cells: int = 1
     label = "max mass of a kept block" if reduce == "max" else "mean mass sent to the cell"
     cells = (f", cells of {g.q_step}x{g.k_step} blocks" if g.q_step > 1 or g.k_step > 1 else "")
     fig.colorbar(im, ax=ax, label=f"{label} (log)")
-    model = data.describe(trace)["model"]
+    model = views.describe(trace)["model"]
     ax.set_title(f"{model}: layer {layer}, head {head}, k={trace.top_k} "
                  f"({T:,} tokens, blocks {bq}x{bk}{cells})", fontsize=9)
     fig.tight_layout()

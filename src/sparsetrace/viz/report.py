@@ -16,53 +16,48 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from . import data
+from ..errors import UsageError
+from ..store import atomic_write_bytes, encode_mass
+from . import views
 
 STATIC = Path(__file__).with_name("static")
+
+
+def _log8_bytes(values: np.ndarray) -> bytes:
+    """Grid cells in the store's 1-byte log encoding (decoded by the page with the same table)."""
+    return encode_mass(torch.from_numpy(np.ascontiguousarray(values)), "log8").numpy().tobytes()
 MAX_TEXT_TOKENS = 8192  # embed token text (tooltips) only up to this length
-
-
-def encode_log8(values: np.ndarray) -> bytes:
-    """float masses -> uint8 codes (0 = 0; c = 2**(-24 (255 - c) / 254), 3.3 % relative error)."""
-    v = np.asarray(values, dtype=np.float64)
-    code = np.clip(np.round(255 + np.log2(np.maximum(v, 2.0**-30)) * (254 / 24)), 1, 255)
-    return np.where(v < 2.0**-25, 0, code).astype(np.uint8).tobytes()
 
 
 def report_data(trace, *, heads=None, n_heads: int = 4, max_cells: int = 256, anchors=None,
                 niah=None, stats=None, by: str = "other") -> dict:
     """The JSON the report page embeds. `heads`: [(layer, head)], default the `n_heads` heads
     with the largest metric `by`: "other" = mass off the diagonal and off the sink block (see
-    data.head_stats), or "offdiag", "entropy", ..., "kurtosis" / "needle_mass" when the anchors /
+    views.head_stats), or "offdiag", "entropy", ..., "kurtosis" / "needle_mass" when the anchors /
     niah results are found."""
-    stats = data.head_stats(trace) if stats is None else stats
-    metrics = {**stats, **data.load_analysis(trace, anchors=anchors, niah=niah)}
+    stats = views.head_stats(trace) if stats is None else stats
+    metrics = {**stats, **views.load_analysis(trace, anchors=anchors, niah=niah)}
     if heads is None:
         if by not in metrics:
-            raise ValueError(f"cannot pick heads by {by!r}: this trace has {sorted(metrics)} "
+            raise UsageError(f"cannot pick heads by {by!r}: this trace has {sorted(metrics)} "
                              "(kurtosis needs --anchors, needle_mass needs --niah)")
-        heads = data.top_heads(metrics, n_heads, by=by)
+        heads = views.top_heads(metrics, n_heads, by=by)
     panels = []
     for layer, head in heads:
-        layer = data._check(layer, trace.num_layers, "layer")
-        head = data._check(head, trace.num_heads, "head")
-        g = data.block_grid(trace, layer, head, max_rows=max_cells, max_cols=max_cells)
+        layer, head = trace.head_index(layer, head)
+        g = views.block_grid(trace, layer, head, max_rows=max_cells, max_cols=max_cells)
         panels.append({"layer": layer, "head": head, "grid": g.header(),
-                       "codes": base64.b64encode(encode_log8(g.values)).decode(),
-                       "stats": {k: _num(v[layer, head]) for k, v in metrics.items()}})
-    info = data.describe(trace)
+                       "codes": base64.b64encode(_log8_bytes(g.values)).decode(),
+                       "stats": {k: views.json_number(v[layer, head]) for k, v in metrics.items()}})
+    info = views.describe(trace)
     info["metrics"] = list(metrics)
-    pieces = (data.token_pieces(trace, 0, trace.num_tokens)
+    pieces = (views.token_pieces(trace, 0, trace.num_tokens)
               if trace.num_tokens <= MAX_TEXT_TOKENS else None)
     return {"info": info, "by": by,
-            "metrics": {k: [[_num(x) for x in row] for row in v] for k, v in metrics.items()},
+            "metrics": {k: views.json_grid(v) for k, v in metrics.items()},
             "heads": panels, "pieces": pieces}
-
-
-def _num(x):
-    x = float(x)
-    return None if np.isnan(x) else round(x, 6)
 
 
 def report_html(trace, **kwargs) -> str:
@@ -71,7 +66,7 @@ def report_html(trace, **kwargs) -> str:
     payload = payload.replace("</", "<\\/")  # never closes the <script> early
     css = (STATIC / "viewer.css").read_text(encoding="utf-8")
     js = "\n".join((STATIC / f).read_text(encoding="utf-8") for f in ("common.js", "report.js"))
-    title = html.escape(f"sparsetrace report: {data.describe(trace)['model']}")
+    title = html.escape(f"sparsetrace report: {views.describe(trace)['model']}")
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -117,7 +112,13 @@ class Report:
                 f'style="width:100%;height:{self.height}px;border:0"></iframe>')
 
     def save(self, path) -> Path:
-        from ..store import atomic_write_bytes
-
         atomic_write_bytes(path, self.html.encode("utf-8"))
         return Path(path)
+
+
+def write_report(trace, path, *, cache_dir=None, **kwargs) -> int:
+    """Write the report of ``trace`` to ``path`` atomically, with the per-head statistics read from or
+    written to ``cache_dir`` (shared with the viewer); returns its size in bytes."""
+    page = report_html(trace, stats=views.cached_head_stats(trace, cache_dir), **kwargs).encode("utf-8")
+    atomic_write_bytes(path, page)
+    return len(page)

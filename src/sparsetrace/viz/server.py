@@ -7,7 +7,7 @@ The page (static/viewer.html) asks for data lazily, so a 1M-token trace opens at
                                        background thread ("done_layers" says how far), cached
                                        under $SPARSETRACE_HOME/viz/ by trace fingerprint
     GET /api/grid?layer&head&q0&q1&k0&k1&rows&cols&reduce
-                                       the aggregated block map of a viewport (data.block_grid):
+                                       the aggregated block map of a viewport (views.block_grid):
                                        float32 little-endian body, its header in X-Grid (JSON)
     GET /api/tokens?t0&t1              text pieces of tokens [t0, t1) (at most 20000)
     GET /api/received?layer&head&q0&q1 mass per key block received from query blocks [q0, q1)
@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
-import math
 import socket
 import sys
 import threading
@@ -32,7 +31,8 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from . import data
+from ..errors import UsageError
+from . import views
 
 STATIC = Path(__file__).with_name("static")
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -41,18 +41,18 @@ MAX_TOKENS_PER_REQUEST = 20000
 MAX_CELLS = 4096  # per grid side
 
 
-class PortInUseError(ValueError):
-    """The port is taken (a ValueError so the CLI prints it as one line, exit 2)."""
+class PortInUseError(UsageError):
+    """The port is taken (a UsageError, so the CLI prints it as one line, exit 2)."""
 
 
 def check_loopback(host: str) -> str:
-    """`host` if it names a loopback address, else ValueError (the viewer has no auth)."""
+    """`host` if it names a loopback address, else UsageError (the viewer has no auth)."""
     try:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror:
-        raise ValueError(f"--host {host!r} does not resolve; use 127.0.0.1.") from None
+        raise UsageError(f"--host {host!r} does not resolve; use 127.0.0.1.") from None
     if not infos or not all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos):
-        raise ValueError(f"--host {host} is not a loopback address; the viewer serves only "
+        raise UsageError(f"--host {host} is not a loopback address; the viewer serves only "
                          "127.0.0.1 / ::1 (it has no authentication). Use ssh -L to reach it "
                          "from elsewhere.")
     return host
@@ -68,7 +68,7 @@ class _Overview:
         self.done, self.error = 0, None
         self.lock, self._stop, self._thread = threading.Lock(), threading.Event(), None
         self.cache_dir = cache_dir
-        cached = data.read_stats_cache(trace, cache_dir)
+        cached = views.read_stats_cache(trace, cache_dir)
         if cached is not None:
             self.stats, self.done = cached, L
 
@@ -89,22 +89,21 @@ class _Overview:
             for li in range(self.trace.num_layers):
                 if self._stop.is_set():
                     return
-                part = data.head_stats(self.trace, layers=[li])
+                part = views.head_stats(self.trace, layers=[li])
                 with self.lock:
                     if not self.stats:
                         self.stats = {k: np.full_like(v, np.nan) for k, v in part.items()}
                     for k, v in part.items():
                         self.stats[k][li] = v[li]
                     self.done = li + 1
-            data.write_stats_cache(self.trace, self.cache_dir, self.stats)
+            views.write_stats_cache(self.trace, self.cache_dir, self.stats)
         except Exception as e:  # noqa: BLE001 -- shown in the page; the viewer keeps working without it
             self.error = f"{type(e).__name__}: {e}"
 
     def json(self) -> dict:
         with self.lock:
             metrics = {**self.stats, **self.analysis}
-            out = {k: [[None if math.isnan(x) else round(float(x), 6) for x in row] for row in v]
-                   for k, v in metrics.items()}
+            out = {k: views.json_grid(v) for k, v in metrics.items()}
             return {"done_layers": self.done, "num_layers": self.trace.num_layers,
                     "error": self.error, "metrics": out}
 
@@ -114,14 +113,14 @@ class ViewerApp:
 
     def __init__(self, trace, *, anchors=None, niah=None, cache_dir: Path | None = None):
         self.trace = trace
-        self.info = data.describe(trace)
-        analysis = data.load_analysis(trace, anchors=anchors, niah=niah)
+        self.info = views.describe(trace)
+        analysis = views.load_analysis(trace, anchors=anchors, niah=niah)
         self.overview = _Overview(trace, analysis, cache_dir)
         self.info["metrics"] = ["sparsity", "entropy", "other", "sink", "diagonal",
                                 *analysis.keys()]
         # first head shown: the top receiver head when anchors results are there, else a middle one
         kurt = analysis.get("kurtosis")
-        self.info["default_head"] = (list(data.top_heads({"k": kurt}, 1, by="k")[0])
+        self.info["default_head"] = (list(views.top_heads({"k": kurt}, 1, by="k")[0])
                                      if kurt is not None and not np.isnan(kurt).all()
                                      else [trace.num_layers // 2, 0])
 
@@ -133,7 +132,7 @@ class ViewerApp:
         return _json(self.overview.json())
 
     def grid(self, q):
-        g = data.block_grid(self.trace, _int(q, "layer"), _int(q, "head"),
+        g = views.block_grid(self.trace, _int(q, "layer"), _int(q, "head"),
                             _int(q, "q0", None), _int(q, "q1", None),
                             _int(q, "k0", None), _int(q, "k1", None),
                             max_rows=min(MAX_CELLS, _int(q, "rows", 800)),
@@ -146,11 +145,11 @@ class ViewerApp:
         t0, t1 = _int(q, "t0"), _int(q, "t1")
         t1 = min(t1, t0 + MAX_TOKENS_PER_REQUEST)
         t0, t1 = max(0, t0), min(self.trace.num_tokens, t1)
-        pieces = data.token_pieces(self.trace, t0, t1) if t1 > t0 else []
+        pieces = views.token_pieces(self.trace, t0, t1) if t1 > t0 else []
         return _json({"t0": t0, "t1": t0 + len(pieces), "pieces": pieces})
 
     def received(self, q):
-        v = data.received(self.trace, _int(q, "layer"), _int(q, "head"), _int(q, "q0"),
+        v = views.received(self.trace, _int(q, "layer"), _int(q, "head"), _int(q, "q0"),
                           _int(q, "q1"))
         nz = np.flatnonzero(v)
         return _json({"blocks": nz.tolist(), "mass": [round(float(x), 7) for x in v[nz]]})
@@ -243,9 +242,9 @@ def make_server(trace, *, host: str = "127.0.0.1", port: int = 8000, anchors=Non
             raise PortInUseError(f"port {port} is in use; pass --port another or 0 for a free "
                                  "one.") from None
         if e.errno == errno.EACCES:
-            raise PermissionError(f"port {port} needs privileges; pass --port above 1023 or 0 "
+            raise UsageError(f"port {port} needs privileges; pass --port above 1023 or 0 "
                                   "for a free one.") from None
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     server.app = app
     app.overview.start()
     return server

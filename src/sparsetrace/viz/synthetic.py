@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..store import Trace, TraceWriter
+
 _WORDS = """
     the model reads a long text and every head keeps a few blocks of keys for each block of queries
     while the sink and the diagonal are always kept so the trace stays small needle haystack answer
@@ -68,17 +70,15 @@ def write_synthetic_trace(path, *, num_tokens: int, num_layers: int = 4, num_hea
                           seed: int = 0, with_text: bool = True, progress: bool = False,
                           mass_encoding: str = "float16"):
     """Write (or finish writing: TraceWriter resumes) a synthetic trace directory; return it."""
-    from ..store import TraceWriter
-
     text, tokens, offsets = synthetic_text(num_tokens, seed) if with_text else (
         None, torch.arange(num_tokens) % 50000, None)
     nb = -(-num_tokens // block_size)
+    mask = {"block_q": block_size, "block_k": block_size, "top_k": top_k, "sink_blocks": 1, "local_blocks": 1}
     meta = {"model_id": "synthetic", "model": {"architecture": "synthetic"},
-            "block_q": block_size, "block_k": block_size, "top_k": top_k, "sink_blocks": 1,
-            "local_blocks": 1, "synthetic_seed": seed}
+            "trace_config": {"mask": mask}, "synthetic_seed": seed}
     w = TraceWriter(Path(path), meta=meta, tokens=tokens, token_offsets=offsets, text=text,
-                    num_layers=num_layers, num_heads=num_heads, top_k=top_k,
-                    num_query_blocks=nb, num_key_blocks=nb, mass_encoding=mass_encoding)
+                    num_layers=num_layers, num_heads=num_heads, top_k=top_k, block_q=block_size,
+                    block_k=block_size, mass_encoding=mass_encoding)
     for a in range(w.completed_query_blocks, nb, chunk_blocks):
         n = min(chunk_blocks, nb - a)
         idx, mass = synthetic_rows(a, n, num_layers=num_layers, num_heads=num_heads, top_k=top_k,
@@ -89,4 +89,5 @@ def write_synthetic_trace(path, *, num_tokens: int, num_layers: int = 4, num_hea
             print(f"\r  wrote query blocks {a + n}/{nb}", end="", flush=True)
     if progress:
         print()
-    return w.finish()
+    w.finish()
+    return Trace.load(path, verify=False)

@@ -1,6 +1,7 @@
 """Block-sparse attention on the GPU: FlexAttention over the kept blocks, then the mass of each block.
 
-``gpu_sparse_attention`` has the contract of ``attention.sparse_attention_torch``:
+With ``sparsetrace.ops.sparse_attention`` (which calls these in turn) this has the contract of
+``attention.blockwise.sparse_attention_torch``:
 1. ``flex_block_mask`` turns ``BlockMask.indices [B, Hq, nQ, top_k]`` into a FlexAttention ``BlockMask``.
    Blocks every query of query block i sees whole (before its first query, inside its sliding window if
    any) become ``full_kv_indices`` (no mask_mod), the rest ``kv_indices`` (causal, windowed mask_mod with
@@ -16,7 +17,6 @@
 
 import inspect
 import math
-import warnings
 
 import torch
 import triton
@@ -24,20 +24,12 @@ import triton.language as tl
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
-from ..attention import _gather_blocks, sparse_attention_torch
-from ..mask import BlockMask, _allowed, pack_rows
-from .scoring import _load_query_tile, _logit_tile, triton_supported
+from ..selection.blocks import BlockMask, gather_kept, may_attend, pack_rows
+from .tiles import load_query_tile, logit_tile, program_row, triton_supported
 
 _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(FlexBlockMask.from_kv_blocks).parameters
-_WARNED: set[str] = set()
 _FLEX = None  # torch.compile(flex_attention), built on first use
 _MASK_MODS: dict = {}  # device -> (mask_mod, [q_offset, window] tensor): one object per device
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def _pow2_divisor(n: int) -> int:
@@ -55,7 +47,8 @@ def flex_kernel_options(block_q: int, block_k: int, head_dim: int, dtype: torch.
     return {"BLOCK_M": min(_pow2_divisor(block_q), cap_m), "BLOCK_N": min(_pow2_divisor(block_k), cap_n)}
 
 
-def _flex_unsupported(q: torch.Tensor, mask: BlockMask) -> str | None:
+def flex_unsupported(q: torch.Tensor, mask: BlockMask) -> str | None:
+    """None if FlexAttention takes this dtype, these block sizes and head dim, else the reason."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype}"
     if min(_pow2_divisor(mask.block_q), _pow2_divisor(mask.block_k)) < 16:
@@ -140,13 +133,8 @@ def _block_mass_kernel(
     TOP_K: tl.constexpr, TOP_KP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BQ: tl.constexpr,
     BK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    b, h, i = program_row(tl.program_id(0), Hq, Hkv, nQ)
     group = Hq // Hkv
-    hh = pid % group
-    i = (pid // group) % nQ
-    bg = pid // (group * nQ)
-    b = bg // Hkv
-    h = (bg % Hkv) * group + hh
     row = ((b * Hq + h) * nQ + i).to(tl.int64) * TOP_K  # indices and mass are contiguous [B, Hq, nQ, K]
 
     rows = tl.arange(0, BQ)
@@ -154,7 +142,7 @@ def _block_mass_kernel(
     row_ok = (rows < BLOCK_Q) & (t < T)
     q_pos = t + (S - T)
     d = tl.arange(0, D)
-    q = _load_query_tile(Q, b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, t.to(tl.int64), row_ok, d,
+    q = load_query_tile(Q, b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, t.to(tl.int64), row_ok, d,
                          sqt, sqd)
     lse = tl.load(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + t.to(tl.int64) * slt,
                   mask=row_ok, other=0.0)
@@ -167,7 +155,7 @@ def _block_mass_kernel(
     for x in range(TOP_K):  # straight-line body, so the key-tile loads pipeline across blocks
         pick = slot == x
         j = tl.sum(tl.where(pick, ids, 0), axis=0)
-        s, k_pos, col_ok = _logit_tile(q, K, k_base, j, j >= 0, cols, d, sks, skd, S, BLOCK_K, IEEE)
+        s, k_pos, col_ok = logit_tile(q, K, k_base, j, j >= 0, cols, d, sks, skd, S, BLOCK_K, IEEE)
         allowed = row_ok[:, None] & col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
@@ -227,11 +215,11 @@ def block_mass_torch(q, k, lse, indices, block_q: int, block_k: int, scale: floa
     for i in range(0, nQ, step):
         sl = slice(i, min(i + step, nQ))
         ids = indices[:, :, sl]
-        keys = _gather_blocks(k, ids, bk).to(compute)  # [B, Hq, c, top_k*bk, D]
+        keys = gather_kept(k, ids, bk).to(compute)  # [B, Hq, c, top_k*bk, D]
         logits = q_blocks[:, :, sl].to(compute) @ keys.transpose(-1, -2) * scale  # [B, Hq, c, bq, top_k*bk]
         k_pos = (ids.long()[..., None] * bk + torch.arange(bk, device=q.device)).flatten(3)
         valid = (ids >= 0).repeat_interleave(bk, dim=-1)  # [B, Hq, c, top_k*bk]
-        allowed = _allowed(k_pos[..., None, :], q_pos[sl][:, :, None], window) & valid[..., None, :]
+        allowed = may_attend(k_pos[..., None, :], q_pos[sl][:, :, None], window) & valid[..., None, :]
         allowed = allowed & real[sl][:, :, None]  # [B, Hq, c, bq, top_k*bk]
         p = torch.exp(logits - lse_blocks[:, :, sl, :, None]).masked_fill(~allowed, 0.0)
         per_block = p.view(*p.shape[:4], top_k, bk).sum(-1).sum(3)  # [B, Hq, c, top_k]
@@ -246,27 +234,22 @@ def _flex():
     return _FLEX
 
 
-def gpu_sparse_attention(q, k, v, mask: BlockMask, *, scale: float | None = None, return_mass: bool = False,
-                         window: int | None = None):
-    """Softmax attention of ``q`` over the blocks ``mask`` keeps, on CUDA (FlexAttention + Triton).
+def flex_attention_lse(q, k, v, mask: BlockMask, *, scale: float, window: int | None = None,
+                       return_lse: bool = False):
+    """Softmax attention of ``q`` over the blocks ``mask`` keeps, on CUDA (FlexAttention).
 
     Args:
         q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, S, D]`` (GQA: head h reads kv head ``h // (Hq // Hkv)``);
-            bf16, fp16 or fp32 (other dtypes fall back to ``sparse_attention_torch`` with one warning).
+            bf16, fp16 or fp32 (see :func:`flex_unsupported`).
         mask: ``BlockMask`` with int32 ``indices [B, Hq, nQ, top_k]`` built for these q and k.
-        scale: logit scale, default ``D ** -0.5``.
-        return_mass: also return float32 ``mass [B, Hq, nQ, top_k]`` (see ``block_mass``).
         window: sliding window of the layer (keys ``> position - window``), None for a global layer.
+        return_lse: also return the float32 natural-log logsumexp ``[B, Hq, T]`` of the scaled logits over
+            each query's kept keys (what :func:`block_mass` needs).
     Returns:
-        ``out [B, Hq, T, D]`` in q's dtype, or ``(out, mass)``.
+        ``out [B, Hq, T, D]`` in q's dtype, or ``(out, lse)``.
     """
     Hq, T, D = q.shape[1:]
     Hkv, S = k.shape[1], k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    reason = _flex_unsupported(q, mask)
-    if reason is not None:
-        _warn_once(f"sparsetrace: FlexAttention path not used ({reason}); running the torch path.")
-        return sparse_attention_torch(q, k, v, mask, scale=scale, return_mass=return_mass, window=window)
     k, v = k.to(q.dtype), v.to(q.dtype)
     # Past dynamo's recompile limit flex_attention would silently run its unfused implementation, which
     # applies the mask_mod but not the block indices: dense causal attention. Fail loudly instead, with
@@ -278,13 +261,9 @@ def gpu_sparse_attention(q, k, v, mask: BlockMask, *, scale: float | None = None
             scale=scale,
             enable_gqa=Hq != Hkv,
             kernel_options=flex_kernel_options(mask.block_q, mask.block_k, D, q.dtype),
-            return_aux=AuxRequest(lse=True) if return_mass else None,
+            return_aux=AuxRequest(lse=True) if return_lse else None,
         )
-    if not return_mass:
+    if not return_lse:
         return result
     out, aux = result
-    if triton_supported(mask.block_q, mask.block_k, D) is None:
-        mass = block_mass(q, k, aux.lse, mask.indices, mask.block_q, mask.block_k, scale, window)
-    else:
-        mass = block_mass_torch(q, k, aux.lse, mask.indices, mask.block_q, mask.block_k, scale, window)
-    return out, mass
+    return out, aux.lse

@@ -41,10 +41,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import UsageError
+
 
 def _block_size(trace) -> int:
     if trace.block_q != trace.block_k:
-        raise ValueError(
+        raise UsageError(
             f"routes need one block size for queries and keys; this trace has block_q="
             f"{trace.block_q}, block_k={trace.block_k}."
         )
@@ -56,7 +58,7 @@ def needle_blocks(spans, block: int) -> list[int]:
     blocks = set()
     for start, end in spans:
         if end <= start:
-            raise ValueError(f"needle token span ({start}, {end}) is empty.")
+            raise UsageError(f"needle token span ({start}, {end}) is empty.")
         blocks.update(range(start // block, (end - 1) // block + 1))
     return sorted(blocks)
 
@@ -67,7 +69,7 @@ def needle_mass(trace, spans, query_block: int = -1) -> torch.Tensor:
     block = _block_size(trace)
     targets = torch.tensor(needle_blocks(spans, block), dtype=torch.int32)
     if int(targets.max()) >= trace.num_key_blocks:
-        raise ValueError(f"needle spans {spans} reach past the trace's {trace.num_tokens} tokens.")
+        raise UsageError(f"needle spans {spans} reach past the trace's {trace.num_tokens} tokens.")
     q = query_block % trace.num_query_blocks
     out = torch.zeros(trace.num_layers, trace.num_heads)
     for layer in range(trace.num_layers):
@@ -129,13 +131,13 @@ def needle_route(trace, spans, *, answer_block: int = -1, aggregate: str = "max"
     """The highest-mass chain of kept blocks from the needle (layer 0) to the answer block (last
     layer), by dynamic programming over layers in ``O(L * H * nQ * k)``; see the module docstring."""
     if aggregate not in ("max", "mean"):
-        raise ValueError(f"aggregate={aggregate!r} is not 'max' or 'mean'.")
+        raise UsageError(f"aggregate={aggregate!r} is not 'max' or 'mean'.")
     block = _block_size(trace)
     nQ, L = trace.num_query_blocks, trace.num_layers
     a = answer_block % nQ
     start = needle_blocks(spans, block)
     if start[0] > a:
-        raise ValueError(f"the needle (block {start[0]}) lies after the answer block {a}.")
+        raise UsageError(f"the needle (block {start[0]}) lies after the answer block {a}.")
     value = torch.full((nQ,), -math.inf, dtype=torch.float64)  # V_0 over key blocks
     value[[j for j in start if j < nQ]] = 0.0
     back = torch.full((L, nQ), -1, dtype=torch.long)  # arg-max key block per (layer, query block)
@@ -202,7 +204,7 @@ def compare_heads(masses, success, top: int = 10) -> HeadSeparation:
     """Compare needle masses ``[L, H]`` (one per case) between answered (``success`` True) and
     failed cases: difference of means and AUC per (layer, head)."""
     if len(masses) != len(success):
-        raise ValueError(f"{len(masses)} mass tables but {len(success)} success flags.")
+        raise UsageError(f"{len(masses)} mass tables but {len(success)} success flags.")
     ok = [m for m, s in zip(masses, success) if s]
     bad = [m for m, s in zip(masses, success) if not s]
     if not ok or not bad:
@@ -226,7 +228,8 @@ def needle_in_forced_blocks(trace, spans, answer_block: int = -1) -> bool:
     neighbours draw mass whatever they hold (depth 0 and 100 needles at short lengths)."""
     block = _block_size(trace)
     a = answer_block % trace.num_query_blocks
-    sinks, local = int(trace.meta.get("sink_blocks", 0)), int(trace.meta.get("local_blocks", 0))
+    config = trace.trace_config
+    sinks, local = (0, 0) if config is None else (config.mask.sink_blocks, config.mask.local_blocks)
     return any(j < sinks or j > a - local for j in needle_blocks(spans, block))
 
 

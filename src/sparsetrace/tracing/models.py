@@ -42,6 +42,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..errors import UsageError
+
 # The one place that names what we trace. Each of these routes attention through transformers'
 # AttentionInterface with post-RoPE (query, key, value), so a registered sparse backend sees every
 # layer; each was checked to load and run (tests/test_models.py). Gemma 2 is left out on purpose: its
@@ -106,7 +108,7 @@ def _architecture_of(config) -> str:
 
 def _check_supported(arch: str, source: str | Path) -> None:
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise UsageError(
             f"{source} holds a {arch} model, which sparsetrace does not support; supported "
             f"architectures are {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
@@ -129,7 +131,7 @@ def _packaged_gguf(alias: str, workdir: Path) -> Path:
         except (ImportError, FileNotFoundError):  # a chunk package or its data is missing
             gguf = None
     if gguf is None or not gguf.is_file():
-        raise ValueError(
+        raise UsageError(
             f"the {alias} weights are not installed; run `{_INSTALL[alias]}` in this environment."
         )
     return gguf
@@ -151,7 +153,7 @@ def _convert_gguf(source: str | None, dest: Path) -> None:
         try:
             config = AutoConfig.from_pretrained(folder, gguf_file=name)
         except ImportError as e:  # transformers reads GGUF through the optional `gguf` package
-            raise ValueError(f"reading {name} needs the packages gguf and accelerate ({e}); run "
+            raise UsageError(f"reading {name} needs the packages gguf and accelerate ({e}); run "
                              "`pip install gguf accelerate` (pip install -e . installs both).") from None
         arch = _architecture_of(config)
         _check_supported(arch, gguf)  # before the slow dequantization
@@ -188,13 +190,13 @@ def _convert_gguf(source: str | None, dest: Path) -> None:
         shutil.rmtree(build, ignore_errors=True)
 
 
-def _resolve_folder(name_or_path: str | None) -> Path:
+def resolve_folder(name_or_path: str | None) -> Path:
     """An HF folder for ``name_or_path``, converting GGUF sources into the cache on first use."""
     alias = _alias(name_or_path)
     if alias is None:
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(
+            raise UsageError(
                 f"model path {path} does not exist; pass a local HF model folder, a .gguf file, or "
                 f"one of the aliases {', '.join(sorted(_ALIASES))} (or None for {DEFAULT_MODEL})."
             )
@@ -202,7 +204,7 @@ def _resolve_folder(name_or_path: str | None) -> Path:
     if cached is None:
         folder = Path(name_or_path).expanduser().resolve()
         if not (folder / "config.json").is_file():
-            raise ValueError(
+            raise UsageError(
                 f"{folder} has no config.json; pass an HF model folder or a .gguf file."
             )
         return folder
@@ -228,11 +230,10 @@ def load_model(
             registered with ``AttentionInterface``.
 
     Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: the architecture is not in :data:`SUPPORTED_ARCHITECTURES`, or the packaged
+        UsageError: the path does not exist, the architecture is not in :data:`SUPPORTED_ARCHITECTURES`, or the packaged
             weights of an alias are not installed.
     """
-    folder = _resolve_folder(name_or_path)
+    folder = resolve_folder(name_or_path)
     # Check the architecture from config.json before touching any weights.
     config = AutoConfig.from_pretrained(folder)
     _check_supported(_architecture_of(config), folder)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -67,31 +66,3 @@ def capture_qk(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, 
         model(input_ids=torch.as_tensor(input_ids).view(1, -1).to(device), use_cache=False,
               logits_to_keep=1)
     return layers
-
-
-def dense_probs(q: torch.Tensor, k: torch.Tensor, scaling: float | None = None,
-                window: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Causal softmax attention probabilities ``[Hq, T, S]`` (queries are the last T of S positions;
-    GQA: head h reads kv head ``h // (Hq // Hkv)``). O(T * S) memory: references only."""
-    Hq, T, D = q.shape
-    Hkv, S, _ = k.shape
-    scaling = D**-0.5 if scaling is None else scaling
-    logits = (q.to(dtype) @ k.to(dtype).repeat_interleave(Hq // Hkv, dim=0).transpose(-1, -2)) * scaling
-    q_pos = torch.arange(T)[:, None] + (S - T)
-    k_pos = torch.arange(S)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= k_pos > q_pos - window
-    return torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
-
-
-def dense_block_mass(probs: torch.Tensor, block_q: int, block_k: int, num_key_blocks: int) -> torch.Tensor:
-    """``probs [H, c, S]`` (c queries starting at a query-block boundary) -> ``[H, ceil(c / block_q),
-    num_key_blocks]``: for each query block, the mean over its real queries of the probability that falls
-    in each key block. The exact counterpart of a trace's block masses, with every key block kept."""
-    H, c, S = probs.shape
-    nq = math.ceil(c / block_q)
-    padded = torch.nn.functional.pad(probs, (0, num_key_blocks * block_k - S, 0, nq * block_q - c))
-    per_key_block = padded.view(H, nq * block_q, num_key_blocks, block_k).sum(-1)
-    real = torch.clamp(c - torch.arange(nq) * block_q, max=block_q).to(probs.dtype)  # queries per block
-    return per_key_block.view(H, nq, block_q, num_key_blocks).sum(2) / real[None, :, None]

@@ -1,8 +1,8 @@
 """Plain-loop references of the STREAM contract (shared/DESIGN.md section 1), for tests and audits.
 
-Written independently of ``mask.py``: one Python loop per (batch, head, query block), float64 scores from
-the raw positions, no shared helpers, so a bug in the vectorised path cannot hide in both. Slow; small
-inputs only.
+Written independently of ``stream.py``, ``oracle.py`` and ``blocks.py``: one Python loop per (batch, head,
+query block), float64 scores from the raw positions, no shared helpers, so a bug in the vectorised path
+cannot hide in both. Slow; small inputs only.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..config import MaskConfig
+from .blocks import BlockMask  # the container only: every number below is computed here
 
 
 def _block_score(q, k, b, h, group, i, j, T, S, block_q, block_k, score, scale, query_stride, window):
@@ -88,15 +91,19 @@ class _Chooser:
         return [s for s, _ in groups]
 
 
-def loop_stream_mask(q, k, *, block_q=32, block_k=32, top_k=16, sink_blocks=1, local_blocks=1,
-                     score="max", query_stride=1, scale=None, window=None) -> torch.Tensor:
-    """Indices ``[B, Hq, nQ, top_k]`` of the hierarchical search, one row at a time."""
-    chooser = _Chooser(block_q, block_k, score, scale, query_stride, True, window)
-    return _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, chooser, window)
+def stream_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> BlockMask:
+    """The hierarchical search, one row at a time (same signature as ``stream.stream_select``)."""
+    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, True, window)
+    return _mask(q, k, config, chooser, window)
 
 
-def loop_oracle_mask(q, k, *, block_q=32, block_k=32, top_k=16, sink_blocks=1, local_blocks=1,
-                     score="max", query_stride=1, scale=None, window=None) -> torch.Tensor:
-    """Indices ``[B, Hq, nQ, top_k]`` of the exact top-m selection, one row at a time."""
-    chooser = _Chooser(block_q, block_k, score, scale, query_stride, False, window)
-    return _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, chooser, window)
+def oracle_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> BlockMask:
+    """The exact top-m selection, one row at a time (same signature as ``oracle.oracle_select``)."""
+    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, False, window)
+    return _mask(q, k, config, chooser, window)
+
+
+def _mask(q, k, config: MaskConfig, chooser, window) -> BlockMask:
+    indices = _rows(q.cpu(), k.cpu(), config.block_q, config.block_k, config.top_k, config.sink_blocks,
+                    config.local_blocks, chooser, window)
+    return BlockMask(indices.to(q.device), config.block_q, config.block_k)

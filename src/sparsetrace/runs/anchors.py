@@ -1,7 +1,7 @@
 """Dense reference for thought anchors: sentence x sentence attention from full softmax attention.
 
 The same quantities as :mod:`sparsetrace.analysis.anchors`, computed from every layer's full causal
-attention pattern instead of a trace. One dense forward runs under :func:`sparsetrace.probe.probing`;
+attention pattern instead of a trace. One dense forward runs under :func:`sparsetrace.tracing.probe.probing`;
 each layer's ``[Hq, T, T]`` probabilities are built in query chunks and reduced to sentence sums at
 once, so at most one chunk of one layer's pattern is alive (``Hq * chunk * T`` floats). O(T^2) time:
 a reference for inputs where dense attention fits (a few thousand tokens on a CPU).
@@ -18,8 +18,10 @@ import math
 
 import torch
 
-from .analysis.anchors import Sentence, block_sentence_sums, normalize_sums, sentence_ids
-from .probe import dense_block_mass, dense_probs, probing
+from ..analysis.anchors import block_sentence_sums, normalize_sums
+from ..analysis.sentences import Sentence, sentence_ids
+from ..attention.dense import dense_block_mass, dense_probs
+from ..tracing.probe import probing
 
 
 def dense_sentence_matrices(model, input_ids: torch.Tensor, sentences: list[Sentence], *,

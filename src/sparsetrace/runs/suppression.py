@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from .analysis.anchors import Sentence
-from .mask import BlockMask, pack_rows
-from .tracer import TraceConfig, chunked_forward, new_cache, sparse_model
+from ..analysis.sentences import Sentence
+from ..config import TraceConfig
+from ..selection.blocks import BlockMask, pack_rows
+from ..tracing.backend import sparse_model
+from ..tracing.forward import chunked_forward, new_cache
 
 RULES = ("majority", "whole")
 
@@ -74,7 +76,7 @@ def _log_probs(model, ids: torch.Tensor, config: TraceConfig, edit, start: int) 
     with sparse_model(model, config, edit=edit_mask, record=False):
         for a in range(0, T, chunk):
             b = min(a + chunk, T)
-            state["q_block"] = a // config.block_size
+            state["q_block"] = a // config.mask.block_q
             keep = max(0, b - max(a, start))
             logits = chunked_forward(model, ids[a:b], chunk, keep_logits=max(keep, 1), cache=cache)
             if keep:
@@ -108,7 +110,7 @@ def suppression_kl(model, input_ids: torch.Tensor, sentences: list[Sentence],
     n_blocks = torch.zeros(nS, dtype=torch.long)
     per_position = {}
     for count, s in enumerate(which):
-        blocks = sentence_blocks(sentences[s], config.block_size, T, rule)
+        blocks = sentence_blocks(sentences[s], config.mask.block_q, T, rule)
         n_blocks[s] = len(blocks)
         later = [x for x in sentences if x.index > s]
         if not later:

@@ -27,11 +27,16 @@ conservatively and :func:`dense_reference` refuses, with the numbers, when it ex
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .tracer import TraceConfig, greedy_decode, join_chunks, model_summary, sparse_model
+from ..config import TraceConfig
+from ..errors import UsageError
+from ..store import Trace, block_sparsity
+from ..tracing.backend import sparse_model
+from ..tracing.forward import greedy_decode
+from ..tracing.tracer import join_chunks, model_summary
 
 DEFAULT_LAST_N = 64
 
@@ -148,7 +153,7 @@ def _check_memory(model, n_tokens: int, chunk_size: int, last_n: int,
     available = available_memory_bytes() if available_bytes is None else available_bytes
     need = dense_memory_bytes(model, n_tokens, chunk_size, last_n)
     if available is not None and need > available:
-        raise ValueError(
+        raise UsageError(
             f"the dense reference at {n_tokens} tokens needs about {need / 2**30:.2f} GiB (KV cache and "
             f"{min(chunk_size, n_tokens)}-query attention scores) but only {available / 2**30:.2f} GiB "
             "is available; lower --max-tokens or --chunk-size."
@@ -169,12 +174,12 @@ def _prepare(input_ids, block_size: int, last_n: int) -> tuple[torch.Tensor, int
     input_ids = torch.as_tensor(input_ids).flatten().long()
     T = input_ids.shape[0]
     if T < block_size:
-        raise ValueError(
+        raise UsageError(
             f"the input has {T} tokens, fewer than one block of {block_size}: there is nothing to "
             f"prune; give at least {block_size} tokens (or a smaller --block-size)."
         )
     if not isinstance(last_n, int) or last_n <= 0:
-        raise ValueError(f"last_n={last_n!r} must be a positive integer.")
+        raise UsageError(f"last_n={last_n!r} must be a positive integer.")
     return input_ids, min(last_n, T)
 
 
@@ -211,7 +216,7 @@ def check(
     model_id: str = "",
     available_bytes: int | None = None,
 ) -> FidelityResult:
-    """Compare the STREAM-sparse run of ``model`` on ``input_ids [T]`` with the dense run.
+    """Compare the sparse run of ``model`` on ``input_ids [T]`` with the dense run.
 
     Args:
         config: the sparse run's :class:`TraceConfig` (its ``chunk_size`` is used for both runs);
@@ -227,29 +232,28 @@ def check(
         :class:`FidelityResult`.
     """
     config = TraceConfig() if config is None else config
-    input_ids, last_n = _prepare(input_ids, config.block_size, last_n)
+    mask = config.mask
+    input_ids, last_n = _prepare(input_ids, mask.block_q, last_n)
     T = input_ids.shape[0]
     if trace is not None:
         trace = _matching_trace(trace, input_ids, config)
     if dense is None:
         dense = dense_reference(model, input_ids, chunk_size=config.chunk_size, last_n=last_n,
-                                block_size=config.block_size, available_bytes=available_bytes)
+                                block_size=mask.block_q, available_bytes=available_bytes)
     elif dense.n_tokens != T or dense.last_n < last_n:
-        raise ValueError(f"the dense reference covers {dense.n_tokens} tokens and {dense.last_n} "
+        raise UsageError(f"the dense reference covers {dense.n_tokens} tokens and {dense.last_n} "
                          f"positions; this check needs {T} and {last_n}. Recompute it.")
-
-    from .store import block_sparsity  # the store sits above the tracer; import late like it does
 
     with sparse_model(model, config) as session:
         logits, tokens, chunks = _greedy_two(model, input_ids, config.chunk_size, last_n, session)
     indices, _ = join_chunks(chunks)  # [L, H, nQ, top_k]
-    sparsity = block_sparsity(indices, config.block_size, config.block_size, T)
+    sparsity = block_sparsity(indices, mask.block_q, mask.block_k, T)
     layer_types = model_summary(model)["layer_types"] or ["full_attention"] * indices.shape[0]
     full = [i for i, t in enumerate(layer_types) if t != "sliding_attention"]
-    full_sparsity = block_sparsity(indices[full], config.block_size, config.block_size, T) if full else None
+    full_sparsity = block_sparsity(indices[full], mask.block_q, mask.block_k, T) if full else None
     agree, kl, kl_max = _compare(dense.logits[-last_n:], logits[-last_n:])
     result = FidelityResult(
-        criterion_passed=tokens == dense.tokens, top_k=config.top_k, block_size=config.block_size,
+        criterion_passed=tokens == dense.tokens, top_k=mask.top_k, block_size=mask.block_q,
         sparsity=sparsity, top1_agreement=agree, kl=kl, kl_max=kl_max, dense_tokens=dense.tokens,
         sparse_tokens=tokens, n_tokens=T, last_n=last_n, model_id=model_id,
         trace_config=asdict(config), sparsity_full_layers=full_sparsity,
@@ -261,27 +265,17 @@ def check(
 
 def _matching_trace(trace, input_ids: torch.Tensor, config: TraceConfig | None):
     """The Trace (loaded if a path), after checking it is of this input (and config, when given)."""
-    from .store import Trace
-
     if not isinstance(trace, Trace):
         trace = Trace.load(trace, verify=False)
     if not torch.equal(trace.tokens, input_ids):
-        raise ValueError(f"the trace at {trace.path} holds another input ({trace.num_tokens} tokens) "
+        raise UsageError(f"the trace at {trace.path} holds another input ({trace.num_tokens} tokens) "
                          f"than the {input_ids.shape[0]} tokens checked; check the trace's own text.")
-    if config is not None:
-        mine = _selection(asdict(config))
-        theirs = _selection(trace.meta.get("trace_config", {}))
-        if theirs and mine != theirs:
-            raise ValueError(f"the trace at {trace.path} was made with {theirs}, not {mine}; check "
-                             "with the trace's settings so the result describes it.")
+    theirs = trace.trace_config
+    if config is not None and theirs is not None and theirs.mask != config.mask:
+        raise UsageError(f"the trace at {trace.path} was made with {asdict(theirs.mask)}, not "
+                         f"{asdict(config.mask)}; check with the trace's settings so the result "
+                         "describes it.")
     return trace
-
-
-def _selection(cfg: dict) -> dict:
-    """The TraceConfig fields that change which blocks are kept (not chunking or storage)."""
-    keys = ("block_size", "top_k", "sink_blocks", "local_blocks", "score", "query_stride",
-            "estimator")
-    return {k: cfg[k] for k in keys if k in cfg}
 
 
 def _probe_summary(r: FidelityResult) -> dict:
@@ -318,26 +312,27 @@ def search_k(
         ValueError: bad bounds, or ``k_max`` itself fails (raise ``k_max``).
     """
     base_config = TraceConfig() if base_config is None else base_config
-    floor = base_config.sink_blocks + base_config.local_blocks + 1
-    input_ids, last_n = _prepare(input_ids, base_config.block_size, last_n)
-    n_blocks = math.ceil(input_ids.shape[0] / base_config.block_size)
+    base = base_config.mask
+    floor = base.sink_blocks + base.local_blocks + 1
+    input_ids, last_n = _prepare(input_ids, base.block_q, last_n)
+    n_blocks = math.ceil(input_ids.shape[0] / base.block_k)
     k_min = floor if k_min is None else k_min
     k_max = n_blocks if k_max is None else min(k_max, max(n_blocks, k_min))
     if k_min < floor:
-        raise ValueError(f"k_min={k_min} is below the {floor} blocks a selection needs (sink "
-                         f"{base_config.sink_blocks} + local {base_config.local_blocks} + 1); "
+        raise UsageError(f"k_min={k_min} is below the {floor} blocks a selection needs (sink "
+                         f"{base.sink_blocks} + local {base.local_blocks} + 1); "
                          f"raise --k-min to {floor}.")
     if k_min > k_max:
-        raise ValueError(f"k_min={k_min} exceeds k_max={k_max}; give k_min <= k_max.")
+        raise UsageError(f"k_min={k_min} exceeds k_max={k_max}; give k_min <= k_max.")
     if trace is not None:
         trace = _matching_trace(trace, input_ids, None)
     dense = dense_reference(model, input_ids, chunk_size=base_config.chunk_size, last_n=last_n,
-                            block_size=base_config.block_size, available_bytes=available_bytes)
+                            block_size=base.block_q, available_bytes=available_bytes)
     results: dict[int, FidelityResult] = {}
     probes: list[dict] = []
 
     def passes(k: int) -> bool:
-        r = check(model, input_ids, replace(base_config, top_k=k), last_n=last_n, dense=dense,
+        r = check(model, input_ids, base_config.replace(top_k=k), last_n=last_n, dense=dense,
                   model_id=model_id)
         results[k] = r
         probes.append(_probe_summary(r))
@@ -353,7 +348,7 @@ def search_k(
         else:
             lo = mid + 1
     if lo not in results and not passes(lo):  # only k_max can be unprobed here
-        raise ValueError(
+        raise UsageError(
             f"the largest k tried, k_max={k_max}, fails the criterion (dense next tokens "
             f"{list(dense.tokens)}, sparse {list(results[lo].sparse_tokens)}); raise --k-max"
             + (" (it already keeps every block: dense and sparse differ only by float rounding)."

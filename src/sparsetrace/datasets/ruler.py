@@ -41,9 +41,8 @@ Differences from RULER, on purpose:
     case does not depend on which other cases are generated, and the same seed gives identical cases.
 
 Scoring is RULER's ``string_match_all``: the fraction of expected values that occur in the
-prediction, case-insensitively. :func:`run_case` decodes greedily with a KV cache, dense (sdpa) or
-with STREAM attention, and keeps the sparse prefill's trace for the route analysis
-(:mod:`sparsetrace.analysis.niah`).
+prediction, case-insensitively. ``sparsetrace.runs.niah`` decodes the cases with a model, dense and
+sparse, and ``sparsetrace.analysis.routes`` reads the needle's route from the sparse run's trace.
 """
 
 from __future__ import annotations
@@ -53,6 +52,8 @@ import random
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
+
+from ..errors import UsageError
 
 TEMPLATE = (
     "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
@@ -158,7 +159,7 @@ class NiahCase:
 
 def check_variant(name: str) -> Variant:
     if name not in VARIANTS:
-        raise ValueError(f"unknown NIAH variant {name!r}; valid variants: {', '.join(VARIANTS)}.")
+        raise UsageError(f"unknown NIAH variant {name!r}; valid variants: {', '.join(VARIANTS)}.")
     return VARIANTS[name]
 
 
@@ -168,9 +169,9 @@ def parse_length(text: str) -> int:
     try:
         value = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
     except ValueError:
-        raise ValueError(f"length {text!r} is not a token count like 600, 1k or 4096.") from None
+        raise UsageError(f"length {text!r} is not a token count like 600, 1k or 4096.") from None
     if value <= 0:
-        raise ValueError(f"length {text!r} must be a positive number of tokens.")
+        raise UsageError(f"length {text!r} must be a positive number of tokens.")
     return value
 
 
@@ -308,14 +309,14 @@ def make_case(variant: str, tokenizer, length: int, depth: float, *, seed: int =
     """One NIAH case of ``variant`` whose prompt is at most ``length`` tokens (as close as the
     haystack's unit allows), the first answer-bearing needle at ``depth`` percent.
 
-    ``haystack``: the essay text (default: the Paul Graham essays of :func:`sparsetrace.data.
+    ``haystack``: the essay text (default: the Paul Graham essays of :func:`sparsetrace.datasets.essays.
     haystack_text`); it replaces the essays of the essay variants and is ignored by the others.
-    Raises ValueError for an unknown variant, a depth outside 0..100, or a length too short to
+    Raises UsageError for an unknown variant, a depth outside 0..100, or a length too short to
     hold the template, the needles and the question.
     """
     v = check_variant(variant)
     if not 0 <= depth <= 100:
-        raise ValueError(f"depth {depth} is outside 0..100 (percent of the haystack).")
+        raise UsageError(f"depth {depth} is outside 0..100 (percent of the haystack).")
     rng = random.Random(f"{seed}/{variant}/{length}/{depth:g}/{sample}")
 
     # Needles (RULER's generate_input_output): num_needle_k keys, num_needle_v values each.
@@ -338,11 +339,11 @@ def make_case(variant: str, tokenizer, length: int, depth: float, *, seed: int =
         type_needle_v=word, query=query)
     head, tail = full.split("\0")
     if v.haystack == "essay" and haystack is None:
-        from .data import haystack_text
+        from .essays import haystack_text
 
         haystack = haystack_text(max_chars=max(20_000, 8 * length))
     if v.haystack == "essay" and not (haystack or "").strip():
-        raise ValueError("the haystack text is empty; give a file with some text in it.")
+        raise UsageError("the haystack text is empty; give a file with some text in it.")
     stack = _Haystack(v.haystack, v, haystack, random.Random(rng.random()), set(keys))
 
     def build(n: int):
@@ -358,7 +359,7 @@ def make_case(variant: str, tokenizer, length: int, depth: float, *, seed: int =
 
     base = count(0)
     if base > length:
-        raise ValueError(
+        raise UsageError(
             f"length {length} is shorter than the needles and question of {variant}: the minimum "
             f"is {base} tokens for this tokenizer; ask for a longer length."
         )
@@ -393,7 +394,7 @@ def make_cases(variants, tokenizer, lengths, depths, *, samples: int = 1, seed: 
     for name in variants:
         check_variant(name)
     if haystack is None and any(VARIANTS[n].haystack == "essay" for n in variants):
-        from .data import haystack_text
+        from .essays import haystack_text
 
         haystack = haystack_text(max_chars=max(20_000, 8 * max(lengths)))
     return [
@@ -418,7 +419,7 @@ def string_match_all(prediction: str, answers: list[str]) -> float:
     """RULER's ``string_match_all`` for one case: the fraction of ``answers`` found in
     ``prediction``, case-insensitively (RULER reports the mean over cases x 100)."""
     if not answers:
-        raise ValueError("a NIAH case needs at least one expected answer.")
+        raise UsageError("a NIAH case needs at least one expected answer.")
     pred = postprocess(prediction).lower()
     return sum(a.lower() in pred for a in answers) / len(answers)
 
@@ -427,58 +428,3 @@ def max_new_tokens(case: NiahCase) -> int:
     """Enough greedy tokens for the expected values: 12 per number, 32 per uuid, plus a few."""
     per = 32 if VARIANTS[case.variant].type_needle_v == "uuids" else 12
     return 4 + per * len(case.answers)
-
-
-# --------------------------------------------------------------------------- running a model
-
-@dataclass
-class CaseRun:
-    """One greedy decode of a case: ``tokens`` generated, ``output`` their text, ``score``
-    (string_match_all), and for a sparse run the prefill's ``trace`` (a :class:`Trace`)."""
-
-    tokens: list[int]
-    output: str
-    score: float
-    trace: object | None = None
-    seconds: float = 0.0
-
-
-def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | None = None,
-             model_id: str = "") -> CaseRun:
-    """Decode ``case`` greedily, dense (``config=None``, the model's own attention) or with STREAM
-    attention under ``config`` (a :class:`TraceConfig`), and score it with string_match_all.
-
-    Decoding stops at EOS, after ``max_new`` tokens (default :func:`max_new_tokens`), or once every
-    expected value has appeared (which cannot change the score). A sparse run also returns the
-    prefill's trace (in memory), the same trace ``trace_ids`` would record.
-    """
-    import time
-
-    from .store import Trace
-    from .tracer import greedy_decode, join_chunks, sparse_model, trace_meta
-
-    ids = encode(tokenizer, case)
-    max_new = max_new_tokens(case) if max_new is None else max_new
-
-    def found_all(tokens):
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        return string_match_all(text, case.answers) == 1.0
-
-    start = time.perf_counter()
-    trace = None
-    if config is None:
-        _, tokens, _ = greedy_decode(model, ids, max_new, stop=found_all)
-    else:
-        with sparse_model(model, config) as session:
-            _, tokens, chunks = greedy_decode(model, ids, max_new, chunk_size=config.chunk_size,
-                                              session=session, stop=found_all)
-        meta = {**trace_meta(model, config, model_id), "niah_case": case.id}
-        trace = Trace.from_arrays(*join_chunks(chunks), meta=meta, tokens=ids)
-    output = tokenizer.decode(tokens, skip_special_tokens=True)
-    return CaseRun(tokens, output, string_match_all(output, case.answers), trace,
-                   time.perf_counter() - start)
-
-
-def two_token_criterion(dense_tokens: list[int], sparse_tokens: list[int]) -> bool:
-    """The fidelity criterion on already decoded runs: the first two greedy tokens agree."""
-    return len(dense_tokens) >= 2 and dense_tokens[:2] == sparse_tokens[:2]

@@ -24,60 +24,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError
+from ..store import atomic_write_json, kept_pairs_per_row
+
 REDUCES = ("max", "sum")
 
 
-def _check(i, n: int, what: str) -> int:
-    if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not -n <= i < n:
-        raise ValueError(f"{what} {i} is out of range: the trace has {n} {what}s (0..{n - 1})")
-    return int(i) % n
+def json_number(x, digits: int | None = 6):
+    """A float for JSON: None for NaN (JSON has no NaN), rounded to ``digits`` (None: as is)."""
+    x = float(x)
+    return None if math.isnan(x) else x if digits is None else round(x, digits)
+
+
+def json_grid(values, digits: int | None = 6) -> list[list]:
+    """An ``[L, H]`` array as nested lists of :func:`json_number`."""
+    return [[json_number(x, digits) for x in row] for row in np.asarray(values).tolist()]
 
 
 def diagonal_block(q_blocks: torch.Tensor, block_q: int, block_k: int, T: int) -> torch.Tensor:
     """Key block holding the last token of each query block (the forced local block)."""
     return (((q_blocks + 1) * block_q).clamp(max=T) - 1) // block_k
-
-
-def _pairs_in_block(j: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block_k: int,
-                    T: int) -> torch.Tensor:
-    """Causal pairs between queries [a, b) and key block j = [s, e), width w: query q sees
-    c(q) = clamp(q - s + 1, 0, w) of its keys, and sum_{q < t} c(q) = G(t) = r(r + 1)/2 +
-    w * max(0, t - e) with r = clamp(t - s, 0, w); the pairs are G(b) - G(a)."""
-    s = j * block_k
-    e = (s + block_k).clamp(max=T)
-    w = e - s
-
-    def G(t):
-        r = torch.minimum((t - s).clamp(min=0), w)
-        return r * (r + 1) // 2 + w * (t - e).clamp(min=0)
-
-    return G(b) - G(a)
-
-
-def kept_pairs_per_row(indices: torch.Tensor, q_start: int, block_q: int, block_k: int,
-                       T: int) -> torch.Tensor:
-    """int64 [..., n]: causal (query, key) token pairs that each query block's kept blocks hold.
-
-    Every kept block counts whole, (b - a) * width; only the few key blocks a query block
-    overlaps (j from a // block_k to its diagonal block, at most ceil(block_q / block_k) + 1)
-    lose pairs to causality, so those are looked up by value rather than computed per entry
-    (a whole 1M-token layer is 6M entries)."""
-    n = indices.shape[-2]
-    qb = torch.arange(q_start, q_start + n)                               # [n]
-    a, b = qb * block_q, ((qb + 1) * block_q).clamp(max=T)                # [n]
-    last = -(-T // block_k) - 1
-    w_last = T - last * block_k
-    count = (indices >= 0).sum(-1)                                        # [..., n]
-    has_last = (indices == last).any(-1)
-    kept = (b - a) * (block_k * count - (block_k - w_last) * has_last)
-    first, diag = a // block_k, (b - 1) // block_k                        # [n] each
-    for d in range(-(-block_q // block_k) + 1):
-        j = first + d                                                     # [n]
-        ok = j <= diag
-        whole = (b - a) * ((j + 1) * block_k).clamp(max=T) - (b - a) * j * block_k
-        loss = torch.where(ok, whole - _pairs_in_block(j, a, b, block_k, T), 0)  # [n]
-        kept = kept - loss * (indices == j[:, None].to(indices.dtype)).any(-1)
-    return kept
 
 
 def head_stats(trace, layers=None) -> dict[str, np.ndarray]:
@@ -135,13 +101,10 @@ def read_stats_cache(trace, cache_dir) -> dict[str, np.ndarray] | None:
 
 
 def write_stats_cache(trace, cache_dir, stats: dict[str, np.ndarray]) -> None:
-    from ..store import atomic_write_json
-
     path = stats_cache_path(trace, cache_dir)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {k: [[None if math.isnan(x) else x for x in row]
-                                     for row in v.tolist()] for k, v in stats.items()})
+        atomic_write_json(path, {k: json_grid(v, digits=None) for k, v in stats.items()})
 
 
 def cached_head_stats(trace, cache_dir=None) -> dict[str, np.ndarray]:
@@ -191,7 +154,7 @@ def _span(a, b, n: int, what: str) -> tuple[int, int]:
     b = n if b is None else int(b)
     a, b = max(0, a), min(n, b)
     if b <= a:
-        raise ValueError(f"empty {what} range [{a}, {b}) in a trace with {n} {what}s")
+        raise UsageError(f"empty {what} range [{a}, {b}) in a trace with {n} {what}s")
     return a, b
 
 
@@ -200,13 +163,13 @@ def block_grid(trace, layer: int, head: int, q0=None, q1=None, k0=None, k1=None,
     """The block map of (layer, head) over query blocks [q0, q1) x key blocks [k0, k1) (clipped
     to the trace), aggregated to at most max_rows x max_cols cells (see :class:`Grid`)."""
     if reduce not in REDUCES:
-        raise ValueError(f"reduce={reduce!r}; expected one of {REDUCES}")
+        raise UsageError(f"reduce={reduce!r}; expected one of {REDUCES}")
     q0, q1 = _span(q0, q1, trace.num_query_blocks, "query block")
     k0, k1 = _span(k0, k1, trace.num_key_blocks, "key block")
     q_step = math.ceil((q1 - q0) / max(1, int(max_rows)))
     k_step = math.ceil((k1 - k0) / max(1, int(max_cols)))
     rows, cols = math.ceil((q1 - q0) / q_step), math.ceil((k1 - k0) / k_step)
-    layer, head = _check(layer, trace.num_layers, "layer"), _check(head, trace.num_heads, "head")
+    layer, head = trace.head_index(layer, head)
     idx, mass = trace.rows(layer, head, q0, q1)  # [n, k] each
     r = (torch.arange(q1 - q0) // q_step)[:, None].expand_as(idx)         # [n, k]
     keep = (idx >= k0) & (idx < k1)
@@ -308,11 +271,11 @@ def load_analysis(trace, *, anchors=None, niah=None) -> dict[str, np.ndarray]:
     results in the given paths, else in the trace directory or its parent (the anchors command
     writes its trace inside its out dir); absent metrics are left out.
     A head listed several times (routes.json: one needle-mass matrix per case and k) gets the
-    mean. Unreadable or mismatched files raise ValueError naming the file."""
+    mean. Unreadable or mismatched files raise UsageError naming the file."""
     out = {}
     for metric, given in (("kurtosis", anchors), ("needle_mass", niah)):
         if given is not None and not Path(given).exists():
-            raise FileNotFoundError(f"{given} does not exist; pass the --out dir of the "
+            raise UsageError(f"{given} does not exist; pass the --out dir of the "
                                     f"{'anchors' if metric == 'kurtosis' else 'niah'} command.")
         path = find_analysis_file(metric, given)
         if path is None and given is None and trace.path is not None:  # next to the trace
@@ -320,12 +283,12 @@ def load_analysis(trace, *, anchors=None, niah=None) -> dict[str, np.ndarray]:
                     or find_analysis_file(metric, Path(trace.path).parent))
         if path is None:
             if given is not None:
-                raise FileNotFoundError(f"{given} holds none of {ANALYSIS_FILES[metric]}.")
+                raise UsageError(f"{given} holds none of {ANALYSIS_FILES[metric]}.")
             continue
         try:
             recs = _read_metric(path, _KEYS[metric])
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
+            raise UsageError(f"cannot read {path}: {e}") from None
         total = np.zeros((trace.num_layers, trace.num_heads))
         count = np.zeros_like(total)
         for li, hi, v in recs:  # several records per head (niah: one per case and k): mean
@@ -335,28 +298,17 @@ def load_analysis(trace, *, anchors=None, niah=None) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore"):
             grid = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         if recs and np.isnan(grid).all():
-            raise ValueError(f"{path} has no (layer, head) inside this trace's "
+            raise UsageError(f"{path} has no (layer, head) inside this trace's "
                              f"{trace.num_layers} x {trace.num_heads}; is it from another trace?")
         if recs:
             out[metric] = grid
     return out
 
 
-def overview(trace, *, anchors=None, niah=None, stats=None) -> dict:
-    """JSON-able overview: trace facts plus every [L, H] metric (NaN -> null)."""
-    stats = head_stats(trace) if stats is None else stats
-    metrics = {**stats, **load_analysis(trace, anchors=anchors, niah=niah)}
-    return {"metrics": {k: [[None if math.isnan(x) else round(float(x), 6) for x in row]
-                             for row in v] for k, v in metrics.items()}}
-
-
 def describe(trace) -> dict:
     """JSON-able facts about a trace for page headers and titles."""
     meta = trace.meta
-    model = meta.get("model_id") or meta.get("model") or "?"
-    if isinstance(model, dict):
-        model = model.get("architecture") or model.get("name_or_path") or "?"
-    return {"model": str(model), "device": meta.get("device"), "num_tokens": trace.num_tokens,
+    return {"model": trace.model_name, "device": meta.get("device"), "num_tokens": trace.num_tokens,
             "num_layers": trace.num_layers,
             "num_heads": trace.num_heads, "num_query_blocks": trace.num_query_blocks,
             "num_key_blocks": trace.num_key_blocks, "block_q": trace.block_q,

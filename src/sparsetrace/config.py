@@ -1,0 +1,118 @@
+"""Configuration: one frozen dataclass per concern, validated once, recorded once.
+
+- :class:`MaskConfig`: which key blocks a query block keeps (the estimator and its knobs).
+- :class:`TraceConfig`: how a model is traced (a ``MaskConfig`` plus chunking and storage).
+
+Each field carries its help text in ``metadata["help"]``; the command line builds its flags from these
+fields (``sparsetrace.commands.options``), so a new field appears in the library, the CLI and the trace
+manifest (``asdict(config)``) at once. Field metadata may also name the flag (``"flag"``; fields sharing a
+flag take one value) and the allowed values (``"choices"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UsageError
+
+ESTIMATORS = ("stream", "oracle")
+SCORES = ("max", "lse")
+MASS_ENCODINGS = ("float16", "log8")
+
+
+def _option(default, help: str, **cli):
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """The selection of one attention layer's key blocks (shared/DESIGN.md section 1)."""
+
+    estimator: str = _option("stream", "stream (the paper's hierarchical search, O(T log T)) or oracle "
+                             "(the exact block top-k, O(T^2): small inputs and references)",
+                             choices=ESTIMATORS)
+    block_q: int = _option(32, "query and key block size in tokens", flag="--block-size")
+    block_k: int = _option(32, "query and key block size in tokens", flag="--block-size")
+    top_k: int = _option(16, "key blocks kept per query block, forced ones included")
+    sink_blocks: int = _option(1, "forced sink blocks at the start", minimum=0)
+    local_blocks: int = _option(1, "forced local blocks ending at the diagonal", minimum=0)
+    score: str = _option("max", "block score: max (peak q.k, the paper's) or lse (log-sum-exp, "
+                         "estimates mass)", choices=SCORES)
+    query_stride: int = _option(1, "score blocks with every s-th query of a block (plus its last); "
+                                "1 = all")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.top_k < self.sink_blocks + self.local_blocks + 1:
+            raise UsageError(
+                f"top_k={self.top_k} leaves no room to choose: it must exceed sink_blocks + local_blocks "
+                f"= {self.sink_blocks + self.local_blocks}; raise top_k or lower the forced blocks."
+            )
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """How a model is traced; ``asdict`` of it is the manifest's ``meta["trace_config"]``."""
+
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    chunk_size: int = _option(1024, "tokens per prefill chunk, a multiple of the block size")
+    mass_encoding: str = _option("float16", "how block masses are stored (log8: 1 byte, <= 3.4% "
+                                 "relative error)", choices=MASS_ENCODINGS)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mask, MaskConfig):
+            raise UsageError(f"mask={self.mask!r} must be a MaskConfig.")
+        _check_fields(self)
+        if self.chunk_size % self.mask.block_q:
+            raise UsageError(
+                f"chunk_size={self.chunk_size} must be a multiple of the block size "
+                f"{self.mask.block_q} so that query blocks never straddle two chunks."
+            )
+
+    @classmethod
+    def of(cls, **options) -> TraceConfig:
+        """A config from flat option names, e.g. ``TraceConfig.of(top_k=8, chunk_size=512)``: fields of
+        :class:`MaskConfig` go to ``mask``. ``block_size`` (older manifests, one size for both) sets
+        ``block_q`` and ``block_k``."""
+        if "block_size" in options:
+            size = options.pop("block_size")
+            options.setdefault("block_q", size)
+            options.setdefault("block_k", size)
+        mask_names = {f.name for f in fields(MaskConfig)}
+        unknown = set(options) - mask_names - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown trace options {sorted(unknown)}; the options are "
+                             f"{sorted(mask_names | {f.name for f in fields(cls)} - {'mask'})}.")
+        mask = MaskConfig(**{k: v for k, v in options.items() if k in mask_names})
+        return cls(mask=mask, **{k: v for k, v in options.items() if k not in mask_names})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TraceConfig:
+        """Inverse of ``asdict``; also reads the flat ``trace_config`` of older trace manifests."""
+        data = dict(data)
+        if isinstance(data.get("mask"), dict):
+            return cls(mask=MaskConfig(**data.pop("mask")), **data)
+        return cls.of(**data)
+
+    def replace(self, **options) -> TraceConfig:
+        """A copy with flat options changed, e.g. ``config.replace(top_k=8)`` (see :meth:`of`)."""
+        return TraceConfig.of(**{**self.flat(), **options})
+
+    def flat(self) -> dict:
+        """Every option by its flat name: the mask's fields and the trace's own."""
+        own = asdict(self)
+        return {**own.pop("mask"), **own}
+
+
+def _check_fields(config) -> None:
+    """Types, signs and choices of every field, from the field metadata (one rule for all of them)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if "choices" in f.metadata:
+            if value not in f.metadata["choices"]:
+                raise UsageError(f"{f.name}={value!r} is not one of {f.metadata['choices']}.")
+        elif f.type == "int":
+            minimum = f.metadata.get("minimum", 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+                raise UsageError(f"{f.name}={value!r} must be {kind}.")

@@ -1,0 +1,174 @@
+"""The public operations and the one place that chooses their implementation.
+
+``stream_mask`` / ``oracle_mask`` / ``select_blocks`` pick key blocks; ``sparse_attention`` attends over them.
+Each takes ``impl``:
+
+- ``"auto"``: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise;
+- ``"torch"``: the vectorised implementation (``selection.stream``, ``selection.oracle``,
+  ``attention.blockwise``), the CPU path and the reference of every other path;
+- ``"triton"``: the GPU kernels (``sparsetrace.kernels``, imported here lazily and nowhere else);
+- ``"reference"``: the plain-loop / dense float64 references (``selection.reference``,
+  ``attention.dense``), tiny inputs only.
+
+When a GPU kernel cannot take an input (block sizes under 16, an unusual dtype or head dim) the call falls
+back to torch with one warning per reason; that rule lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from .attention.blockwise import check_qkv, sparse_attention_torch
+from .attention.dense import sparse_attention_reference
+from .config import MaskConfig
+from .errors import UsageError
+from .selection.blocks import BlockMask, check_qk
+from .selection.oracle import oracle_select
+from .selection.reference import oracle_reference, stream_reference
+from .selection.stream import hierarchical_search, stream_select
+
+IMPLS = ("auto", "torch", "triton", "reference")
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """One warning per distinct degraded path, not one per layer and chunk."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
+    """``impl`` with ``"auto"`` made concrete for ``tensor``'s device."""
+    if impl not in IMPLS:
+        raise UsageError(f"impl={impl!r} is not one of {IMPLS}.")
+    if impl == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    return impl
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
+                  window: int | None = None, impl: str = "auto") -> BlockMask:
+    """Key blocks kept per query block under ``config`` (its ``estimator`` says which selection).
+
+    Args:
+        q: post-RoPE queries ``[B, Hq, T, D]`` (the last T of S positions).
+        k: post-RoPE keys ``[B, Hkv, S, D]``; ``Hq`` must be a multiple of ``Hkv`` (GQA).
+        config: the estimator and its knobs.
+        scale: logit scale of the ``"lse"`` score, default ``D ** -0.5``.
+        window: the layer's sliding window (None = global). With a window the candidates are the blocks
+            the window reaches, no sinks are forced and the search picks ``top_k - local_blocks``.
+        impl: see the module docstring.
+    Returns:
+        :class:`BlockMask` with int32 ``indices [B, Hq, nQ, top_k]``, rows sorted, unique, -1 padded.
+    """
+    check_qk(q, k)
+    impl = resolve_impl(impl, q)
+    if impl == "reference":
+        reference = stream_reference if config.estimator == "stream" else oracle_reference
+        return reference(q, k, config, scale=scale, window=window)
+    if config.estimator == "oracle":  # O(T * S) by definition: no GPU kernel, torch on any device
+        return oracle_select(q, k, config, scale=scale, window=window)
+    if impl == "triton":
+        scorer = _gpu_scorer(q, k, config, scale, window)
+        return hierarchical_search(q, k, config, window, scorer)
+    return stream_select(q, k, config, scale=scale, window=window)
+
+
+def _gpu_scorer(q, k, config: MaskConfig, scale: float | None, window: int | None):
+    """``score_halves(starts, ends)`` for the hierarchical search on CUDA: the Triton kernel, or the chunked
+    torch scorer (with one warning) for sizes and dtypes the kernel does not take."""
+    from .kernels import scoring, tiles
+
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    k = k.to(q.dtype)
+    reason = tiles.triton_supported(config.block_q, config.block_k, D)
+    if reason is None and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason = f"dtype {q.dtype}"
+    if reason is None and not q.is_cuda:
+        reason = f"{q.device} tensors"
+    score = scoring.score_halves
+    if reason is not None:
+        warn_once(f"sparsetrace: Triton scorer not used ({reason}); scoring in torch.")
+        score = scoring.score_halves_torch
+    return lambda starts, ends: score(q, k, starts, ends, config, scale, window)
+
+
+def _config(config: MaskConfig | None, options: dict, estimator: str) -> MaskConfig:
+    if config is not None and options:
+        raise UsageError(f"pass either config or options {sorted(options)}, not both.")
+    names = {f.name for f in dataclasses.fields(MaskConfig)}
+    if unknown := set(options) - names:
+        raise TypeError(f"unknown mask options {sorted(unknown)}; the options are {sorted(names)}.")
+    config = config if config is not None else MaskConfig(**options)
+    return dataclasses.replace(config, estimator=estimator)
+
+
+def stream_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig | None = None, *,
+                scale: float | None = None, window: int | None = None, impl: str = "auto",
+                **options) -> BlockMask:
+    """STREAM's selection (the paper's hierarchical search): :func:`select_blocks` with
+    ``estimator="stream"``. The knobs come as ``config`` or as :class:`MaskConfig` keyword options, e.g.
+    ``stream_mask(q, k, block_q=32, block_k=32, top_k=8, sink_blocks=1, local_blocks=1)``."""
+    return select_blocks(q, k, _config(config, options, "stream"), scale=scale, window=window, impl=impl)
+
+
+def oracle_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig | None = None, *,
+                scale: float | None = None, window: int | None = None, impl: str = "auto",
+                **options) -> BlockMask:
+    """The exact block top-k under STREAM's contract (forced blocks plus the m best middle blocks; O(T^2)):
+    :func:`select_blocks` with ``estimator="oracle"``; same arguments as :func:`stream_mask`."""
+    return select_blocks(q, k, _config(config, options, "oracle"), scale=scale, window=window, impl=impl)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, *,
+                     scale: float | None = None, return_mass: bool = False, window: int | None = None,
+                     impl: str = "auto"):
+    """Softmax attention of ``q`` over the key blocks ``mask`` keeps (causal inside blocks).
+
+    Args:
+        q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, S, D]`` (GQA: head h reads kv head ``h // (Hq // Hkv)``).
+        mask: from :func:`stream_mask` / :func:`oracle_mask` on these q, k.
+        scale: logit scale, default ``D ** -0.5``.
+        return_mass: also return the mass ``[B, Hq, nQ, top_k]`` float32: for each query block, the mean
+            over its queries of the softmax probability falling in each kept block (rows sum to 1; 0 at -1).
+            A query that sees no kept key at all (only possible with ``sink_blocks=0`` and a local
+            window narrower than the query block) gets zero output and contributes zero mass.
+        window: sliding-window size of the layer (keys ``> position - window``), None = global.
+        impl: see the module docstring.
+    Returns:
+        ``out [B, Hq, T, D]`` in q's dtype, or ``(out, mass)``.
+    """
+    check_qkv(q, k, v, mask)
+    impl = resolve_impl(impl, q)
+    kwargs = dict(scale=scale, return_mass=return_mass, window=window)
+    if impl == "reference":
+        return sparse_attention_reference(q, k, v, mask, **kwargs)
+    if impl == "triton":
+        from .kernels import flex
+
+        reason = flex.flex_unsupported(q, mask)
+        if reason is None:
+            return _flex_attention(q, k, v, mask, **kwargs)
+        warn_once(f"sparsetrace: FlexAttention path not used ({reason}); running the torch path.")
+    return sparse_attention_torch(q, k, v, mask, **kwargs)
+
+
+def _flex_attention(q, k, v, mask: BlockMask, *, scale, return_mass: bool, window):
+    """FlexAttention, then the block masses from its logsumexp (Triton, or torch for tiles it cannot take)."""
+    from .kernels import flex, tiles
+
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    result = flex.flex_attention_lse(q, k, v, mask, scale=scale, window=window, return_lse=return_mass)
+    if not return_mass:
+        return result
+    out, lse = result
+    k = k.to(q.dtype)
+    mass_pass = flex.block_mass if tiles.triton_supported(mask.block_q, mask.block_k, D) is None \
+        else flex.block_mass_torch
+    return out, mass_pass(q, k, lse, mask.indices, mask.block_q, mask.block_k, scale, window)

@@ -1,0 +1,300 @@
+"""Reading a trace: :class:`Trace`, lazy and memory-mapped, with the conventions a reader must know."""
+
+from __future__ import annotations
+
+import json
+import operator
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+from ..config import TraceConfig
+from .encoding import block_sparsity, decode_mass, human_bytes, index_dtype, sparsity
+from .files import atomic_write_json, sha256_file, sha256_files, to_json
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    RESERVED,
+    SHAPE_KEYS,
+    TEXT_FILE,
+    TOKENS_FILE,
+    TraceError,
+    TraceIndexError,
+    check_extra,
+    read_manifest,
+)
+from .writer import TraceWriter
+
+_FIX = "rerunning the same trace command with the same --out recomputes the damaged part."
+
+
+class Trace:
+    """The block-sparse attention trace of one model over one token sequence.
+
+    `trace[layer, head]` -> `(indices, mass)`, both `[nQ, top_k]`, for one layer and QUERY head:
+      - `indices` int32: KEY-BLOCK indices (not token indices) kept for each query block; key block
+        j covers tokens `[j*block_k, (j+1)*block_k)`. Rows are sorted ascending, unique, padded
+        with -1 at the END (short rows only where fewer than top_k key blocks are causal).
+      - `mass` float32: for each kept block, the softmax probability that the model, running with
+        this sparse mask, put on the block's keys, averaged over the block's queries. Rows sum to
+        1; 0 at the -1 padding.
+    Axis 0 is the QUERY-BLOCK axis: row i covers tokens `[i*block_q, (i+1)*block_q)`, absolute
+    positions from token 0 (the chunked prefill that produced the trace does not show here).
+    `trace.layer(l)` gives all heads of a layer at once, `[H, nQ, top_k]`.
+
+    Footguns:
+      - -1 is a valid torch index (the LAST block): mask it (`idx[idx >= 0]`) before indexing.
+      - Indices are blocks: tokens of block j are `j*block_k ...`; block_q may differ from block_k,
+        and the last query and key blocks are ragged when T is not a multiple of the block size.
+      - The diagonal block is listed whole, but attention inside it is causal (see `sparsity`).
+      - Heads are QUERY heads: with GQA, heads sharing a kv head still have rows of their own.
+      - On disk, indices are int16 (int32 past 32767 key blocks) and mass float16 (relative error
+        2**-11) or "log8" (3.3 %, rows not renormalised); reads always give int32 / float32.
+      - Reads are lazy (memory-mapped shards) and uncached: keep tensors you reuse. Each shard's
+        sha256 is checked before its first read (all of them at load with `verify=True`), so a
+        damaged shard raises TraceError instead of reading as valid.
+    Other attributes: `tokens` int64 [T]; `token_offsets` int64 [T, 2] character spans into
+    `text`, or None; `text`; `meta` (the tracer's meta plus shapes); `trace_config` (the
+    TraceConfig it was made with, or None); `manifest`;
+    `fidelity`; `path` (None in memory); `num_layers`, `num_heads`, `num_tokens`,
+    `num_query_blocks`, `num_key_blocks`, `top_k`, `block_q`, `block_k`; `sparsity`, `nbytes`,
+    `dense_bytes`.
+    """
+
+    def __init__(self, manifest: dict, tokens: torch.Tensor, token_offsets, text, *, path=None,
+                 shards=(), arrays=None):
+        # Use Trace.load or Trace.from_arrays; this just binds what they checked.
+        self.manifest, self.path = manifest, path
+        self.tokens, self.token_offsets, self.text = tokens, token_offsets, text
+        # For a trace on disk: [{"file": safe_open handle, "q": (start, end), "path", "sha256",
+        # "verified"}]; in memory, (indices int32, mass float32) [L, H, nQ, k].
+        self._shards = list(shards)
+        self._arrays = arrays
+        for key in SHAPE_KEYS:
+            setattr(self, key, manifest[key])
+        self.meta = {**manifest["meta"], **{k: manifest[k] for k in SHAPE_KEYS},
+                     "mass_encoding": manifest["mass_encoding"]}
+
+    @classmethod
+    def load(cls, path, *, verify: bool = True) -> Trace:
+        """Open a finished trace directory. File sizes, shard headers and the hashes of the small
+        side files are always checked at once; each shard's sha256 is checked before its first read,
+        or all of them now with `verify=True` (reads every byte once: ~0.5 s per GB; the default
+        opens a 1M-token trace in about 0.1 s)."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise TraceError(f"{path} has no {MANIFEST}: not a trace directory (or its run died "
+                             "before writing anything); pass the --out directory of a trace.")
+        m = read_manifest(path)
+        if not m.get("complete"):
+            raise TraceError(f"{path} holds an incomplete trace ({m.get('completed_query_blocks')}"
+                             f" of {m.get('num_query_blocks')} query blocks): the run was "
+                             "interrupted; rerunning the same command with the same --out "
+                             "resumes it.")
+        fix = _FIX
+        side = [(name, e["bytes"], e["sha256"]) for name, e in m["files"].items()]
+        files = side + [(s["file"], s["bytes"], s["sha256"]) for s in m["shards"]]
+        for name, size, _ in files:
+            p = path / name
+            if not p.is_file():
+                raise TraceError(f"{p} is missing but listed in {MANIFEST}; {fix}")
+            if p.stat().st_size != size:
+                raise TraceError(f"{p} is truncated or damaged ({p.stat().st_size} bytes, "
+                                 f"{MANIFEST} says {size}); {fix}")
+        checked = files if verify else side  # shards not hashed now are hashed before their first read
+        hashes = sha256_files([path / name for name, _, _ in checked])
+        for (name, _, want), got in zip(checked, hashes, strict=True):
+            if got != want:
+                raise TraceError(f"{path / name} is corrupt (sha256 mismatch); {fix}")
+        shards, pos = [], 0
+        for s in m["shards"]:
+            (a, b), p = s["q_blocks"], path / s["file"]
+            try:  # safe_open memory-maps the file; only its header is read here
+                f = safe_open(str(p), framework="pt")
+                shapes = [f.get_slice(t).get_shape() for t in ("indices", "mass")]
+            except Exception as e:  # safetensors has its own error type for bad headers
+                raise TraceError(f"{p} is not a readable shard ({e}); {fix}") from None
+            if a != pos or shapes != [[m["num_layers"], m["num_heads"], b - a, m["top_k"]]] * 2:
+                raise TraceError(f"{p} does not match {MANIFEST} (q blocks {a}..{b}, shapes "
+                                 f"{shapes}); {fix}")
+            shards.append({"file": f, "q": (a, b), "path": p, "sha256": s["sha256"],
+                           "verified": verify})
+            pos = b
+        if pos != m["num_query_blocks"]:
+            raise TraceError(f"{path / MANIFEST} covers {pos} of {m['num_query_blocks']} query "
+                             f"blocks; {fix}")
+        tok = safetensors.torch.load_file(path / TOKENS_FILE)
+        offsets = tok["offsets"].long() if "offsets" in tok else None
+        text = (path / TEXT_FILE).read_text(encoding="utf-8") if TEXT_FILE in m["files"] else None
+        return cls(m, tok["tokens"].long(), offsets, text, path=path, shards=shards)
+
+    @classmethod
+    def from_arrays(cls, indices: torch.Tensor, mass: torch.Tensor, *, block_q: int, block_k: int,
+                    tokens: torch.Tensor, meta: dict | None = None,
+                    token_offsets: torch.Tensor | None = None, text: str | None = None) -> Trace:
+        """An in-memory trace from whole `[L, H, nQ, k]` arrays; `save` writes it to disk."""
+        tokens = torch.as_tensor(tokens).reshape(-1).long().cpu()
+        bq, bk, T = block_q, block_k, tokens.numel()
+        meta = {} if meta is None else meta
+        if not (isinstance(bq, int) and isinstance(bk, int) and indices.dim() == 4
+                and indices.shape == mass.shape and indices.shape[2] == -(-T // bq)):
+            raise ValueError(f"need indices and mass [L, H, nQ = ceil(T / block_q), k] and int "
+                             f"block_q/block_k; got {list(indices.shape)}, "
+                             f"{list(mass.shape)}, T={T}, block_q={bq}, block_k={bk}")
+        L, H, nQ, k = indices.shape
+        shapes = (L, H, k, T, nQ, -(-T // bk), bq, bk)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "meta": json.loads(to_json(meta, "meta")),
+                    **dict(zip(SHAPE_KEYS, shapes, strict=True)), "mass_encoding": "float32",
+                    "complete": True, "shards": []}
+        offsets = None if token_offsets is None else token_offsets.long().cpu()
+        arrays = (indices.detach().cpu().to(torch.int32), mass.detach().cpu().float())
+        return cls(manifest, tokens, offsets, text, arrays=arrays)
+
+    def save(self, path, *, mass_encoding: str = "float16",
+             chunk_query_blocks: int = 4096) -> None:
+        """Write a complete trace directory (through TraceWriter, so it resumes too)."""
+        writer = TraceWriter(path, meta=self.manifest["meta"], tokens=self.tokens,
+                             token_offsets=self.token_offsets, text=self.text,
+                             num_layers=self.num_layers, num_heads=self.num_heads,
+                             top_k=self.top_k, block_q=self.block_q, block_k=self.block_k,
+                             mass_encoding=mass_encoding)
+        every = slice(None)
+        for a in range(writer.completed_query_blocks, self.num_query_blocks, chunk_query_blocks):
+            q = slice(a, min(a + chunk_query_blocks, self.num_query_blocks))
+            writer.write(a, self._read("indices", every, every, q),
+                         self._read("mass", every, every, q))
+        writer.finish({k: v for k, v in self.manifest.items() if k not in RESERVED})
+
+    # -- reading
+
+    def _read(self, name: str, layers, heads, q: slice) -> torch.Tensor:
+        """`name[layers, heads, q]` as int32 / float32; the query-block axis is -2 of the result."""
+        if self._arrays is not None:  # clone: callers may modify what they get
+            return self._arrays[0 if name == "indices" else 1][layers, heads, q].clone()
+        a, b, _ = q.indices(self.num_query_blocks)
+        shards = [sh for sh in self._shards if sh["q"][0] < b and sh["q"][1] > a]
+        for shard in shards:
+            self._verify(shard)
+        parts = [sh["file"].get_slice(name)[layers, heads, max(a, sh["q"][0]) - sh["q"][0]:
+                                            min(b, sh["q"][1]) - sh["q"][0]]
+                 for sh in shards]  # memory-mapped reads
+        out = torch.cat(parts, dim=-2)
+        return out.to(torch.int32) if name == "indices" else decode_mass(out)
+
+    @staticmethod
+    def _verify(shard: dict) -> None:
+        """Hash a shard once, before its bytes are first read; a mismatch is never read as valid."""
+        if not shard["verified"]:
+            if sha256_file(shard["path"]) != shard["sha256"]:
+                raise TraceError(f"{shard['path']} is corrupt (sha256 mismatch); {_FIX}")
+            shard["verified"] = True
+
+    def _check(self, i, n: int, what: str) -> int:
+        i = operator.index(i)
+        if not -n <= i < n:
+            raise TraceIndexError(f"{what} {i} out of range for a trace with {n} {what}s "
+                             f"(valid: {-n}..{n - 1})")
+        return i % n
+
+    def head_index(self, layer: int, head: int) -> tuple[int, int]:
+        """``(layer, head)`` as non-negative ints (negative ones count from the end); TraceIndexError
+        names the valid range when either is outside the trace."""
+        return self._check(layer, self.num_layers, "layer"), self._check(head, self.num_heads, "head")
+
+    def indices(self, layer: int, head: int) -> torch.Tensor:
+        """int32 [nQ, top_k]: kept key-block indices of (layer, head), -1 padded."""
+        return self._read("indices", self._check(layer, self.num_layers, "layer"),
+                          self._check(head, self.num_heads, "head"), slice(None))
+
+    def mass(self, layer: int, head: int) -> torch.Tensor:
+        """float32 [nQ, top_k]: attention mass on each kept block of (layer, head)."""
+        return self._read("mass", self._check(layer, self.num_layers, "layer"),
+                          self._check(head, self.num_heads, "head"), slice(None))
+
+    def rows(self, layer: int, head: int, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int32, mass float32) ``[q1 - q0, top_k]``: query-block rows ``[q0, q1)`` of one head,
+        reading only the shards that overlap them (a viewport of a 1M-token trace stays cheap)."""
+        layer = self._check(layer, self.num_layers, "layer")
+        head = self._check(head, self.num_heads, "head")
+        q = slice(q0, q1)
+        return self._read("indices", layer, head, q), self._read("mass", layer, head, q)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(f"index a Trace as trace[layer, head] (or trace.layer(l)); got {key!r}")
+        return self.indices(*key), self.mass(*key)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int32 [H, nQ, k], mass float32 [H, nQ, k]): all heads of one layer."""
+        li = self._check(layer, self.num_layers, "layer")
+        return (self._read("indices", li, slice(None), slice(None)),
+                self._read("mass", li, slice(None), slice(None)))
+
+    # -- summaries
+
+    @property
+    def trace_config(self) -> TraceConfig | None:
+        """The :class:`TraceConfig` the tracer recorded (None for traces written by other tools)."""
+        raw = self.meta.get("trace_config")
+        return None if raw is None else TraceConfig.from_dict(raw)
+
+    @property
+    def fidelity(self) -> dict | None:
+        return self.manifest.get("fidelity")
+
+    def update_manifest(self, **extra) -> None:
+        """Atomically add or replace top-level JSON-able manifest entries (fidelity, analysis
+        results); shards are untouched. An in-memory trace keeps them for `save`."""
+        extra = check_extra(extra)
+        if self.path is not None:
+            on_disk = read_manifest(self.path)  # re-read: keep what others added meanwhile
+            on_disk.update(extra)
+            atomic_write_json(self.path / MANIFEST, on_disk)
+        self.manifest.update(extra)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk of the shards and the tokens file (the text is input, not trace). In
+        memory: what `save` would write at float16 mass, without safetensors headers."""
+        if self.path is not None:
+            return (sum(s["bytes"] for s in self.manifest["shards"])
+                    + self.manifest["files"][TOKENS_FILE]["bytes"])
+        entries = self.num_layers * self.num_heads * self.num_query_blocks * self.top_k
+        tokens = 4 * self.num_tokens * (1 if self.token_offsets is None else 3)
+        return entries * (index_dtype(self.num_key_blocks).itemsize + 2) + tokens
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the dense float16 causal attention pattern: L * H * T(T+1)/2 * 2 bytes."""
+        T = self.num_tokens
+        return self.num_layers * self.num_heads * T * (T + 1) // 2 * 2
+
+    @property
+    def sparsity(self) -> float:
+        """1 - kept / causal (query, key) TOKEN pairs, over all layers and heads. The pair (q, x)
+        is kept when x <= q and x's key block is in the row of q's query block; there are
+        T(T+1)/2 causal pairs per head. Exact: causal inside diagonal blocks, ragged last blocks."""
+        if self._arrays is not None:
+            return block_sparsity(self._arrays[0], self.block_q, self.block_k, self.num_tokens)
+        kept = sum(s["kept_pairs"] for s in self.manifest["shards"])  # counted per shard when written
+        return sparsity(kept, self.num_layers, self.num_heads, self.num_tokens)
+
+    @property
+    def model_name(self) -> str:
+        """The model id the tracer recorded, else its architecture, else "?"."""
+        model = self.meta.get("model_id") or self.meta.get("model") or "?"
+        if isinstance(model, dict):  # the tracer stores a model summary dict under "model"
+            model = model.get("architecture") or model.get("name_or_path") or "?"
+        return str(model)
+
+    def __repr__(self) -> str:
+        model = self.model_name
+        where = "on disk" if self.path is not None else "in memory"
+        return (f"Trace(model={model}, tokens={self.num_tokens}, layers={self.num_layers}, "
+                f"heads={self.num_heads}, blocks {self.block_q}x{self.block_k}, "
+                f"top_k={self.top_k}, sparsity={self.sparsity:.2f}, {human_bytes(self.nbytes)} "
+                f"{where} vs {human_bytes(self.dense_bytes)} dense)")
