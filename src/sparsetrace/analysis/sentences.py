@@ -22,6 +22,7 @@ COARSE_WARN, COARSE_FAIL = 2.0, 8.0  # block size / median sentence tokens: warn
 _THINK = re.compile(r"</?think>")
 # A cut after ., ? or ! followed by whitespace, or at a blank line (a newline, spaces, a newline).
 _CUT = re.compile(r"(?<=[.?!])(?=\s)|\n[ \t]*\n")
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,23 @@ def split_sentences(text: str, regions: list[tuple[int, int]] | None = None, *,
                     pieces.append((u, v))
         for u, v, joined in _merge_short(text, pieces, min_chars):
             out.append(Sentence(len(out), joined, u, v))
+    return out
+
+
+def split_paragraphs(text: str, regions: list[tuple[int, int]] | None = None) -> list[Sentence]:
+    """Paragraphs of ``text``: the stretches between blank lines (a newline, spaces, a newline), stripped,
+    empty ones dropped, within ``regions`` (default the whole text). The same records as sentences, so
+    :func:`map_to_tokens` gives their token spans."""
+    regions = [(0, len(text))] if regions is None else regions
+    out: list[Sentence] = []
+    for start, end in regions:
+        edges = [start] + [x for m in _BLANK_LINE.finditer(text, start, end) for x in (m.start(), m.end())]
+        edges.append(end)
+        for u, v in zip(edges[::2], edges[1::2]):
+            u += len(text[u:v]) - len(text[u:v].lstrip())
+            v -= len(text[u:v]) - len(text[u:v].rstrip())
+            if v > u:
+                out.append(Sentence(len(out), text[u:v], u, v))
     return out
 
 

@@ -1,0 +1,339 @@
+"""Sources of a span (analysis/sources.py) against plain rollout over explicit block matrices.
+
+The references build every layer's dense ``[nQ, nK]`` block matrix with loops (what the library never
+builds), multiply them out in float64 and pick paths by brute force. Traces are small and awkward: a ragged
+last block, rows of every width (-1 entries at any row end, with junk mass behind them), sliding-window
+rows, GQA-like head counts. The missed-mass bars are checked against traces whose dense rows are known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import random_block_rows
+
+from sparsetrace import Trace
+from sparsetrace.analysis.sentences import split_paragraphs
+from sparsetrace.analysis.sources import dense_scores, layer_edges, parse_span, rank_of, sources
+from sparsetrace.cli import main
+from sparsetrace.errors import UsageError
+from sparsetrace.viz.synthetic import synthetic_text
+
+
+def awkward_trace(T=203, L=3, H=4, k=6, b=8, seed=0, window=None, text=True) -> Trace:
+    """Random valid rows, then: random widths (trailing -1 with junk mass behind them) and, with
+    ``window`` (in blocks), layer 1's rows restricted to the last ``window`` blocks (a sliding layer)."""
+    idx, mass = random_block_rows(L, H, T, b, b, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    nQ = idx.shape[2]
+    if window is not None:  # layer 1 slides: row i keeps blocks of (i - window, i] only
+        for h in range(H):
+            for i in range(nQ):
+                reach = torch.arange(max(0, i - window + 1), i + 1)
+                pick = reach[torch.randperm(len(reach), generator=g)[:k]].sort().values
+                idx[1, h, i] = -1
+                idx[1, h, i, :len(pick)] = pick.int()
+                w = torch.rand(len(pick), generator=g)
+                mass[1, h, i] = 0
+                mass[1, h, i, :len(pick)] = w / w.sum()
+    width = torch.randint(1, k + 1, (L, H, nQ, 1), generator=g)                 # coverage-budget widths
+    cut = torch.arange(k).view(1, 1, 1, k) >= width
+    idx = torch.where(cut, -1, idx)
+    mass = torch.where(cut, 0.5, mass)  # junk behind -1: must be ignored
+    txt, tokens, offsets = synthetic_text(T, seed)
+    return Trace.from_arrays(idx, mass, block_q=b, block_k=b, tokens=tokens, meta={"model_id": "awkward"},
+                             token_offsets=offsets if text else None, text=txt if text else None)
+
+
+def block_matrices(trace, aggregate: str, sink_blocks: int, keep=None) -> list[torch.Tensor]:
+    """``A_l [nQ, nK]`` float64 per layer by loops (module docstring, step 2); ``keep [L, H, nQ]``
+    scales each head's row (the kept share under missed mass)."""
+    L, H, nQ, nK = trace.num_layers, trace.num_heads, trace.num_query_blocks, trace.num_key_blocks
+    out = []
+    for layer in range(L):
+        idx, mass = trace.layer(layer)
+        A = torch.zeros(H, nQ, nK, dtype=torch.float64)
+        for h in range(H):
+            for i in range(nQ):
+                row = [(int(j), float(m)) for j, m in zip(idx[h, i], mass[h, i]) if j >= 0]
+                total = sum(m for _, m in row)
+                for j, m in row:
+                    if total > 0:
+                        A[h, i, j] += m / total
+        if aggregate == "mean":
+            if keep is not None:
+                A = A * keep[layer][..., None]
+            M = A.mean(0)
+        else:
+            M = A.max(0).values
+            z = M.sum(1, keepdim=True).clamp(min=1e-300)
+            if keep is not None:
+                M = (A * keep[layer][..., None]).max(0).values
+            M = M / z
+        for i in range(sink_blocks, nQ):
+            M[i, i] += M[i, :sink_blocks].sum()
+            M[i, :sink_blocks] = 0
+        out.append(M)
+    return out
+
+
+def span_weights(trace, a: int, b: int) -> torch.Tensor:
+    p = torch.zeros(trace.num_query_blocks, dtype=torch.float64)
+    for t in range(a, b):
+        p[t // trace.block_q] += 1 / (b - a)
+    return p
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+@pytest.mark.parametrize("sink", ["no-op", "source"])
+@pytest.mark.parametrize("residual", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("window", [None, 3])
+def test_scores_equal_plain_rollout(aggregate, sink, residual, window):
+    trace = awkward_trace(window=window, seed=3 if window else 0)
+    for span in [None, (37, 150), (-5, None)]:
+        got = sources(trace, span, aggregate=aggregate, sink=sink, residual=residual, top=3)
+        a, b = got.span
+        mats = block_matrices(trace, aggregate, 1 if sink == "no-op" else 0)
+        want = dense_scores(mats, span_weights(trace, a, b), residual)
+        err = float((got.score - want).abs().max())
+        print(f"{aggregate} sink={sink} r={residual} window={window} span={span}: max |diff| {err:.2e}, "
+              f"sum {float(got.score.sum()):.6f}")
+        assert err < 1e-12
+        assert abs(float(got.score.sum()) - 1) < 1e-9  # rows sum to 1: the flow is conserved
+        # the decomposition by entry layer is exact
+        assert float((got.origin + got.entry.sum(0) - got.score).abs().max()) < 1e-12
+        assert torch.equal(got.low, got.score) and torch.equal(got.high, got.score)  # no missed mass
+
+
+def test_paths_follow_the_biggest_contributor():
+    trace = awkward_trace(L=4, seed=5)
+    r = 0.5
+    got = sources(trace, aggregate="mean", residual=r, top=4)
+    mats = block_matrices(trace, "mean", 1)
+    p = span_weights(trace, *got.span)
+    flows = [p]
+    for a in reversed(mats):  # flows[m] = p below layer L - m
+        flows.append(r * flows[-1] + (1 - r) * a.T @ flows[-1])
+    flow = flows[::-1]  # flow[l] = p below layer l
+    assert got.paths
+    for block, path in got.paths.items():
+        want = [block]
+        for layer, a in enumerate(mats):
+            b = want[-1]
+            contrib = (1 - r) * a[:, b] * flow[layer + 1]
+            contrib[b] += r * flow[layer + 1][b]
+            want.append(int(torch.argmax(contrib)))
+        print(f"path of block {block}: {path}")
+        assert path == want
+        assert path[-1] in range(got.span[0] // 8, (got.span[1] - 1) // 8 + 1)  # ends in the span
+
+
+def test_units_sum_their_tokens():
+    trace = awkward_trace(T=301, seed=7)
+    got = sources(trace, (120, 301), top=2)
+    bk = trace.block_k
+    per_token = torch.zeros(trace.num_tokens, dtype=torch.float64)
+    for t in range(trace.num_tokens):
+        j = t // bk
+        if not got.excluded[j]:
+            per_token[t] = got.score[j] / (min(trace.num_tokens, (j + 1) * bk) - j * bk)
+    units = got.units("sentence")
+    assert len(units.passages) > 10
+    for i, s in enumerate(units.passages):
+        assert abs(float(units.score[i]) - float(per_token[s.token_start:s.token_end].sum())) < 1e-12
+    rows = got.top(5)
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    assert all(r["text"] and r["text"] in trace.text for r in rows)
+    shares = [share for r in rows for _, share in r["layers"]]
+    assert shares and all(0 < s <= 1 + 1e-9 for s in shares)
+    # the span's and the sink's blocks never rank
+    ranked = got.units("block").order()
+    assert not set(ranked) & set(torch.nonzero(got.excluded).flatten().tolist())
+    assert got.excluded[0] and got.excluded[120 // bk] and got.excluded[-1]
+
+
+def test_paragraphs():
+    text = "First para.\nstill first.\n\n  Second one.\n \n\nThird\n"
+    paras = split_paragraphs(text)
+    assert [p.text for p in paras] == ["First para.\nstill first.", "Second one.", "Third"]
+    assert all(text[p.char_start:p.char_end] == p.text for p in paras)
+
+
+def pruned(dense_idx, dense_mass, keep_k: int, seed: int):
+    """Keep the sink, the diagonal and ``keep_k - 2`` random other causal blocks of each dense row;
+    renormalise. Returns the sparse rows and the dropped (missed) mass per row ``[L, H, nQ]``."""
+    L, H, nQ, nK = dense_idx.shape
+    g = torch.Generator().manual_seed(seed)
+    score = torch.rand(L, H, nQ, nK, generator=g)
+    i = torch.arange(nQ).view(1, 1, nQ, 1)
+    j = torch.arange(nK).view(1, 1, 1, nK)
+    score = torch.where(j > i, -1.0, score)                      # never a non-causal block
+    score = torch.where((j == 0) | (j == i), 2.0, score)         # forced: sink and diagonal
+    top = torch.topk(score, keep_k, -1)
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values >= 0)
+    missed = (dense_mass * ~keep).sum(-1)
+    kept_idx = torch.where(keep, j.expand_as(score), 10**6).sort(-1).values[..., :keep_k]
+    kept_mass = torch.gather(dense_mass, -1, kept_idx.clamp(max=nK - 1)).masked_fill(kept_idx >= nK, 0)
+    kept_idx = kept_idx.masked_fill(kept_idx >= nK, -1)
+    kept_mass = kept_mass / kept_mass.sum(-1, keepdim=True)
+    return kept_idx.int(), kept_mass.float(), missed.double()
+
+
+def dense_rows(T, L, H, b, seed):
+    nQ = math.ceil(T / b)
+    g = torch.Generator().manual_seed(seed)
+    mass = torch.rand(L, H, nQ, nQ, generator=g) ** 4
+    i = torch.arange(nQ).view(1, 1, nQ, 1)
+    j = torch.arange(nQ).view(1, 1, 1, nQ)
+    mass = torch.where(j <= i, mass, 0.0)
+    mass[..., 0] += 0.5  # a sink
+    mass = mass / mass.sum(-1, keepdim=True)
+    idx = torch.where(j <= i, j, -1).expand(L, H, nQ, nQ).int()
+    return idx, mass.double()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_missed_mass_bars_hold_the_dense_flow(seed):
+    """A dense trace, pruned to k blocks per row: the sparse trace plus each row's missed mass gives bars
+    that hold the dense trace's flow, block by block and sentence by sentence."""
+    T, L, H, b = 157, 4, 3, 8
+    idx, mass = dense_rows(T, L, H, b, seed)
+    txt, tokens, offsets = synthetic_text(T, seed)
+    dense = Trace.from_arrays(idx, mass.float(), block_q=b, block_k=b, tokens=tokens, token_offsets=offsets,
+                              text=txt)
+    s_idx, s_mass, mu = pruned(idx, mass, 6, seed)
+    sparse = Trace.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=tokens, token_offsets=offsets,
+                               text=txt)
+    truth = sources(dense, (100, T), top=0)  # its rows hold every causal block: nothing missed
+    print(f"missed mass per row: mean {float(mu.mean()):.3f}, max {float(mu.max()):.3f}")
+    for width in (0.0, 0.05, 0.2):
+        interval = torch.stack([mu, (mu - width).clamp(min=0), (mu + width).clamp(max=1)], -1)
+        got = sources(sparse, (100, T), missed=interval, top=0)
+        assert got.has_missed
+        assert bool((got.low <= got.score + 1e-12).all() and (got.score <= got.high + 1e-12).all())
+        inside = (truth.score >= got.low - 1e-9) & (truth.score <= got.high + 1e-9)
+        print(f"width {width}: dense flow inside the bars for {int(inside.sum())}/{inside.numel()} blocks; "
+              f"mean bar {float((got.high - got.low).mean()):.4f}, unattributed {got.unattributed:.3f}")
+        assert bool(inside.all())
+        sd, ss = truth.units("sentence"), got.units("sentence")
+        assert bool(((sd.score >= ss.low - 1e-9) & (sd.score <= ss.high + 1e-9)).all())
+        if width == 0.0:
+            # the estimate with the exact missed mass is the dense flow along kept edges: at most the
+            # dense flow, and the sum of both sides' differences is the unattributed flow
+            assert bool((got.score <= truth.score + 1e-9).all())
+            narrow = got
+    assert bool((got.low <= narrow.low + 1e-12).all() and (got.high >= narrow.high - 1e-12).all())
+    # no estimates: zero bars and the sparse model's own flow
+    plain = sources(sparse, (100, T), missed=False, top=0)
+    assert not plain.has_missed and torch.equal(plain.low, plain.high) and abs(plain.unattributed) < 1e-9
+
+
+class WithMissed(Trace):
+    """A trace that carries missed-mass estimates the way the store will: ``missed(layer, head)``."""
+
+    estimates: torch.Tensor
+
+    def missed(self, layer, head):
+        return self.estimates[layer, head].float()
+
+
+def test_missed_mass_is_read_from_the_trace_when_it_has_it():
+    T, L, H, b = 120, 2, 2, 8
+    idx, mass = dense_rows(T, L, H, b, 4)
+    s_idx, s_mass, mu = pruned(idx, mass, 4, 4)
+    trace = WithMissed.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=torch.arange(T))
+    trace.estimates = torch.stack([mu, mu * 0.5, mu * 1.5], -1)
+    auto = sources(trace, top=0)
+    given = sources(trace, missed=lambda layer, head: trace.estimates[layer, head].float(), top=0)
+    assert auto.has_missed and torch.equal(auto.score, given.score) and torch.equal(auto.high, given.high)
+    assert auto.unattributed > 0.01
+    assert not sources(trace, missed=False, top=0).has_missed
+    plain = Trace.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=torch.arange(T))
+    assert not sources(plain, top=0).has_missed  # no `missed` attribute: works before the API lands
+    with pytest.raises(UsageError, match="missed mass of shape"):
+        sources(plain, missed=torch.zeros(1, 2, 3), top=0)
+
+
+def test_missed_mass_scales_each_head_row():
+    """One edge list per layer: the three columns are the rows scaled by 1 - estimate, 1 - high, 1 - low."""
+    idx = torch.tensor([[[0, -1], [0, 1]]], dtype=torch.int32)          # [H=1, nQ=2, k=2]
+    mass = torch.tensor([[[1.0, 0.7], [0.25, 0.75]]])                    # junk behind the -1
+    mu = torch.tensor([[[0.0, 0.0, 0.0], [0.2, 0.1, 0.4]]], dtype=torch.float64)
+    e = layer_edges(idx, mass, "mean", mu, 2)
+    assert e.qi.tolist() == [0, 1, 1] and e.kj.tolist() == [0, 0, 1]
+    want = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.15, 0.225], [0.6, 0.45, 0.675]], dtype=torch.float64)
+    assert torch.allclose(e.w, want)
+    assert torch.allclose(e.lost, torch.tensor([0.0, 0.4], dtype=torch.float64))
+
+
+def test_bad_input_is_one_sentence():
+    trace = awkward_trace()
+    for kwargs, match in [({"aggregate": "sum"}, "aggregate"), ({"residual": 1.0}, "residual"),
+                          ({"sink": "drop"}, "sink"), ({"span": (500, 600)}, "holds no token"),
+                          ({"span": (10, 10)}, "holds no token")]:
+        with pytest.raises(UsageError, match=match):
+            sources(trace, **kwargs)
+    with pytest.raises(UsageError, match="START:END"):
+        parse_span("12-40")
+    assert parse_span("-32:") == (-32, None) and parse_span("3:9") == (3, 9)
+    no_text = awkward_trace(text=False)
+    with pytest.raises(UsageError, match="no text"):
+        sources(no_text, top=0).units("sentence")
+    assert sources(no_text, top=2).top(2, "block")  # blocks work without text
+    odd = Trace.from_arrays(*random_block_rows(1, 1, 40, 8, 4, 3), block_q=8, block_k=4, tokens=torch.arange(40))
+    with pytest.raises(UsageError, match="one block size"):
+        sources(odd)
+
+
+def test_rank_of():
+    trace = awkward_trace(seed=2)
+    got = sources(trace, top=0)
+    order = got.units("block").order()
+    assert rank_of(got, [order[2], order[5]]) == 3
+    assert math.isinf(rank_of(got, [0]))  # the sink never ranks
+
+
+# --------------------------------------------------------------------------- command line
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    from sparsetrace.viz.synthetic import write_synthetic_trace
+
+    path = tmp_path_factory.mktemp("sources") / "syn"
+    write_synthetic_trace(path, num_tokens=3000, num_layers=5, num_heads=3, top_k=8, block_size=16)
+    return path
+
+
+def test_cli_prints_passages_and_writes_tables(trace_dir, tmp_path, capsys):
+    out_json, out_csv = tmp_path / "s.json", tmp_path / "s.csv"
+    assert main(["sources", str(trace_dir), "--span", "2900:3000", "--top", "4", "--json", str(out_json),
+                 "--csv", str(out_csv)]) == 0
+    printed = capsys.readouterr().out
+    print(printed)
+    assert "sources of tokens 2,900–3,000" in printed
+    lines = [line for line in printed.splitlines() if line.lstrip()[:2] in {f"{i} " for i in range(1, 5)}]
+    assert len(lines) == 4 and all("L" in line for line in lines)
+    data = json.loads(out_json.read_text())
+    assert data["span"] == [2900, 3000] and len(data["top"]) == 4 and data["rows"][0]["rank"] == 1
+    trace = Trace.load(trace_dir)
+    want = sources(trace, (2900, 3000), top=4)
+    assert [r["text"] for r in data["top"]] == [r["text"] for r in want.top(4)]
+    assert abs(data["top"][0]["score"] - want.top(1)[0]["score"]) < 1e-12
+    header = out_csv.read_text().splitlines()[0]
+    assert header.startswith("rank,kind,index,token_start,token_end,score,low,high")
+    assert len(out_csv.read_text().splitlines()) == 1 + len(want.units("sentence").passages)
+    assert main(["sources", str(trace_dir), "--unit", "block", "--top", "3", "--aggregate", "max"]) == 0
+    assert "block" in capsys.readouterr().out
+
+
+def test_cli_bad_input(trace_dir, tmp_path, capsys):
+    assert main(["sources", str(trace_dir), "--span", "5000:6000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no token" in err
+    assert main(["sources", str(tmp_path / "nothing")]) == 2
+    assert "not a trace directory" in capsys.readouterr().err
+    assert main(["sources", str(trace_dir), "--json", str(tmp_path)]) == 2
+    assert "directory" in capsys.readouterr().err
