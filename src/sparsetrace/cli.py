@@ -16,7 +16,7 @@ import warnings
 
 from .errors import UsageError
 
-COMMANDS = ("trace", "fidelity", "anchors", "niah", "view", "report", "plot")
+COMMANDS = ("trace", "fidelity", "anchors", "niah", "sources", "view", "report", "plot")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
