@@ -200,6 +200,56 @@ def test_viewer_draws_zooms_and_shades_text(browser, server, tmp_path):
     page.close()
 
 
+SELECT_TEXT = """([i, j]) => {  // select the text panel's token spans i..j with the mouse's own events
+  const spans = document.querySelectorAll('#text span'), r = document.createRange();
+  r.setStart(spans[i].firstChild, 0); r.setEnd(spans[j].firstChild, spans[j].firstChild.length);
+  const sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(r);
+  document.getElementById('text').dispatchEvent(new MouseEvent('mouseup', {bubbles: true}));
+  return [+spans[i].dataset.t, +spans[j].dataset.t];
+}"""
+
+
+def test_viewer_shades_the_sources_of_a_selected_span(browser, server, synthetic, tmp_path):
+    """Select a span in the text panel: the text is shaded by its sources over all layers and heads (the
+    same numbers as analysis.sources), and the layer x source chart is drawn."""
+    from sparsetrace.analysis.sources import sources
+
+    page, errors = open_page(browser, server)
+    wait_for(page, "document.querySelectorAll('#text span').length > 100", 30, errors)
+    n = page.evaluate("document.querySelectorAll('#text span').length")
+    t0, t1 = page.evaluate(SELECT_TEXT, [n - 60, n - 20])
+    wait_for(page, "document.body.dataset.sources === '1'", 60, errors)
+    assert page.evaluate("window.__sparsetrace.S.by") == "sources"
+    assert page.evaluate("document.querySelector('input[name=by][value=sources]').checked")
+    title = page.evaluate("document.getElementById('text-title').textContent")
+    print(title)
+    assert f"sources of tokens {t0:,}–{t1 + 1:,} over all 4 layers and heads" in title
+    got = page.evaluate("window.__sparsetrace.S.sources")
+    want = sources(synthetic, (t0, t1 + 1), top=8)
+    assert [p["token_start"] for p in got["top"]] == [r["token_start"] for r in want.top(8)]
+    assert max(abs(a - float(b)) for a, b in zip(got["blocks"], want.score)) < 1e-3 * float(want.score.max())
+    # the chart: drawn, one column per top source
+    chart, total = painted(page, "#sources-chart")
+    print(f"chart: {chart}/{total} pixels painted, top sources {[p['token_start'] for p in got['top']]}")
+    assert chart > 0.2 * total and len(got["top"]) == 8
+    shaded = page.evaluate("[...document.querySelectorAll('#text span')].filter(s => "
+                           "!s.style.background.endsWith(', 0)')).length")
+    assert shaded > 50
+    # a top source's button brings its text into view, shaded
+    page.evaluate("document.querySelector('#top-blocks button').click()")
+    first = max(got["top"][0]["token_start"], got["top"][0]["block"] * synthetic.block_k)  # in its strongest block
+    wait_for(page, f"!!document.querySelector('#text span[data-t=\"{first}\"]')", 10, errors)
+    bg = page.evaluate(f"document.querySelector('#text span[data-t=\"{first}\"]').style.background")
+    assert bg != "rgba(255, 140, 0, 0)", bg  # full strength reads rgb(255, 140, 0)
+    page.screenshot(path=tmp_path / "viewer-sources.png", full_page=True)
+    # back to one head's attention: the chart hides, the title names the head
+    page.evaluate("document.querySelector('input[name=by][value=head]').click()")
+    wait_for(page, "document.getElementById('text-title').textContent.includes('head')", 10, errors)
+    assert page.evaluate("document.getElementById('sources-box').hidden")
+    assert errors == [], errors
+    page.close()
+
+
 def test_viewer_bad_request_is_a_400_with_a_message(browser, server):
     page, errors = open_page(browser, server)
     assert errors == [], errors
@@ -231,7 +281,16 @@ def test_report_from_disk_and_in_an_iframe(browser, synthetic, tmp_path):
     page.evaluate("document.querySelector('[data-z=in]').click()")
     assert page.evaluate("window.__sparsetraceMaps[0].view.q1") < before
     assert painted(page, "#map-0")[0] > 100
-    page.screenshot(path=tmp_path / "report.png")
+    # what the last block read: the chart, the list, the shaded text
+    wait_for(page, "document.body.dataset.sources === '1'", 10, errors)
+    chart, total = painted(page, "#sources-chart")
+    items = page.evaluate("document.querySelectorAll('#sources-list li').length")
+    shaded = page.evaluate("[...document.querySelectorAll('#text span')].filter(s => "
+                           "!s.style.background.endsWith(', 0)')).length")
+    print(f"report sources: chart {chart}/{total} pixels, {items} passages, {shaded} shaded tokens")
+    assert chart > 0.2 * total and items == 8
+    assert shaded == 0 and page.evaluate("document.getElementById('text').hidden")  # 20k tokens: no text embedded
+    page.screenshot(path=tmp_path / "report.png", full_page=True)
     assert errors == [], errors
     page.close()
 

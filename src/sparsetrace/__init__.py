@@ -35,9 +35,16 @@ __all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask"
 __version__ = "0.1.0"
 
 
+# Loaded with a lazy name: the pieces that plug into it (viz registers how a Trace shows in a notebook).
+_PLUG_INS = {"store": ".viz.report"}
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        if _LAZY[name] in _PLUG_INS:
+            importlib.import_module(_PLUG_INS[_LAZY[name]], __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'sparsetrace' has no attribute {name!r}")

@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
                    help="block maps are aggregated to at most this many cells a side (256)")
     p.add_argument("--anchors", type=Path, default=None, help="out dir of `sparsetrace anchors`")
     p.add_argument("--niah", type=Path, default=None, help="out dir of `sparsetrace niah`")
+    p.add_argument("--no-sources", action="store_true",
+                   help="leave out what the last block read (its sources over all layers)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     trace = Trace.load(args.trace, verify=False)  # each shard is hashed before its first read
     size = write_report(trace, out, cache_dir=cache_home() / "viz", heads=args.heads, n_heads=args.n_heads,
-                        max_cells=args.max_cells, anchors=args.anchors, niah=args.niah, by=args.by)
+                        max_cells=args.max_cells, anchors=args.anchors, niah=args.niah, by=args.by,
+                        sources=not args.no_sources)
     print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return 0

@@ -23,7 +23,7 @@ from .encoding import (
 )
 from .files import atomic_write_bytes, atomic_write_json
 from .format import MANIFEST, TraceError, TraceIndexError
-from .trace import Trace
+from .trace import Trace, register_html_view
 from .writer import TraceWriter
 
 __all__ = [
@@ -41,4 +41,5 @@ __all__ = [
     "encode_mass",
     "human_bytes",
     "kept_pairs_per_row",
+    "register_html_view",
 ]

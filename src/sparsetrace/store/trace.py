@@ -30,6 +30,16 @@ from .writer import TraceWriter
 
 _FIX = "rerunning the same trace command with the same --out recomputes the damaged part."
 
+# What a notebook shows for a Trace (``_repr_html_``): a picture, which belongs to sparsetrace.viz. The viz
+# layer registers it here (the store never imports viz: data flows one way); ``import sparsetrace`` loads
+# it with the Trace class. Until one is registered, notebooks show ``__repr__``.
+_html_views: list = []
+
+
+def register_html_view(view) -> None:
+    """Make ``view(trace) -> str`` (self-contained HTML) what notebooks show for a :class:`Trace`."""
+    _html_views[:] = [view]
+
 
 class Trace:
     """The block-sparse attention trace of one model over one token sequence.
@@ -56,6 +66,8 @@ class Trace:
       - Reads are lazy (memory-mapped shards) and uncached: keep tensors you reuse. Each shard's
         sha256 is checked before its first read (all of them at load with `verify=True`), so a
         damaged shard raises TraceError instead of reading as valid.
+    In a notebook a trace shows itself: the overview of all layers x heads and one block map, drawn
+    by sparsetrace.viz (self-contained, no server; see `register_html_view`).
     Other attributes: `tokens` int64 [T]; `token_offsets` int64 [T, 2] character spans into
     `text`, or None; `text`; `meta` (the tracer's meta plus shapes); `trace_config` (the
     TraceConfig it was made with, or None); `manifest`;
@@ -290,6 +302,9 @@ class Trace:
         if isinstance(model, dict):  # the tracer stores a model summary dict under "model"
             model = model.get("architecture") or model.get("name_or_path") or "?"
         return str(model)
+
+    def _repr_html_(self) -> str | None:
+        return _html_views[0](self) if _html_views else None
 
     def __repr__(self) -> str:
         model = self.model_name

@@ -1,5 +1,7 @@
 """``sparsetrace report``: one self-contained HTML file (no network) with the overview of all
-layers x heads and the block maps of a few heads, zoomable in the page.
+layers x heads, the block maps of a few heads, zoomable in the page, and what the last block read:
+its sources over all layers (``views.sources_view``: the layer x source chart, the top passages and,
+up to ``MAX_TEXT_TOKENS``, the text shaded by source score).
 
 Data sits in the page as JSON: the per-head metrics and, per chosen head, a block map aggregated
 to at most ``max_cells`` x ``max_cells`` cells (1 byte per cell, log scale: code 0 = nothing
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..store import atomic_write_bytes, encode_mass
+from ..store import atomic_write_bytes, encode_mass, register_html_view
 from . import views
 
 STATIC = Path(__file__).with_name("static")
@@ -32,11 +34,12 @@ MAX_TEXT_TOKENS = 8192  # embed token text (tooltips) only up to this length
 
 
 def report_data(trace, *, heads=None, n_heads: int = 4, max_cells: int = 256, anchors=None,
-                niah=None, stats=None, by: str = "other") -> dict:
+                niah=None, stats=None, by: str = "other", sources: bool = True) -> dict:
     """The JSON the report page embeds. `heads`: [(layer, head)], default the `n_heads` heads
     with the largest metric `by`: "other" = mass off the diagonal and off the sink block (see
     views.head_stats), or "offdiag", "entropy", ..., "kurtosis" / "needle_mass" when the anchors /
-    niah results are found."""
+    niah results are found. `sources`: embed the sources of the last block (two passes over the
+    trace: about as long as the per-head statistics)."""
     stats = views.head_stats(trace) if stats is None else stats
     metrics = {**stats, **views.load_analysis(trace, anchors=anchors, niah=niah)}
     if heads is None:
@@ -55,9 +58,14 @@ def report_data(trace, *, heads=None, n_heads: int = 4, max_cells: int = 256, an
     info["metrics"] = list(metrics)
     pieces = (views.token_pieces(trace, 0, trace.num_tokens)
               if trace.num_tokens <= MAX_TEXT_TOKENS else None)
+    found = None
+    if sources:
+        found = views.sources_view(trace, top=8)
+        if pieces is None:  # no text to shade: the chart and the list only
+            del found["blocks"]
     return {"info": info, "by": by,
             "metrics": {k: views.json_grid(v) for k, v in metrics.items()},
-            "heads": panels, "pieces": pieces}
+            "heads": panels, "pieces": pieces, "sources": found}
 
 
 def report_html(trace, **kwargs) -> str:
@@ -122,3 +130,12 @@ def write_report(trace, path, *, cache_dir=None, **kwargs) -> int:
     page = report_html(trace, stats=views.cached_head_stats(trace, cache_dir), **kwargs).encode("utf-8")
     atomic_write_bytes(path, page)
     return len(page)
+
+
+def trace_html(trace) -> str:
+    """What a notebook shows for a trace: the overview and the block map of its most long-range head, in
+    an iframe (the report page with one small map and no sources; see :class:`Report` for more)."""
+    return Report(trace, n_heads=1, max_cells=128, sources=False, height=560)._repr_html_()
+
+
+register_html_view(trace_html)

@@ -12,6 +12,10 @@ The page (static/viewer.html) asks for data lazily, so a 1M-token trace opens at
     GET /api/tokens?t0&t1              text pieces of tokens [t0, t1) (at most 20000)
     GET /api/received?layer&head&q0&q1 mass per key block received from query blocks [q0, q1)
                                        (sparse: kept blocks only)
+    GET /api/sources?t0&t1&top&aggregate&residual
+                                       what tokens [t0, t1) read through every layer and head
+                                       (views.sources_view: block scores, top passages with their
+                                       entry per layer); the last few answers are kept
 
 Only loopback addresses are served: the viewer has no authentication.
 """
@@ -39,6 +43,7 @@ _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8", ".png": "image/png"}
 MAX_TOKENS_PER_REQUEST = 20000
 MAX_CELLS = 4096  # per grid side
+SOURCES_CACHE = 16  # answers of /api/sources kept (a 1M-token trace takes seconds per span)
 
 
 class PortInUseError(UsageError):
@@ -123,6 +128,8 @@ class ViewerApp:
         self.info["default_head"] = (list(views.top_heads({"k": kurt}, 1, by="k")[0])
                                      if kurt is not None and not np.isnan(kurt).all()
                                      else [trace.num_layers // 2, 0])
+        self._sources: dict[tuple, bytes] = {}
+        self._sources_lock = threading.Lock()
 
     # every handler returns (status, content type, body bytes, extra headers)
     def meta(self, q):
@@ -155,6 +162,25 @@ class ViewerApp:
         return _json({"blocks": nz.tolist(), "mass": [round(float(x), 7) for x in v[nz]]})
 
 
+    def sources(self, q):
+        aggregate = q.get("aggregate", ["mean"])[0]
+        try:
+            residual = float(q.get("residual", ["0.5"])[0])
+        except ValueError:
+            raise ValueError(f"residual={q['residual'][0]!r} is not a number") from None
+        key = (_int(q, "t0"), _int(q, "t1"), min(50, _int(q, "top", 8)), aggregate, residual)
+        with self._sources_lock:
+            body = self._sources.get(key)
+        if body is None:
+            body = json.dumps(views.sources_view(self.trace, key[0], key[1], top=key[2], aggregate=aggregate,
+                                                 residual=residual)).encode()
+            with self._sources_lock:
+                if len(self._sources) >= SOURCES_CACHE:
+                    self._sources.pop(next(iter(self._sources)))
+                self._sources[key] = body
+        return HTTPStatus.OK, "application/json", body, {}
+
+
 def _int(q: dict, name: str, default=...):
     if name not in q:
         if default is ...:
@@ -172,7 +198,7 @@ def _json(obj) -> tuple:
 
 def _handler(app: ViewerApp, quiet: bool):
     routes = {"/api/meta": app.meta, "/api/overview": app.overview_json, "/api/grid": app.grid,
-              "/api/tokens": app.tokens, "/api/received": app.received}
+              "/api/tokens": app.tokens, "/api/received": app.received, "/api/sources": app.sources}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "sparsetrace-view"

@@ -8,6 +8,9 @@
   ``nQ x nK`` matrix (32768^2 float32 = 4 GB at 1M tokens) is never built.
 - :func:`token_pieces`: the text of a token range, for tooltips and the shaded text.
 - :func:`load_analysis`: per-head numbers written by the anchors / niah commands, if present.
+- :func:`sources_view`: what a token span read through every layer (``analysis.sources``), as JSON:
+  the score of every key block (the text shading) and the top passages with their entry per layer
+  (the layer x source chart).
 
 Conventions (as in store.Trace): indices are KEY-BLOCK ids with -1 padding; row i is query block
 i; a cell of a grid covers ``q_step`` query blocks x ``k_step`` key blocks.
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..analysis.sources import sources
 from ..errors import UsageError
 from ..store import atomic_write_json, kept_pairs_per_row
 
@@ -315,3 +319,30 @@ def describe(trace) -> dict:
             "block_k": trace.block_k, "top_k": trace.top_k, "sparsity": trace.sparsity,
             "has_text": trace.text is not None and trace.token_offsets is not None,
             "mass_encoding": meta.get("mass_encoding"), "fidelity": trace.fidelity}
+
+
+# --------------------------------------------------------------------------- sources of a span
+
+def sources_view(trace, t0: int | None = None, t1: int | None = None, *, top: int = 8, unit: str | None = None,
+                 aggregate: str = "mean", residual: float = 0.5) -> dict:
+    """JSON for the text shading and the layer x source chart: the sources of tokens ``[t0, t1)``
+    (default: the last query block) over all layers and heads. ``blocks``: the score of every key block
+    (``low``/``high`` too where the trace has missed-mass estimates); ``top``: the ``top`` strongest
+    passages (``unit``: sentences when the trace has text, else blocks), each with ``entry`` [L] (the
+    part of its score that entered it at each layer) and its text."""
+    found = sources(trace, None if t0 is None and t1 is None else (t0, t1), aggregate=aggregate,
+                    residual=residual, top=top)
+    unit = unit or ("sentence" if trace.text is not None and trace.token_offsets is not None else "block")
+    out = found.summary(top, unit)
+    for row in out["top"]:
+        row["entry"] = [_significant(x) for x in row["entry"]]
+    out["blocks"] = [_significant(x) for x in found.score.tolist()]
+    if found.has_missed:
+        out["blocks_low"] = [_significant(x) for x in found.low.tolist()]
+        out["blocks_high"] = [_significant(x) for x in found.high.tolist()]
+    return out
+
+
+def _significant(x: float) -> float:
+    """4 significant digits: small scores stay visible (rounding to decimals would zero them)."""
+    return float(f"{x:.4g}")

@@ -212,6 +212,47 @@ const ST = (() => {
     needle_mass: "mass on the needle (niah command)",
   };
 
+
+  // The layer x source chart of a span's sources (views.sources_view): one column per top passage,
+  // one row per layer (layer 0 at the top); a cell's colour is the share of the passage's score that
+  // entered it at that layer, scaled to the column's largest, so each column shows where its passage
+  // enters. Hover for the numbers.
+  function drawSourcesChart(canvas, data) {
+    const top = data.top, L = data.num_layers, N = Math.max(1, top.length);
+    const left = 28, head = 16, cw = Math.max(14, Math.min(44, Math.floor((canvas.width - left) / N)));
+    const ch = Math.max(4, Math.min(12, Math.floor(320 / L)));
+    canvas.height = head + L * ch + 2;
+    const c = canvas.getContext("2d");
+    c.fillStyle = "#fff"; c.fillRect(0, 0, canvas.width, canvas.height);
+    c.font = "10px sans-serif"; c.textBaseline = "middle";
+    c.fillStyle = "#444"; c.textAlign = "right";
+    for (let l = 0; l < L; l++) if (ch >= 9 || l % 5 === 0) c.fillText(String(l), left - 4, head + l * ch + ch / 2);
+    c.textAlign = "center";
+    top.forEach((p, n) => {
+      c.fillStyle = "#444";
+      c.fillText(`#${n + 1}`, left + n * cw + cw / 2, head / 2);
+      const hi = Math.max(...p.entry.map((x) => x || 0));
+      for (let l = 0; l < L; l++) {
+        const x = p.entry[l] || 0;
+        c.fillStyle = x > 0 && hi > 0 ? lutCss(Math.round((x / hi) * 255)) : "#f2f2f2";
+        c.fillRect(left + n * cw, head + l * ch, cw - 1, ch - 1);
+      }
+    });
+    canvas.onmousemove = (e) => {
+      const r = canvas.getBoundingClientRect();
+      const x = (e.clientX - r.left) * (canvas.width / r.width), y = (e.clientY - r.top) * (canvas.height / r.height);
+      const n = Math.floor((x - left) / cw), l = Math.floor((y - head) / ch);
+      if (n < 0 || n >= top.length || l < 0 || l >= L) { canvas.title = ""; return; }
+      const p = top[n], share = p.score > 0 ? (p.entry[l] || 0) / p.score : 0;
+      canvas.title = `source #${n + 1} (tokens ${int(p.token_start)}–${int(p.token_end)}), layer ${l}: ` +
+        `${fmt(100 * share, 1)}% of its score entered here`;
+    };
+  }
+
+  function sourcesLabel(p) { // "L5 41%, L11 22%" from a passage's entry layers
+    return p.layers.map(([l, s]) => `L${l} ${Math.round(100 * s)}%`).join(", ");
+  }
+
   function fidelityText(f) { // the manifest's "fidelity" entry (sparsetrace fidelity), briefly
     if (!f || typeof f !== "object") return "";
     const parts = [];
@@ -225,5 +266,6 @@ const ST = (() => {
     return typeof d === "string" && d ? ` · traced on ${d}` : "";
   }
 
-  return { BlockMap, drawOverview, legend, fmt, int, esc, level, fidelityText, deviceText, METRIC_HELP };
+  return { BlockMap, drawOverview, drawSourcesChart, sourcesLabel, legend, fmt, int, esc, level, fidelityText,
+    deviceText, METRIC_HELP };
 })();

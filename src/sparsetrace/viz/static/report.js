@@ -80,4 +80,37 @@
     sec.querySelector("[data-z=reset]").onclick = () => map.reset();
     window.__sparsetraceMaps = (window.__sparsetraceMaps || []).concat([map]);
   });
+
+  // what the last block read: its sources over all layers (views.sources_view)
+  if (D.sources) {
+    const src = D.sources, sec = document.createElement("section");
+    sec.id = "sources-panel";
+    const bars = src.missed_mass ? `, error bars from missed mass (${ST.fmt(src.unattributed, 3)} unattributed)` : "";
+    sec.innerHTML = `<h2>What the last block read: its sources over all ${src.num_layers} layers and heads</h2>
+      <div class="help">span: tokens ${ST.int(src.span[0])}–${ST.int(src.span[1])}${src.span_text ? ` “${ST.esc(src.span_text.slice(-160))}”` : ""}
+      · ${src.aggregate} over heads, residual ${src.residual}, sink as ${src.sink}${bars}</div>
+      <div class="text-row"><div><ol id="sources-list"></ol><div id="text"></div></div>
+      <div id="sources-box"><div class="help">Where each source enters (layer × source)</div>
+      <canvas id="sources-chart" width="340" height="200"></canvas></div></div>`;
+    document.querySelector("main").appendChild(sec);
+    $("sources-list").innerHTML = src.top.map((p) => `<li>${ST.esc(p.text || "")}
+      <span class="meta">tokens ${ST.int(p.token_start)}–${ST.int(p.token_end)} · score ${ST.fmt(p.score, 4)}` +
+      (src.missed_mass ? ` [${ST.fmt(p.low, 4)}, ${ST.fmt(p.high, 4)}]` : "") +
+      ` · enters at ${ST.sourcesLabel(p)}</span></li>`).join("") || "<li>no source outside the span and the sink</li>";
+    ST.drawSourcesChart($("sources-chart"), src);
+    if (D.pieces && src.blocks) { // the whole text, shaded by source score per token
+      const skip = new Set(src.excluded_blocks), [qa, qe] = src.span;
+      const per = D.pieces.map((_, t) => {
+        const b = Math.floor(t / m.block_k);
+        return skip.has(b) ? 0 : (src.blocks[b] || 0) / m.block_k;
+      });
+      const hi = Math.max(1e-12, ...per);
+      $("text").innerHTML = D.pieces.map((p, t) => `<span${t >= qa && t < qe ? ' class="q"' : ""} ` +
+        `style="background:rgba(255,140,0,${Math.sqrt(per[t] / hi).toFixed(3)})">${ST.esc(p)}</span>`).join("");
+      $("text").scrollTop = $("text").scrollHeight;
+    } else {
+      $("text").hidden = true;
+    }
+    document.body.dataset.sources = "1";
+  }
 })();

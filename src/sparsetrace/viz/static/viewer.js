@@ -5,7 +5,7 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const S = { meta: null, layer: 0, head: 0, reduce: "max", overview: null, metric: "entropy",
-    sel: null, recv: new Map(), win: null, shade: "token" };
+    sel: null, span: null, recv: new Map(), win: null, shade: "token", by: "head", sources: null, seq: 0 };
   const TEXT_WINDOW = 1500; // tokens shown in the text panel
   const tokCache = new Map();
 
@@ -55,7 +55,7 @@
           (g.q_step > 1 || g.k_step > 1 ? ` (each cell: ${g.q_step} × ${g.k_step} blocks, ${g.reduce})` : " (one cell per block)");
       },
       onView: axes, onHover: hover,
-      onClick: (p) => { if (p.cell) selectQuery(p.cell.q0, p.cell.q1); },
+      onClick: (p) => { if (p.cell) { setBy("head"); selectQuery(p.cell.q0, p.cell.q1); } },
     });
     axes(map.view);
   }
@@ -71,7 +71,7 @@
     $("layer").value = S.layer; $("head").value = S.head;
     map.refresh();
     drawOverview();
-    if (S.sel) selectQuery(S.sel[0], S.sel[1]);
+    if (S.sel && S.by === "head") selectQuery(S.sel[0], S.sel[1]); // sources do not depend on the head
   }
 
   let hoverTimer = null;
@@ -115,10 +115,17 @@
   }
 
   // ---------------------------------------------------------------- text shaded by received mass
+  function setBy(by) {
+    S.by = by;
+    document.querySelector(`input[name=by][value=${by}]`).checked = true;
+    if (by === "head") $("sources-box").hidden = true;
+  }
   async function selectQuery(q0, q1) {
-    const m = S.meta;
+    const m = S.meta, seq = ++S.seq;
     S.sel = [q0, q1];
+    S.span = [q0 * m.block_q, Math.min(m.num_tokens, q1 * m.block_q)];
     const r = await getJSON(`/api/received?layer=${S.layer}&head=${S.head}&q0=${q0}&q1=${q1}`);
+    if (seq !== S.seq) return; // a newer selection won
     S.recv = new Map(r.blocks.map((b, i) => [b, r.mass[i]]));
     const end = Math.min(m.num_tokens, q1 * m.block_q);
     S.win = [Math.max(0, end - TEXT_WINDOW), end];
@@ -135,6 +142,42 @@
     $("text-title").textContent = `Text shaded by attention received from query tokens ` +
       `${ST.int(q0 * m.block_q)}–${ST.int(Math.min(m.num_tokens, q1 * m.block_q))} (layer ${S.layer}, head ${S.head})`;
     await renderText();
+  }
+
+  // what tokens [t0, t1) read, through every layer and head (server: views.sources_view)
+  async function selectSources(t0, t1) {
+    const m = S.meta, seq = ++S.seq;
+    setBy("sources");
+    S.span = [t0, t1];
+    S.sel = [Math.floor(t0 / m.block_q), Math.floor((t1 - 1) / m.block_q) + 1];
+    const what = `tokens ${ST.int(t0)}–${ST.int(t1)}`;
+    $("text-title").textContent = `Sources of ${what} over all ${m.num_layers} layers and heads: computing…`;
+    let r;
+    try {
+      r = await getJSON(`/api/sources?t0=${t0}&t1=${t1}&top=8`);
+    } catch (e) { $("text-title").textContent = `Sources of ${what}: ${e.message || e}`; return; }
+    if (seq !== S.seq) return;
+    S.sources = r;
+    S.recv = new Map();
+    r.blocks.forEach((x, b) => { if (x > 0 && !r.excluded_blocks.includes(b)) S.recv.set(b, x); });
+    S.win = [Math.max(0, t1 - TEXT_WINDOW), t1];
+    $("top-blocks").innerHTML = "strongest sources: " + r.top.map((p, i) =>
+      `<button data-t="${p.token_start}" title="${ST.esc(p.text || "")}">#${i + 1} tokens ${ST.int(p.token_start)}–${ST.int(p.token_end)} ` +
+      `(${ST.fmt(p.score, 3)}; ${ST.sourcesLabel(p)})</button>`).join("");
+    for (const btn of $("top-blocks").querySelectorAll("button")) {
+      btn.onclick = () => {
+        const c = +btn.dataset.t;
+        S.win = [Math.max(0, c - TEXT_WINDOW / 2), Math.min(m.num_tokens, c + TEXT_WINDOW / 2)];
+        renderText();
+      };
+    }
+    const bars = r.missed_mass ? `; error bars from missed mass, ${ST.fmt(r.unattributed, 3)} unattributed` : "";
+    $("text-title").textContent = `Text shaded by the sources of ${what} over all ${m.num_layers} layers and heads ` +
+      `(${r.aggregate} over heads, residual ${r.residual}${bars})`;
+    $("sources-box").hidden = false;
+    ST.drawSourcesChart($("sources-chart"), r);
+    await renderText();
+    document.body.dataset.sources = String(+(document.body.dataset.sources || 0) + 1);
   }
   async function renderText() {
     const m = S.meta, [t0, t1] = S.win;
@@ -153,7 +196,7 @@
       }
     }
     const hi = Math.max(1e-12, ...val);
-    const qa = S.sel[0] * m.block_q, qe = S.sel[1] * m.block_q;
+    const [qa, qe] = S.span;
     $("text").innerHTML = pieces.map((p, i) => {
       const a = Math.sqrt(val[i] / hi), t = t0 + i;
       const q = t >= qa && t < qe ? ' class="q"' : "";
@@ -166,8 +209,7 @@
     const tok = (node) => { const el = node && (node.nodeType === 1 ? node : node.parentElement); return el && el.dataset && el.dataset.t !== undefined ? +el.dataset.t : null; };
     const a = tok(sel.anchorNode), b = tok(sel.focusNode);
     if (a === null || b === null) return;
-    const m = S.meta, lo = Math.min(a, b), hi = Math.max(a, b);
-    selectQuery(Math.floor(lo / m.block_q), Math.floor(hi / m.block_q) + 1);
+    selectSources(Math.min(a, b), Math.max(a, b) + 1);
   }
 
   // ---------------------------------------------------------------- start
@@ -201,10 +243,17 @@
     for (const r of document.querySelectorAll("input[name=shade]")) {
       r.onchange = () => { S.shade = r.value; if (S.sel) renderText(); };
     }
+    for (const r of document.querySelectorAll("input[name=by]")) {
+      r.onchange = () => {
+        if (!S.span) return;
+        if (r.value === "sources") selectSources(S.span[0], S.span[1]);
+        else { setBy("head"); selectQuery(S.sel[0], S.sel[1]); }
+      };
+    }
     $("text").addEventListener("mouseup", textSelection);
     // start with the last query block selected: the text panel then shows the end of the text
     selectQuery(Math.max(0, m.num_query_blocks - 1), m.num_query_blocks);
-    window.__sparsetrace = { S, map, showHead, selectQuery };
+    window.__sparsetrace = { S, map, showHead, selectQuery, selectSources };
   }
   start();
 })();
