@@ -100,18 +100,19 @@ def test_scores_equal_plain_rollout(aggregate, sink, residual, window):
         err = float((got.score - want).abs().max())
         print(f"{aggregate} sink={sink} r={residual} window={window} span={span}: max |diff| {err:.2e}, "
               f"sum {float(got.score.sum()):.6f}")
-        assert err < 1e-12
-        assert abs(float(got.score.sum()) - 1) < 1e-9  # rows sum to 1: the flow is conserved
+        assert err < 1e-6  # float32 weights (the trace's masses are float16 on disk)
+        assert abs(float(got.score.sum()) - 1) < 1e-6  # rows sum to 1: the flow is conserved
         # the decomposition by entry layer is exact
         assert float((got.origin + got.entry.sum(0) - got.score).abs().max()) < 1e-12
         assert torch.equal(got.low, got.score) and torch.equal(got.high, got.score)  # no missed mass
 
 
-def test_paths_follow_the_biggest_contributor():
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_paths_follow_the_biggest_contributor(aggregate):
     trace = awkward_trace(L=4, seed=5)
     r = 0.5
-    got = sources(trace, aggregate="mean", residual=r, top=4)
-    mats = block_matrices(trace, "mean", 1)
+    got = sources(trace, aggregate=aggregate, residual=r, top=4)
+    mats = block_matrices(trace, aggregate, 1)
     p = span_weights(trace, *got.span)
     flows = [p]
     for a in reversed(mats):  # flows[m] = p below layer L - m
@@ -214,21 +215,21 @@ def test_missed_mass_bars_hold_the_dense_flow(seed):
         got = sources(sparse, (100, T), missed=interval, top=0)
         assert got.has_missed
         assert bool((got.low <= got.score + 1e-12).all() and (got.score <= got.high + 1e-12).all())
-        inside = (truth.score >= got.low - 1e-9) & (truth.score <= got.high + 1e-9)
+        inside = (truth.score >= got.low - 1e-6) & (truth.score <= got.high + 1e-6)
         print(f"width {width}: dense flow inside the bars for {int(inside.sum())}/{inside.numel()} blocks; "
               f"mean bar {float((got.high - got.low).mean()):.4f}, unattributed {got.unattributed:.3f}")
         assert bool(inside.all())
         sd, ss = truth.units("sentence"), got.units("sentence")
-        assert bool(((sd.score >= ss.low - 1e-9) & (sd.score <= ss.high + 1e-9)).all())
+        assert bool(((sd.score >= ss.low - 1e-6) & (sd.score <= ss.high + 1e-6)).all())
         if width == 0.0:
             # the estimate with the exact missed mass is the dense flow along kept edges: at most the
             # dense flow, and the sum of both sides' differences is the unattributed flow
-            assert bool((got.score <= truth.score + 1e-9).all())
+            assert bool((got.score <= truth.score + 1e-6).all())
             narrow = got
     assert bool((got.low <= narrow.low + 1e-12).all() and (got.high >= narrow.high - 1e-12).all())
     # no estimates: zero bars and the sparse model's own flow
     plain = sources(sparse, (100, T), missed=False, top=0)
-    assert not plain.has_missed and torch.equal(plain.low, plain.high) and abs(plain.unattributed) < 1e-9
+    assert not plain.has_missed and torch.equal(plain.low, plain.high) and abs(plain.unattributed) < 1e-6
 
 
 class WithMissed(Trace):
@@ -263,9 +264,10 @@ def test_missed_mass_scales_each_head_row():
     mass = torch.tensor([[[1.0, 0.7], [0.25, 0.75]]])                    # junk behind the -1
     mu = torch.tensor([[[0.0, 0.0, 0.0], [0.2, 0.1, 0.4]]], dtype=torch.float64)
     e = layer_edges(idx, mass, "mean", mu, 2)
-    assert e.qi.tolist() == [0, 1, 1] and e.kj.tolist() == [0, 0, 1]
-    want = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.15, 0.225], [0.6, 0.45, 0.675]], dtype=torch.float64)
-    assert torch.allclose(e.w, want)
+    qi, kj, w = e.flat()
+    assert qi.tolist() == [0, 0, 1, 1] and kj.tolist() == [0, 2, 0, 1]  # -1 points at the spare slot 2
+    want = torch.tensor([[1.0, 1.0, 1.0], [0, 0, 0], [0.2, 0.15, 0.225], [0.6, 0.45, 0.675]])
+    assert torch.allclose(w, want)
     assert torch.allclose(e.lost, torch.tensor([0.0, 0.4], dtype=torch.float64))
 
 

@@ -63,7 +63,7 @@ SINKS = ("no-op", "source")
 KINDS = ("sentence", "paragraph", "block")
 RESIDUAL = 0.5  # attention rollout's share of the residual stream
 TOP = 10
-SMALL_LAYER = 1 << 20  # entries per layer below which the propagation runs on one CPU thread
+CPU_THREADS = 1  # see sources(): the thread pool costs more than it gives on a shared CPU
 
 
 # --------------------------------------------------------------------------- inputs
@@ -148,14 +148,21 @@ def _kept_shares(mu: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Edges:
-    """A layer's block matrix as entries: ``A[qi, kj] += w`` (entries may repeat under "mean"), ``w``
-    ``[E, C]`` (one column per score column), and the dropped share ``lost [nQ]`` of each row (at the
-    missed mass's upper end), or None."""
+    """A layer's block matrix as entries ``A[qi, kj] += w``: under "mean" in the trace's own layout (``kj``
+    ``[H, nQ, k]``, ``qi`` the broadcastable ``[1, nQ, 1]`` row index: no compaction, the heads' entries
+    add up), under "max" one flat entry per (row, key block) pair (``qi``, ``kj`` ``[U]``). ``w`` has one
+    trailing column per score column; a -1 entry points at the spare slot ``nK`` with weight 0. ``lost``:
+    the dropped share of each row ``[nQ]`` (at the missed mass's upper end), or None."""
 
     qi: torch.Tensor
     kj: torch.Tensor
     w: torch.Tensor
     lost: torch.Tensor | None
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(qi, kj, w)`` flattened: ``[E]``, ``[E]``, ``[E, C]``."""
+        qi = torch.broadcast_to(self.qi, self.kj.shape).reshape(-1)
+        return qi, self.kj.reshape(-1), self.w.reshape(-1, self.w.shape[-1])
 
 
 def layer_edges(indices: torch.Tensor, mass: torch.Tensor, aggregate: str, mu: torch.Tensor | None,
@@ -163,44 +170,41 @@ def layer_edges(indices: torch.Tensor, mass: torch.Tensor, aggregate: str, mu: t
     """The matrix ``A_l`` of one layer from its rows ``indices``/``mass`` ``[H, nQ, k]`` (see the module
     docstring, step 2), with the kept shares of ``mu [H, nQ, 3]`` (or None) in three columns. With
     ``sink_blocks`` > 0, what a row outside the sink puts on the sink blocks stays at the row's own block
-    (the sink read as a no-op)."""
-    edges = _layer_edges(indices, mass, aggregate, mu, num_key_blocks)
-    if sink_blocks > 0:
-        to_sink = (edges.kj < sink_blocks) & (edges.qi >= sink_blocks)
-        edges.kj = torch.where(to_sink, edges.qi, edges.kj)
-    return edges
-
-
-def _layer_edges(indices, mass, aggregate, mu, num_key_blocks) -> _Edges:
+    (the sink read as a no-op). Weights are float32, like the trace's masses (float16 on disk): a
+    layer's millions of entries take half the time they would in float64."""
     H, nQ, k = indices.shape
+    nK = num_key_blocks
     valid = indices >= 0                                                    # [H, nQ, k]
-    m = torch.where(valid, mass.double(), 0.0)
+    m = torch.where(valid, mass.float(), 0.0)
     total = m.sum(-1, keepdim=True)                                         # [H, nQ, 1]
-    m = torch.where(total > 0, m / total.clamp(min=1e-300), 0.0)            # each head's row sums to 1
-    qi = torch.arange(nQ, device=indices.device).view(1, nQ, 1).expand(H, nQ, k)[valid]   # [E]
-    kj = indices[valid].long()                                              # [E]
-    mv = m[valid]                                                           # [E]
-    if mu is None:
-        share = None
-        lost = None
-    else:
-        share = _kept_shares(mu).unsqueeze(2).expand(H, nQ, k, 3)[valid]    # [E, 3]
-        lost = (1 - _kept_shares(mu)[..., 1]).mean(0)                       # [nQ]: mean over heads of mu high
+    row = torch.arange(nQ, device=indices.device, dtype=torch.int32).view(1, nQ, 1)   # [1, nQ, 1]
+    kj = torch.where(valid, indices.int(), nK)                              # [H, nQ, k]; -1 -> spare slot
+    kept = None if mu is None else _kept_shares(mu).float()                 # [H, nQ, 3]
+    lost = None if mu is None else (1 - kept[..., 1].double()).mean(0)      # [nQ]: mean over heads of mu high
     if aggregate == "mean":
-        w = (mv / H)[:, None] if share is None else (mv / H)[:, None] * share   # [E, C]
-        return _Edges(qi, kj, w, lost)
+        w = m / (torch.where(total > 0, total, 1.0) * H)                    # each head's row sums to 1 / H
+        w = w[..., None] if kept is None else w[..., None] * kept[:, :, None, :]   # [H, nQ, k, C]
+        if sink_blocks > 0:
+            kj = torch.where((kj < sink_blocks) & (row >= sink_blocks), row, kj)
+        return _Edges(row, kj, w, lost)
     # "max": one entry per (query block, key block) pair, the max over heads, rows renormalised
-    pair, inverse = torch.unique(qi * num_key_blocks + kj, return_inverse=True)   # [U], [E]
-    U = pair.shape[0]
-    top = torch.zeros(U, dtype=torch.float64, device=mv.device).scatter_reduce(0, inverse, mv, "amax")
-    uq, uk = pair // num_key_blocks, pair % num_key_blocks
-    z = torch.zeros(nQ, dtype=torch.float64, device=mv.device).index_add_(0, uq, top)[uq]   # row sums
-    if share is None:
-        w = (top / z.clamp(min=1e-300))[:, None]
+    m = m / torch.where(total > 0, total, 1.0)
+    qi = torch.broadcast_to(row, kj.shape).reshape(-1).long()
+    pair, inverse = torch.unique(qi * (nK + 1) + kj.reshape(-1), return_inverse=True)   # [U], [E]
+    U, mv = pair.shape[0], m.reshape(-1)
+    top = torch.zeros(U, device=mv.device).scatter_reduce(0, inverse, mv, "amax")
+    uq, uk = pair // (nK + 1), pair % (nK + 1)
+    z = torch.zeros(nQ, device=mv.device).index_add_(0, uq, top)[uq]       # row sums
+    z = torch.where(z > 0, z, 1.0)
+    if kept is None:
+        w = (top / z)[:, None]
     else:
-        cols = [torch.zeros(U, dtype=torch.float64, device=mv.device).scatter_reduce(
-            0, inverse, mv * share[:, c], "amax") for c in range(3)]
-        w = torch.stack(cols, -1) / z.clamp(min=1e-300)[:, None]           # [U, 3]
+        share = kept[:, :, None, :].expand(H, nQ, k, 3).reshape(-1, 3)
+        cols = [torch.zeros(U, device=mv.device).scatter_reduce(0, inverse, mv * share[:, c], "amax")
+                for c in range(3)]
+        w = torch.stack(cols, -1) / z[:, None]                             # [U, 3]
+    if sink_blocks > 0:  # after the max: the sink's share adds to the diagonal's
+        uk = torch.where((uk < sink_blocks) & (uq >= sink_blocks), uq, uk)
     return _Edges(uq, uk, w, lost)
 
 
@@ -389,10 +393,10 @@ def sources(trace, span=None, *, aggregate: str = "mean", residual: float = RESI
     sink blocks, at least 1: models park attention on token 0). ``top``: how many of the strongest blocks
     (and of the strongest sentences' and paragraphs' blocks) get a path. ``device``: where to compute.
     """
-    # Rows of a small trace are too few to share out: on a busy CPU the thread pool's wake-ups cost 30x
-    # the work (measured: 33 ms vs 0.8 ms per layer of a 2k-token trace on 2 loaded cores).
-    small = trace.num_heads * trace.num_query_blocks * trace.top_k < SMALL_LAYER
-    with _threads(1 if small and torch.device(device).type == "cpu" else None):
+    # One CPU thread: the work is a few passes over each layer's rows, and on a shared CPU the thread
+    # pool's wake-ups cost more than they give (2 loaded cores: a 2k-token trace's layer took 33 ms on
+    # 2 threads, 0.8 ms on 1; a 1M-token trace 161 s against 70 s).
+    with _threads(CPU_THREADS if torch.device(device).type == "cpu" else None):
         return _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, device)
 
 
@@ -440,9 +444,11 @@ def _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, d
     flow[L] = p[:, 0]
     for layer in range(L - 1, -1, -1):                                     # 2-3. down through the layers
         e = _read_edges(trace, layer, aggregate, mu_of, no_op, device)
-        u = torch.zeros(nK, C, dtype=torch.float64, device=device).index_add_(0, e.kj, e.w * p[e.qi])
-        own = e.qi == e.kj
-        diag = torch.zeros(nK, dtype=torch.float64, device=device).index_add_(0, e.qi[own], e.w[own, 0])
+        spare = torch.zeros(1, C, device=device)                           # where -1 entries point
+        u = torch.zeros(nK + 1, C, device=device).index_add_(
+            0, e.kj.reshape(-1), (e.w * torch.cat([p.float(), spare])[e.qi]).reshape(-1, C))[:nK].double()
+        own = torch.where(e.kj == e.qi, e.w[..., 0], 0.0)
+        diag = torch.zeros(nK + 1, device=device).index_add_(0, e.kj.reshape(-1), own.reshape(-1))[:nK].double()
         if e.lost is not None:                                             # leaves through dropped edges
             lost += (1 - r) * p[:, 2] * e.lost
         arrive[layer] = (1 - r) * (u[:, 0] - diag * p[:, 0])
@@ -507,11 +513,10 @@ def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of,
     blocks = [[j] for j in targets]
     shares: list[list[float]] = [[] for _ in targets]
     for layer in range(L):
-        e = _read_edges(trace, layer, aggregate, mu_of, sink_blocks, device)
-        want = torch.tensor(sorted(set(cur)), dtype=torch.long, device=device)
-        sel = torch.isin(e.kj, want)
-        q, j = e.qi[sel], e.kj[sel]
-        c = (1 - r) * e.w[sel, 0] * flow[layer + 1][q]                     # contributions into j from q
+        want = torch.zeros(nK + 1, dtype=torch.bool, device=device)         # the current blocks
+        want[torch.tensor(cur, dtype=torch.long, device=device)] = True
+        q, j, w = _in_edges(trace, layer, want, aggregate, mu_of, sink_blocks, device)
+        c = (1 - r) * w * flow[layer + 1][q]                               # contributions into j from q
         key, inverse = torch.unique(j * nK + q, return_inverse=True)       # heads summed per (j, q)
         total = torch.zeros(key.shape[0], dtype=torch.float64, device=device).index_add_(0, inverse, c)
         kj, kq = (key // nK).cpu(), (key % nK).cpu()
@@ -531,6 +536,29 @@ def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of,
             blocks[s].append(nxt)
             cur[s] = nxt
     return blocks, shares
+
+
+def _in_edges(trace, layer: int, want: torch.Tensor, aggregate: str, mu_of, sink_blocks: int, device):
+    """The entries of ``A_l`` into the blocks marked in ``want [nK + 1]``: ``(q, j, w)``, long, long,
+    float64. Under "mean" only the rows' totals are computed for the whole layer (the same weights as
+    :func:`layer_edges`, for the few entries that matter); under "max" the whole matrix."""
+    if aggregate == "max":
+        qi, kj, w = _read_edges(trace, layer, aggregate, mu_of, sink_blocks, device).flat()
+        sel = want[kj]
+        return qi[sel].long(), kj[sel].long(), w[sel, 0].double()
+    indices, mass = (x.to(device) for x in trace.layer(layer))             # [H, nQ, k] each
+    H, nQ, _ = indices.shape
+    valid = indices >= 0
+    total = torch.where(valid, mass, 0.0).sum(-1)                          # [H, nQ]
+    target = torch.where(valid, indices, trace.num_key_blocks)
+    if sink_blocks > 0:
+        row = torch.arange(nQ, device=device, dtype=target.dtype).view(1, nQ, 1)
+        target = torch.where((target < sink_blocks) & (row >= sink_blocks), row, target)
+    h, i, r = torch.nonzero(want[target], as_tuple=True)
+    w = mass[h, i, r] / (torch.where(total > 0, total, 1.0)[h, i] * H)
+    if mu_of is not None:
+        w = w * _kept_shares(mu_of(layer).to(device))[h, i, 0].float()
+    return i, target[h, i, r].long(), w.double()
 
 
 def dense_scores(matrices: list[torch.Tensor], span_weights: torch.Tensor, residual: float = RESIDUAL):
