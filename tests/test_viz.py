@@ -326,3 +326,47 @@ def test_every_reader_refuses_a_corrupt_shard(tmp_path, capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_sources_endpoint_and_the_report_embed_the_sources(tmp_path):
+    """/api/sources answers what analysis.sources computes (cached, bad spans are a 400 with the sentence);
+    the report embeds the last block's sources; a trace shows itself in a notebook (no sources there)."""
+    import urllib.error
+    import urllib.request
+
+    from sparsetrace.analysis.sources import sources
+    from sparsetrace.viz.server import make_server
+
+    random_trace(T=3000, bq=16, bk=16, k=6).save(tmp_path / "t")
+    trace = Trace.load(tmp_path / "t")
+    want = sources(trace, (2900, 3000), top=8)
+    server = make_server(trace, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/api/sources"
+    try:
+        with urllib.request.urlopen(base + "?t0=2900&t1=3000") as r:
+            body = r.read()
+        got = json.loads(body)
+        assert got["span"] == [2900, 3000] and got["num_layers"] == 2 and got["unit"] == "sentence"
+        assert [p["token_start"] for p in got["top"]] == [p["token_start"] for p in want.top(8)]
+        assert all(len(p["entry"]) == 2 and p["text"] for p in got["top"])
+        assert np.allclose(got["blocks"], want.score.numpy(), rtol=1e-3, atol=1e-12)
+        with urllib.request.urlopen(base + "?t0=2900&t1=3000") as again:
+            assert again.read() == body  # kept: a long trace takes seconds per span
+        for query, says in [("?t0=5000&t1=6000", "holds no token"), ("?t0=1&t1=9&residual=x", "not a number"),
+                            ("?t0=1&t1=9&aggregate=sum", "aggregate")]:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + query)
+            assert refused.value.code == 400 and says in json.loads(refused.value.read())["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    embedded = report_data(trace, max_cells=8)["sources"]
+    last = sources(trace, top=8)
+    assert embedded["span"] == [2992, 3000] and len(embedded["top"]) == 8
+    assert [p["token_start"] for p in embedded["top"]] == [p["token_start"] for p in last.top(8)]
+    assert report_data(trace, max_cells=8, sources=False)["sources"] is None
+    import sparsetrace as st  # registers how a Trace shows in a notebook
+
+    shown = st.Trace.load(tmp_path / "t")._repr_html_()
+    assert shown.startswith("<iframe srcdoc=") and "&quot;sources&quot;: null" in shown
