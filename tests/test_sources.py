@@ -339,3 +339,24 @@ def test_cli_bad_input(trace_dir, tmp_path, capsys):
     assert "not a trace directory" in capsys.readouterr().err
     assert main(["sources", str(trace_dir), "--json", str(tmp_path)]) == 2
     assert "directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,tokens", [("smollm2-135m", 300), ("gemma-3-270m", 700)])
+def test_real_traces_equal_plain_rollout(model, tokens):
+    """Real traces of both models (Gemma's sliding-window layers past its 512-token window; the traces the
+    browser tests build, cached): the scores equal plain rollout over the rows' matrices, and the chain of
+    every top source ends in the span."""
+    from test_browser import real_trace
+
+    trace = real_trace(model, tokens)
+    for aggregate in ("mean", "max"):
+        got = sources(trace, aggregate=aggregate, top=5)
+        want = dense_scores(block_matrices(trace, aggregate, got.sink_blocks), span_weights(trace, *got.span))
+        err = float((got.score - want).abs().max())
+        top = got.top(3)
+        print(f"{model} {aggregate}: max |diff| {err:.2e}; top: " + " | ".join(
+            f"{r['score']:.3f} L{r['layers'][0][0] if r['layers'] else '-'} {' '.join(r['text'].split())[:40]}"
+            for r in top))
+        assert err < 1e-6 and len(top) == 3 and all(r["text"] in trace.text for r in top)
+        assert all(path[-1] == trace.num_query_blocks - 1 for path in got.paths.values())
