@@ -366,7 +366,7 @@ def test_sources_endpoint_and_the_report_embed_the_sources(tmp_path):
     assert embedded["span"] == [2992, 3000] and len(embedded["top"]) == 8
     assert [p["token_start"] for p in embedded["top"]] == [p["token_start"] for p in last.top(8)]
     assert report_data(trace, max_cells=8, sources=False)["sources"] is None
-    import sparsetrace as st  # registers how a Trace shows in a notebook
+    import sparsetrace as st  # its root registers how a Trace shows in a notebook
 
     shown = st.Trace.load(tmp_path / "t")._repr_html_()
     assert shown.startswith("<iframe srcdoc=") and "&quot;sources&quot;: null" in shown

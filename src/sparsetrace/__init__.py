@@ -17,8 +17,20 @@ from .config import MaskConfig, TraceConfig
 from .errors import UsageError
 from .ops import oracle_mask, select_blocks, sparse_attention, stream_mask
 from .selection.blocks import BlockMask
+from .store.trace import register_html_view
 
-# Heavier pieces (transformers, safetensors) load on first use so `import sparsetrace` stays light.
+
+def _trace_html(trace) -> str:
+    """How a Trace shows in a notebook: drawn by sparsetrace.viz, loaded on first display. Wired here, where
+    every layer is known (the store never imports viz), so any way of getting a Trace shows it."""
+    import importlib
+
+    return importlib.import_module(".viz.report", __name__).trace_html(trace)
+
+
+register_html_view(_trace_html)
+
+# Heavier pieces (transformers, the viewer) load on first use so `import sparsetrace` stays light.
 _LAZY = {
     "load_model": "tracing.models",
     "Trace": "store",
@@ -35,16 +47,9 @@ __all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask"
 __version__ = "0.1.0"
 
 
-# Loaded with a lazy name: the pieces that plug into it (viz registers how a Trace shows in a notebook).
-_PLUG_INS = {"store": ".viz.report"}
-
-
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        if _LAZY[name] in _PLUG_INS:
-            importlib.import_module(_PLUG_INS[_LAZY[name]], __name__)
-        return getattr(module, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'sparsetrace' has no attribute {name!r}")

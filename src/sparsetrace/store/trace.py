@@ -30,9 +30,9 @@ from .writer import TraceWriter
 
 _FIX = "rerunning the same trace command with the same --out recomputes the damaged part."
 
-# What a notebook shows for a Trace (``_repr_html_``): a picture, which belongs to sparsetrace.viz. The viz
-# layer registers it here (the store never imports viz: data flows one way); ``import sparsetrace`` loads
-# it with the Trace class. Until one is registered, notebooks show ``__repr__``.
+# What a notebook shows for a Trace (``_repr_html_``): a picture, which belongs to sparsetrace.viz. The
+# package root registers it here at import (the store never imports viz: data flows one way); with none
+# registered, notebooks show ``__repr__``.
 _html_views: list = []
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..store import atomic_write_bytes, encode_mass, register_html_view
+from ..store import atomic_write_bytes, encode_mass
 from . import views
 
 STATIC = Path(__file__).with_name("static")
@@ -133,9 +133,8 @@ def write_report(trace, path, *, cache_dir=None, **kwargs) -> int:
 
 
 def trace_html(trace) -> str:
-    """What a notebook shows for a trace: the overview and the block map of its most long-range head, in
-    an iframe (the report page with one small map and no sources; see :class:`Report` for more)."""
+    """What a notebook shows for a trace (``sparsetrace`` registers it with the store): the overview and
+    the block map of its most long-range head, in an iframe (the report page with one small map and no
+    sources; see :class:`Report` for more)."""
     return Report(trace, n_heads=1, max_cells=128, sources=False, height=560)._repr_html_()
 
-
-register_html_view(trace_html)
