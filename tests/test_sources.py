@@ -360,3 +360,21 @@ def test_real_traces_equal_plain_rollout(model, tokens):
             for r in top))
         assert err < 1e-6 and len(top) == 3 and all(r["text"] in trace.text for r in top)
         assert all(path[-1] == trace.num_query_blocks - 1 for path in got.paths.values())
+
+
+def test_printed_table_shows_error_bars_with_missed_mass():
+    from sparsetrace.commands.sources import format_report
+
+    T, L, H, b = 157, 4, 3, 8
+    idx, mass = dense_rows(T, L, H, b, 1)
+    txt, tokens, offsets = synthetic_text(T, 1)
+    s_idx, s_mass, mu = pruned(idx, mass, 6, 1)
+    sparse = Trace.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=tokens, token_offsets=offsets, text=txt)
+    found = sources(sparse, missed=torch.stack([mu, mu * 0.5, (mu * 1.5).clamp(max=1)], -1), top=3)
+    text = format_report(found, found.top(3), "sentence", L)
+    print(text)
+    assert "missed mass: error bars" in text and "unattributed flow" in text
+    rows = found.top(3)
+    assert f"[{rows[0]['low']:.4f}, {rows[0]['high']:.4f}]" in text
+    plain = format_report(sources(sparse, top=3), sources(sparse, top=3).top(3), "sentence", L)
+    assert "[" not in plain.split("\n", 3)[-1]  # no bars without estimates

@@ -255,7 +255,7 @@ class Units:
     the sink (the ranking's scope); ``block`` ``[n]``: each passage's strongest such block (-1: none)."""
 
     kind: str
-    passages: list[Sentence]
+    passages: Sequence[Sentence]
     score: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                     top=args.top, device=device_of(args.device))
     unit = args.unit or ("sentence" if trace.text is not None and trace.token_offsets is not None else "block")
     top = found.top(args.top, unit)
-    print(_report(found, top, unit, trace.num_layers))
+    print(format_report(found, top, unit, trace.num_layers))
     if out_json is not None or out_csv is not None:
         rows = found.rows(unit)
         if out_json is not None:
@@ -71,7 +71,9 @@ def _one_line(text: str | None, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _report(found, top: list[dict], unit: str, num_layers: int) -> str:
+def format_report(found, top: list[dict], unit: str, num_layers: int) -> str:
+    """The printed table: the settings and span, then one line per passage (error bars where the trace has
+    missed-mass estimates)."""
     a, b = found.span
     sink = ("sink: block 0 as a no-op" if found.sink_blocks == 1 else f"sink: blocks 0-{found.sink_blocks - 1} "
             "as no-ops") if found.sink == "no-op" else "sink as a source"
