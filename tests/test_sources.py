@@ -79,6 +79,23 @@ def block_matrices(trace, aggregate: str, sink_blocks: int, keep=None) -> list[t
     return out
 
 
+def brute_entry(mats, p, r) -> torch.Tensor:
+    """``entry [L, nK]`` by its definition: the flow arriving at j from other blocks at layer l, times
+    what stays at j through the layers below."""
+    L, n = len(mats), p.shape[0]
+    flows = [p.double()]
+    for a in reversed(mats):
+        flows.append(r * flows[-1] + (1 - r) * a.T @ flows[-1])
+    above = flows[::-1][1:]  # above[l] = the flow entering layer l from above
+    out = torch.zeros(L, n, dtype=torch.float64)
+    for layer, a in enumerate(mats):
+        for j in range(n):
+            arrive = (1 - r) * sum(float(a[i, j] * above[layer][i]) for i in range(n) if i != j)
+            stay = math.prod(r + (1 - r) * float(mats[below][j, j]) for below in range(layer))
+            out[layer, j] = arrive * stay
+    return out
+
+
 def span_weights(trace, a: int, b: int) -> torch.Tensor:
     p = torch.zeros(trace.num_query_blocks, dtype=torch.float64)
     for t in range(a, b):
@@ -102,8 +119,10 @@ def test_scores_equal_plain_rollout(aggregate, sink, residual, window):
               f"sum {float(got.score.sum()):.6f}")
         assert err < 1e-6  # float32 weights (the trace's masses are float16 on disk)
         assert abs(float(got.score.sum()) - 1) < 1e-6  # rows sum to 1: the flow is conserved
-        # the decomposition by entry layer is exact
+        # the decomposition by entry layer is exact, and each part is what the matrices say
         assert float((got.origin + got.entry.sum(0) - got.score).abs().max()) < 1e-12
+        entry = brute_entry(mats, span_weights(trace, a, b), residual)
+        assert float((got.entry - entry).abs().max()) < 1e-6
         assert torch.equal(got.low, got.score) and torch.equal(got.high, got.score)  # no missed mass
 
 
@@ -265,7 +284,7 @@ def test_missed_mass_scales_each_head_row():
     mu = torch.tensor([[[0.0, 0.0, 0.0], [0.2, 0.1, 0.4]]], dtype=torch.float64)
     e = layer_edges(idx, mass, "mean", mu, 2)
     qi, kj, w = e.flat()
-    assert qi.tolist() == [0, 0, 1, 1] and kj.tolist() == [0, 2, 0, 1]  # -1 points at the spare slot 2
+    assert qi.tolist() == [0, 0, 1, 1] and kj.tolist() == [0, -1, 0, 1]  # -1 stays -1, with weight 0
     want = torch.tensor([[1.0, 1.0, 1.0], [0, 0, 0], [0.2, 0.15, 0.225], [0.6, 0.45, 0.675]])
     assert torch.allclose(w, want)
     assert torch.allclose(e.lost, torch.tensor([0.0, 0.4], dtype=torch.float64))

@@ -154,24 +154,27 @@ def _kept_shares(mu: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Edges:
-    """A layer's block matrix as entries ``A[qi, kj] += w``. Under "mean" in the trace's own layout: ``kj``
-    ``[H, nQ, k]``, ``qi`` the broadcastable ``[1, nQ, 1]`` row index (no compaction: the heads' entries add
-    up), ``w [H, nQ, k, 1]`` the masses and ``scale [H, nQ, C]`` one factor per head row and score column
-    (1 / (row total * H), times the kept share). Under "max" one flat entry per (row, key block) pair:
-    ``qi``, ``kj`` ``[U]``, ``w [U, C]``, no ``scale``. A -1 entry points at the spare slot ``nK`` with
-    weight 0. ``lost``: the dropped share of each row ``[nQ]`` (at the missed mass's upper end), or None."""
+    """A layer's block matrix as entries ``A[qi, kj - 1] += w``: ``kj`` holds key block + 1, and 0 for a -1
+    entry (a spare slot with weight 0, so no entry is ever compacted away). Under "mean" in the trace's own
+    layout: ``kj`` ``[H, nQ, k]``, ``qi`` the broadcastable ``[1, nQ, 1]`` row index (the heads' entries add
+    up), ``w [H, nQ, k, 1]`` the masses, ``scale [H, nQ, C]`` one factor per head row and score column
+    (1 / (row total * H), times the kept share) and ``own [H, nQ]`` each head row's mass on its own block
+    (the sink's included under "no-op"). Under "max" one flat entry per (row, key block) pair: ``qi``,
+    ``kj`` ``[U]``, ``w [U, C]``. ``lost``: the dropped share of each row ``[nQ]`` (at the missed mass's
+    upper end), or None."""
 
     qi: torch.Tensor
     kj: torch.Tensor
     w: torch.Tensor
     lost: torch.Tensor | None
     scale: torch.Tensor | None = None
+    own: torch.Tensor | None = None
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(qi, kj, w)`` flattened, ``w`` scaled: ``[E]``, ``[E]``, ``[E, C]``."""
+        """``(qi, key block, w)`` flattened, ``w`` scaled: ``[E]``, ``[E]`` (-1 for padding), ``[E, C]``."""
         w = self.w if self.scale is None else self.w * self.scale[:, :, None, :]
         qi = torch.broadcast_to(self.qi, self.kj.shape).reshape(-1)
-        return qi, self.kj.reshape(-1), w.reshape(-1, w.shape[-1])
+        return qi, self.kj.reshape(-1) - 1, w.reshape(-1, w.shape[-1])
 
     def pull(self, p: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T p [nK, C], diag(A) [nQ])`` for the flow ``p [nQ, C]`` (float32 in, float64 out)."""
@@ -179,41 +182,50 @@ class _Edges:
         p = p.float()
         if self.scale is not None:  # one factor per head row first, then one pass over the entries
             values = self.w * (self.scale * p[None])[:, :, None, :]                       # [H, nQ, k, C]
-            diag = ((self.w[..., 0] * (self.kj == self.qi)).sum(-1) * self.scale[..., 0]).sum(0)
+            diag = (self.own * self.scale[..., 0]).sum(0)                                  # [nQ]
         else:
             values = self.w * p[self.qi]                                                   # [U, C]
-            own = torch.where(self.kj == self.qi, self.w[:, 0], 0.0)
-            diag = torch.zeros(nK + 1, device=p.device).index_add_(0, self.kj.long(), own)[:nK]
-        # int64 indices: index_add_ with int32 ones took 25x longer on CPU (1.0 s against 0.04 s per layer)
-        u = torch.zeros(nK + 1, C, device=p.device).index_add_(0, self.kj.reshape(-1).long(), values.reshape(-1, C))
-        return u[:nK].double(), diag.double()
+            own = torch.where(self.kj == self.qi + 1, self.w[:, 0], 0.0)
+            diag = torch.zeros(nK + 1, device=p.device).index_add_(0, self.kj, own)[1:]
+        u = torch.zeros(nK + 1, C, device=p.device).index_add_(0, self.kj.reshape(-1), values.reshape(-1, C))
+        return u[1:].double(), diag.double()
 
 
 def layer_edges(indices: torch.Tensor, mass: torch.Tensor, aggregate: str, mu: torch.Tensor | None,
                 num_key_blocks: int, sink_blocks: int = 0) -> _Edges:
     """The matrix ``A_l`` of one layer from its rows ``indices``/``mass`` ``[H, nQ, k]`` (see the module
     docstring, step 2), with the kept shares of ``mu [H, nQ, 3]`` (or None) in three columns. With
-    ``sink_blocks`` > 0, what a row outside the sink puts on the sink blocks stays at the row's own block
-    (the sink read as a no-op). Weights are float32, like the trace's masses (float16 on disk): a
-    layer's millions of entries take half the time they would in float64."""
+    ``sink_blocks`` S > 0, what a row outside the sink puts on the sink blocks stays at the row's own block
+    (the sink read as a no-op).
+
+    Rows are sorted ascending (the trace's contract), so a row's sink blocks can only sit in its first S
+    entries and its own (diagonal) block only in its last valid one: both are read there, not searched
+    for in every entry. Weights are float32, like the trace's masses (float16 on disk); indices int64
+    (CPU ``index_add_`` with int32 ones took 25x longer: 1.0 s against 0.04 s per 1M-token layer)."""
     H, nQ, k = indices.shape
-    nK = num_key_blocks
+    S = min(sink_blocks, k)
     valid = indices >= 0                                                    # [H, nQ, k]
-    m = torch.where(valid, mass.float(), 0.0)
+    m = torch.where(valid, mass.float(), 0.0)                               # junk behind -1 never counts
     total = m.sum(-1, keepdim=True)                                         # [H, nQ, 1]
-    row = torch.arange(nQ, device=indices.device, dtype=torch.int32).view(1, nQ, 1)   # [1, nQ, 1]
-    kj = torch.where(valid, indices.int(), nK)                              # [H, nQ, k]; -1 -> spare slot
+    row = torch.arange(nQ, device=indices.device).view(1, nQ, 1)            # [1, nQ, 1]
+    kj = indices.long() + 1                                                 # [H, nQ, k]; -1 -> slot 0
     kept = None if mu is None else _kept_shares(mu).float()                 # [H, nQ, 3]
     lost = None if mu is None else (1 - kept[..., 1].double()).mean(0)      # [nQ]: mean over heads of mu high
     if aggregate == "mean":
+        last = (valid.sum(-1, keepdim=True) - 1).clamp(min=0)               # [H, nQ, 1]: last valid entry
+        own = torch.where(indices.gather(-1, last) == row, m.gather(-1, last), 0.0)[..., 0]   # [H, nQ]
+        if S > 0:
+            head = kj[..., :S]                                              # where sorted rows keep sinks
+            to_sink = (head >= 1) & (head <= sink_blocks) & (row >= sink_blocks)
+            kj[..., :S] = torch.where(to_sink, row + 1, head)
+            own = own + (m[..., :S] * to_sink).sum(-1)
         scale = 1 / (torch.where(total > 0, total, 1.0) * H)                # each head's row sums to 1 / H
         scale = scale if kept is None else scale * kept                     # [H, nQ, C]
-        if sink_blocks > 0:
-            kj = torch.where((kj < sink_blocks) & (row >= sink_blocks), row, kj)
-        return _Edges(row, kj, m[..., None], lost, scale)
+        return _Edges(row, kj, m[..., None], lost, scale, own)
     # "max": one entry per (query block, key block) pair, the max over heads, rows renormalised
+    nK = num_key_blocks
     m = m / torch.where(total > 0, total, 1.0)
-    qi = torch.broadcast_to(row, kj.shape).reshape(-1).long()
+    qi = torch.broadcast_to(row, kj.shape).reshape(-1)
     pair, inverse = torch.unique(qi * (nK + 1) + kj.reshape(-1), return_inverse=True)   # [U], [E]
     U, mv = pair.shape[0], m.reshape(-1)
     top = torch.zeros(U, device=mv.device).scatter_reduce(0, inverse, mv, "amax")
@@ -228,7 +240,7 @@ def layer_edges(indices: torch.Tensor, mass: torch.Tensor, aggregate: str, mu: t
                 for c in range(3)]
         w = torch.stack(cols, -1) / z[:, None]                             # [U, 3]
     if sink_blocks > 0:  # after the max: the sink's share adds to the diagonal's
-        uk = torch.where((uk < sink_blocks) & (uq >= sink_blocks), uq, uk)
+        uk = torch.where((uk >= 1) & (uk <= sink_blocks) & (uq >= sink_blocks), uq + 1, uk)
     return _Edges(uq, uk, w, lost)
 
 
@@ -551,7 +563,7 @@ def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of,
     blocks = [[j] for j in targets]
     shares: list[list[float]] = [[] for _ in targets]
     for layer in range(L):
-        want = torch.zeros(nK + 1, dtype=torch.bool, device=device)         # the current blocks
+        want = torch.zeros(nK, dtype=torch.bool, device=device)             # the current blocks
         want[torch.tensor(cur, dtype=torch.long, device=device)] = True
         q, j, w = _in_edges(trace, layer, want, aggregate, mu_of, sink_blocks, device)
         c = (1 - r) * w * flow[layer + 1][q]                               # contributions into j from q
@@ -577,26 +589,31 @@ def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of,
 
 
 def _in_edges(trace, layer: int, want: torch.Tensor, aggregate: str, mu_of, sink_blocks: int, device):
-    """The entries of ``A_l`` into the blocks marked in ``want [nK + 1]``: ``(q, j, w)``, long, long,
-    float64. Under "mean" only the rows' totals are computed for the whole layer (the same weights as
-    :func:`layer_edges`, for the few entries that matter); under "max" the whole matrix."""
+    """The entries of ``A_l`` into the blocks marked in ``want [nK]``: ``(q, j, w)``, long, long, float64.
+    Under "mean" the layer is only searched for those entries, and weighted as :func:`layer_edges` does;
+    under "max" the whole matrix is built."""
     if aggregate == "max":
         qi, kj, w = _read_edges(trace, layer, aggregate, mu_of, sink_blocks, device).flat()
-        sel = want[kj.long()]
-        return qi[sel].long(), kj[sel].long(), w[sel, 0].double()
+        sel = want[kj] & (kj >= 0)
+        return qi[sel], kj[sel], w[sel, 0].double()
     indices, mass = (x.to(device) for x in trace.layer(layer))             # [H, nQ, k] each
-    H, nQ, _ = indices.shape
-    valid = indices >= 0
-    total = torch.where(valid, mass, 0.0).sum(-1)                          # [H, nQ]
-    target = torch.where(valid, indices, trace.num_key_blocks)
-    if sink_blocks > 0:
-        row = torch.arange(nQ, device=device, dtype=target.dtype).view(1, nQ, 1)
-        target = torch.where((target < sink_blocks) & (row >= sink_blocks), row, target)
-    h, i, r = torch.nonzero(want[target.long()], as_tuple=True)
-    w = mass[h, i, r] / (torch.where(total > 0, total, 1.0)[h, i] * H)
+    H, nQ, k = indices.shape
+    S = min(sink_blocks, k)
+    marked = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), want])   # slot 0: the -1 entries
+    h, i, r = torch.nonzero(marked[indices.long() + 1], as_tuple=True)     # entries into a wanted block
+    j = indices[h, i, r].long()
+    keep = ~((j < sink_blocks) & (i >= sink_blocks))                       # those are the row's own under no-op
+    h, i, r, j = h[keep], i[keep], r[keep], j[keep]
+    if S > 0:  # a sink entry of a wanted row >= S counts for the row itself (first S entries: sorted rows)
+        rows = torch.nonzero(want[:nQ] & (torch.arange(nQ, device=device) >= sink_blocks)).flatten()
+        head = indices[:, rows, :S]                                         # [H, R, S]
+        hh, rr, ss = torch.nonzero((head >= 0) & (head < sink_blocks), as_tuple=True)
+        h, i, r, j = (torch.cat([h, hh]), torch.cat([i, rows[rr]]), torch.cat([r, ss]), torch.cat([j, rows[rr]]))
+    row_mass = torch.where(indices[h, i] >= 0, mass[h, i].float(), 0.0).sum(-1)   # the selected rows' totals
+    w = mass[h, i, r].float() / (torch.where(row_mass > 0, row_mass, 1.0) * H)
     if mu_of is not None:
         w = w * _kept_shares(mu_of(layer).to(device))[h, i, 0].float()
-    return i, target[h, i, r].long(), w.double()
+    return i, j, w.double()
 
 
 def dense_scores(matrices: list[torch.Tensor], span_weights: torch.Tensor, residual: float = RESIDUAL):
