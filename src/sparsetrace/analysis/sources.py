@@ -282,8 +282,8 @@ class Units:
     def order(self) -> list[int]:
         """Passage indices by decreasing score, passages without score (all inside the span or the sink)
         left out; ties keep text order."""
-        ranked = torch.sort(-self.score, stable=True).indices.tolist()
-        return [i for i in ranked if self.block[i] >= 0 and self.score[i] > 0]
+        ranked = torch.sort(-self.score, stable=True).indices
+        return ranked[((self.block >= 0) & (self.score > 0))[ranked]].tolist()
 
 
 @dataclass
