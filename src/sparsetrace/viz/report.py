@@ -39,7 +39,7 @@ def report_data(trace, *, heads=None, n_heads: int = 4, max_cells: int = 256, an
     with the largest metric `by`: "other" = mass off the diagonal and off the sink block (see
     views.head_stats), or "offdiag", "entropy", ..., "kurtosis" / "needle_mass" when the anchors /
     niah results are found. `sources`: embed the sources of the last block (two passes over the
-    trace: about as long as the per-head statistics)."""
+    trace: 0.3 s at 2k tokens, tens of seconds at 1M on a 2-core CPU)."""
     stats = views.head_stats(trace) if stats is None else stats
     metrics = {**stats, **views.load_analysis(trace, anchors=anchors, niah=niah)}
     if heads is None:
