@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
                                    "residual share) and rank the passages it read.")
     p.add_argument("trace", type=Path, metavar="DIR", help="trace directory")
     p.add_argument("--span", default=None, metavar="START:END",
-                   help="token span whose sources to find, Python slice style (e.g. 1990:2048, -32:); "
-                        "default: the last block, where the next token is read")
+                   help="token span whose sources to find, Python slice style (e.g. 1990:2048, or "
+                        "--span=-32: for the last 32 tokens); default: the last block, where the next token is read")
     p.add_argument("--top", type=positive_int, default=10, help="passages to print (10)")
     p.add_argument("--unit", choices=("sentence", "paragraph", "block"), default=None,
                    help="passages: sentences (default when the trace has text), paragraphs or blocks")
