@@ -70,7 +70,7 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
             _, tokens, chunks = greedy_decode(model, ids, max_new, chunk_size=config.chunk_size,
                                               session=session, stop=found_all)
         meta = {**trace_meta(model, config, model_id), "niah_case": case.id}
-        trace = Trace.from_arrays(*join_chunks(chunks), block_q=config.mask.block_q,
+        trace = Trace.from_arrays(**join_chunks(chunks), block_q=config.mask.block_q,
                                   block_k=config.mask.block_k, meta=meta, tokens=ids)
     output = tokenizer.decode(tokens, skip_special_tokens=True)
     return CaseRun(tokens, output, string_match_all(output, case.answers), trace,
