@@ -44,11 +44,14 @@ class SparseSession:
         return select_blocks(query, key, self.config.mask, window=window)
 
     def take_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices int32 and mass float32, ``[L, H, nQ_chunk, top_k]`` (batch 0), and reset."""
+        """Indices int32 and mass float32, ``[L, H, nQ_chunk, top_k]`` (batch 0) on the CPU, and reset.
+
+        Each layer's rows sit on that layer's device (a model spread over GPUs by a device map), so every
+        layer is brought to the CPU before the layers are stacked."""
         order = sorted(self.layers)
         assert order == list(range(len(order))), f"layers recorded out of order: {order}"
-        indices = torch.stack([self.layers[i][0][0] for i in order]).cpu()
-        mass = torch.stack([self.layers[i][1][0] for i in order]).cpu()
+        indices = torch.stack([self.layers[i][0][0].cpu() for i in order])
+        mass = torch.stack([self.layers[i][1][0].cpu() for i in order])
         self.layers.clear()
         return indices, mass
 
