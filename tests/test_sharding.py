@@ -17,7 +17,7 @@ from sparsetrace.config import TraceConfig
 from sparsetrace.datasets.essays import haystack_text
 from sparsetrace.errors import UsageError
 from sparsetrace.store import Trace
-from sparsetrace.tracing.models import check_device_map, dispatch, load_model, model_devices
+from sparsetrace.tracing.models import check_device_map, dispatch, infer_device_map, load_model, model_devices
 from sparsetrace.tracing.tracer import tokenize, trace_ids
 
 CONFIG = TraceConfig.of(block_size=16, top_k=5, chunk_size=96)
@@ -135,3 +135,22 @@ def test_cli_device_map(tmp_path, capsys, reference):
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
         assert not out.exists()
+
+
+def test_auto_map_of_llama_8b_over_two_gpus_keeps_layers_whole():
+    """What ``--device-map auto`` computes on a two-GPU machine, here from the Llama-3.1-8B shape on the meta
+    device and two H200-sized memories: every decoder layer whole on one GPU, both GPUs used, the
+    embeddings on the first and the head on the last (the order the hidden state flows)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    device_map = infer_device_map(model, "auto", max_memory={0: "139GiB", 1: "139GiB"})
+    layers = {int(k.split(".")[2]): v for k, v in device_map.items() if k.startswith("model.layers.")}
+    print("layers per GPU:", {d: sum(1 for v in layers.values() if v == d) for d in (0, 1)})
+    assert sorted(layers) == list(range(32)) and all(k.count(".") == 2 for k in device_map
+                                                      if k.startswith("model.layers."))
+    assert device_map["model.embed_tokens"] == 0 and device_map["lm_head"] == 1
+    assert set(layers.values()) == {0, 1} and list(layers.values()) == sorted(layers.values())

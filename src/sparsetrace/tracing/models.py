@@ -271,21 +271,34 @@ def _check_device(name: str, device) -> None:
                          "(cpu or cuda).")
 
 
-def dispatch(model: PreTrainedModel, device_map: DeviceMap) -> PreTrainedModel:
-    """Spread an already built ``model`` over devices the way ``from_pretrained(device_map=...)`` would:
-    a named strategy is turned into a map by accelerate's ``infer_auto_device_map`` (``"auto"`` and
-    ``"balanced"``: layers split evenly over the GPUs, ``get_balanced_memory``), never splitting a decoder
-    layer; then ``accelerate.dispatch_model`` moves the modules and adds the hooks that carry the hidden
-    state from device to device. Returns the model; ``model.hf_device_map`` holds the map used."""
-    from accelerate import dispatch_model, infer_auto_device_map
+def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None = None) -> dict:
+    """The ``{module name: device}`` map that a named ``strategy`` gives ``model`` (built, or on the meta
+    device), as ``from_pretrained(device_map=strategy)`` computes it: accelerate's ``infer_auto_device_map``
+    under the memory of the devices here (or ``max_memory``, e.g. ``{0: "140GiB", 1: "140GiB"}``), never
+    splitting a decoder layer; ``"auto"`` and ``"balanced"`` spread the layers evenly over the GPUs."""
+    from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
 
-    check_device_map(model.config, device_map)
+    check_device_map(model.config, strategy)
+    no_split = model._no_split_modules
+    if strategy == "sequential":
+        max_memory = get_max_memory(max_memory)
+    else:
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=strategy == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+
+
+def dispatch(model: PreTrainedModel, device_map: DeviceMap) -> PreTrainedModel:
+    """Spread an already built ``model`` over devices the way ``from_pretrained(device_map=...)`` would
+    (a named strategy through :func:`infer_device_map`); ``accelerate.dispatch_model`` moves the modules and
+    adds the hooks that carry the hidden state from device to device. Returns the model;
+    ``model.hf_device_map`` holds the map used."""
+    from accelerate import dispatch_model
+
     if isinstance(device_map, str):
-        no_split = model._no_split_modules
-        max_memory = (get_max_memory() if device_map == "sequential" else get_balanced_memory(
-            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"))
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+        device_map = infer_device_map(model, device_map)
+    check_device_map(model.config, device_map)
     return dispatch_model(model, device_map=device_map)  # sets model.hf_device_map
 
 
