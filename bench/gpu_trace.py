@@ -161,12 +161,22 @@ def main() -> None:
     for name in names:
         builder, gpu_tokens, tiny_tokens = MODELS[name]
         tokens = args.tokens or (tiny_tokens if args.tiny else gpu_tokens)
-        rows.append(run(name, builder(args.tiny), tokens, trace_config, args.out_dir, device, args.device_map))
+        try:
+            rows.append(run(name, builder(args.tiny), tokens, trace_config, args.out_dir, device, args.device_map))
+        except torch.cuda.OutOfMemoryError as err:  # recorded as such; the other models still run
+            print(f"{name} at {tokens} tokens: out of memory ({str(err).splitlines()[0][:200]})", flush=True)
+            rows.append({"model": f"{name}-shape", "tokens": tokens, "device_map": args.device_map, "gpus": 0,
+                         "device": f"cuda: {torch.cuda.get_device_name()}", "error": "out of memory"})
+            torch.cuda.empty_cache()
+
     print(f"\ntorch {torch.__version__}")
     print("| model | tokens | device | wall s | peak GPU GiB (per device) | sparsity | trace MB | "
           "dense fp16 TB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['tokens']} | {r['device']} | {r['error']} | | | | | |")
+            continue
         peak = (f"{r['peak_gpu_gib']}" + (f" {r['peak_gpu_gib_per_device']}" if r["gpus"] > 1 else "")
                 if r["gpus"] else "-")
         print(f"| {r['model']} | {r['tokens']} | {r['device']} | {r['wall_s']} | {peak} | {r['sparsity']} | "
