@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sparsetrace.errors import UsageError
 from sparsetrace.runs.ranks import Ranks, part_path
@@ -71,8 +72,9 @@ def test_other_settings_are_refused_and_none_is_left_for_later(tmp_path):
 def test_rank_device_and_tag():
     assert Ranks().device("cuda") == "cuda" and Ranks().tag == ""
     two = Ranks(rank=1, world=2, local_rank=1)
-    assert two.device("cuda") == "cuda:1" and two.device("cpu") == "cpu" and two.tag == "rank 1/2: "
-    assert not two.main
+    assert two.device("cpu") == "cpu" and two.tag == "rank 1/2: " and not two.main
+    if torch.cuda.device_count() >= 2:
+        assert two.device("cuda") == "cuda:1"
 
 
 SCRIPT = """
@@ -125,3 +127,26 @@ def test_two_ranks_under_torchrun_share_the_cases_and_resume(tmp_path):
     assert ran == {0: [1, 3, 6], 1: [2, 4]}
     assert (two / "merged.json").read_bytes() == (one / "merged.json").read_bytes()
     assert not (two / "parts").exists()
+
+
+def test_gpus_and_commands_under_torchrun_are_checked(tmp_path, monkeypatch, capsys):
+    """One GPU per process; a device map (one model over the GPUs) and torchrun's processes do not mix; a
+    command that does not share its work refuses to run N times over."""
+    import argparse
+
+    from sparsetrace.cli import main
+    from sparsetrace.commands.options import placement
+
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(UsageError, match="no GPU of its own"):
+            Ranks(rank=1, world=2, local_rank=1).device("cuda")
+    args = argparse.Namespace(device=None, device_map="auto")
+    with pytest.raises(UsageError, match="--device-map spreads one model over the GPUs, but 2 processes"):
+        placement(args, Ranks(rank=0, world=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to trace, a few words long.")
+    assert main(["trace", "--text-file", str(text), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "only niah shares its work over torchrun's processes" in err and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()

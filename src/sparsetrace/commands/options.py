@@ -187,7 +187,13 @@ def device_map_of(text: str | None):
 def placement(args: argparse.Namespace, ranks=None) -> tuple[str | None, object]:
     """``(device, device_map)`` from ``--device`` / ``--device-map``: exactly one of them is not None.
     Under torchrun (``ranks`` of several processes) each process takes the GPU of its local rank, and a
-    device map (one model over several GPUs) is refused: the two ways of using GPUs do not mix."""
+    device map (one model over several GPUs) is refused: the two ways of using GPUs do not mix; a command
+    that does not share its work over ranks (no ``ranks``) is refused under torchrun."""
+    from ..runs.ranks import Ranks
+
+    if ranks is None and Ranks.from_env().world > 1:
+        raise UsageError("this command runs in one process; of the commands only niah shares its work over "
+                         "torchrun's processes (run this one without torchrun).")
     device_map = device_map_of(getattr(args, "device_map", None))
     if device_map is None:
         device = device_of(args.device)

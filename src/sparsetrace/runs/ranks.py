@@ -65,8 +65,17 @@ class Ranks:
         return "" if self.world == 1 else f"rank {self.rank}/{self.world}: "
 
     def device(self, device: str) -> str:
-        """The device this rank runs on: ``"cuda"`` becomes ``cuda:<local rank>`` under torchrun."""
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+        """The device this rank runs on: ``"cuda"`` becomes ``cuda:<local rank>`` under torchrun (one GPU
+        per process; more processes on a host than GPUs is refused)."""
+        if device != "cuda" or self.world == 1:
+            return device
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if self.local_rank >= gpus:
+            raise UsageError(f"process {self.local_rank} on this host has no GPU of its own ({gpus} GPUs); start "
+                             "at most one process per GPU (torchrun --nproc-per-node).")
+        return f"cuda:{self.local_rank}"
 
     def __enter__(self) -> Ranks:
         if self.world > 1:
