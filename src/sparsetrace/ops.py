@@ -11,11 +11,14 @@ Each takes ``impl``:
   ``attention.dense``), tiny inputs only.
 
 When a GPU kernel cannot take an input (block sizes under 16, an unusual dtype or head dim) the call falls
-back to torch with one warning per reason; that rule lives here and nowhere else.
+back to torch with one warning per reason; that rule lives here and nowhere else. GPU kernels run with the
+inputs' GPU made current (Triton launches on the current device): a model spread over several GPUs by a
+device map calls these with each layer's tensors on that layer's GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -50,6 +53,11 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     return impl
 
 
+def on_device(tensor: torch.Tensor):
+    """Context that makes ``tensor``'s CUDA device the current one (nothing for CPU tensors)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
                   window: int | None = None, impl: str = "auto") -> BlockMask:
     """Key blocks kept per query block under ``config`` (its ``estimator`` says which selection).
@@ -74,7 +82,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
         return oracle_select(q, k, config, scale=scale, window=window)
     if impl == "triton":
         scorer = _gpu_scorer(q, k, config, scale, window)
-        return hierarchical_search(q, k, config, window, scorer)
+        with on_device(q):
+            return hierarchical_search(q, k, config, window, scorer)
     return stream_select(q, k, config, scale=scale, window=window)
 
 
@@ -156,7 +165,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
 
         reason = flex.flex_unsupported(q, mask)
         if reason is None:
-            return _flex_attention(q, k, v, mask, **kwargs)
+            with on_device(q):
+                return _flex_attention(q, k, v, mask, **kwargs)
         warn_once(f"sparsetrace: FlexAttention path not used ({reason}); running the torch path.")
     return sparse_attention_torch(q, k, v, mask, **kwargs)
 

@@ -92,7 +92,9 @@ class SparseSession:
     def take_chunk(self) -> dict:
         """The chunk's records of every layer, stacked on the CPU, and reset: ``indices`` int32 and ``mass``
         float32 ``[L, H, nQ_chunk, top_k]``, and as recorded ``missed`` ``[L, H, nQ_chunk, 3]`` and
-        ``audit`` ``{"query_block" [r], "missed" [L, H, r], "recall" [L, H, r]}``."""
+        ``audit`` ``{"query_block" [r], "missed" [L, H, r], "recall" [L, H, r]}``. Each layer's records sit
+        on that layer's device (a model spread over GPUs by a device map), so each is brought to the CPU
+        before the layers are stacked."""
         order = sorted(self.layers)
         assert order == list(range(len(order))), f"layers recorded out of order: {order}"
         records = [self.layers[i] for i in order]

@@ -20,7 +20,7 @@ from ..store import Trace, TraceWriter
 from .backend import sparse_model
 from .cpu import keep_freed_memory
 from .forward import chunked_forward
-from .models import context_window
+from .models import context_window, model_devices
 
 
 def model_summary(model) -> dict:
@@ -42,9 +42,14 @@ def model_summary(model) -> dict:
 
 
 def device_name(model) -> str:
-    """Where ``model`` runs, for the manifest: ``"cpu"`` or ``"cuda: <GPU name>"``."""
-    device = next(model.parameters()).device
-    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+    """Where ``model`` runs, for the manifest: ``"cpu"``, ``"cuda: <GPU name>"``, or for a model spread by a
+    device map ``"cuda: <GPU name> x2 (cuda:0, cuda:1)"``."""
+    devices = model_devices(model)
+    gpus = [d for d in devices if d.type == "cuda"]
+    if not gpus:
+        return devices[0].type
+    name = f"cuda: {torch.cuda.get_device_name(gpus[0])}"
+    return name if len(devices) == 1 else f"{name} x{len(gpus)} ({', '.join(map(str, devices))})"
 
 
 def trace_meta(model, config: TraceConfig, model_id: str = "") -> dict:
