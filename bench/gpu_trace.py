@@ -87,13 +87,32 @@ def build(config, device: str, device_map: str | None):
     return dispatch(model, device_map) if device_map else model
 
 
+# What a trace records beside its rows: --modes runs the same input once per mode, in one process.
+MODES = {"unaudited": dict(audit_rate=0, missed_samples=0), "audit": dict(missed_samples=0),
+         "audit+estimate": {}}
+
+
 def run(name: str, config, tokens: int, trace_config: TraceConfig, out_dir: Path, device: str,
-        device_map: str | None = None) -> dict:
+        device_map: str | None = None, modes=("audit+estimate",)) -> list[dict]:
     start = time.perf_counter()
     model = build(config, device, device_map)
     build_s = time.perf_counter() - start
-    gpus = [d for d in model_devices(model) if d.type == "cuda"]
     ids = torch.randint(0, config.vocab_size, (tokens,))
+    rows = [run_mode(model, name, config, ids, trace_config.replace(**MODES[mode]), out_dir, device_map, build_s)
+            | {"mode": mode} for mode in modes]
+    base = next((r["wall_s"] for r in rows if r["mode"] == "unaudited"), None)
+    for r in rows:
+        r["overhead_vs_unaudited"] = None if base is None else round(r["wall_s"] / base - 1, 4)
+    del model
+    return rows
+
+
+def run_mode(model, name: str, config, ids: torch.Tensor, trace_config: TraceConfig, out_dir: Path,
+             device_map: str | None, build_s: float) -> dict:
+    from sparsetrace.analysis.audit import audit_summary
+
+    tokens = ids.shape[0]
+    gpus = [d for d in model_devices(model) if d.type == "cuda"]
     out = out_dir / f"{name}-{tokens}"
     shutil.rmtree(out, ignore_errors=True)
     for d in gpus:
@@ -114,8 +133,13 @@ def run(name: str, config, tokens: int, trace_config: TraceConfig, out_dir: Path
         "peak_gpu_gib": round(sum(peaks), 2) if peaks else None, "peak_gpu_gib_per_device": peaks,
         "sparsity": round(trace.sparsity, 5), "trace_bytes": trace.nbytes,
         "dense_fp16_bytes": trace.dense_bytes, "bytes_ratio": round(trace.dense_bytes / trace.nbytes),
+        "audit_rate": trace_config.audit_rate, "missed_samples": trace_config.missed_samples,
     }
-    del model, trace
+    audit = audit_summary(trace)
+    if audit is not None:
+        row["audit"] = {key: audit[key] for key in ("missed_mean", "missed_p90", "recall_mean",
+                                                    "interval_coverage", "estimated_missed_mean") if key in audit}
+    del trace
     if gpus:
         torch.cuda.empty_cache()
     return row
@@ -125,7 +149,7 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     """Earlier rows of ``path`` with this run's rows replacing those of the same model, length, device
     and device map (so a Llama run does not drop the Qwen and Gemma rows)."""
     def key(r):
-        return r["model"], r["tokens"], r.get("device"), r.get("device_map")
+        return r["model"], r["tokens"], r.get("device"), r.get("device_map"), r.get("mode")
 
     saved = json.loads(path.read_text()) if path.exists() else {"rows": []}
     old = [{"device": f"cuda: {saved['device']}", **r} if "device" in saved else r for r in saved["rows"]]
@@ -147,6 +171,9 @@ def main() -> None:
                              "OUT_DIR/gpu_trace_tiny.json)")
     parser.add_argument("--chunk", type=int, default=1 << 16)
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (a script check)")
+    parser.add_argument("--modes", default="audit+estimate",
+                        help=f"comma-separated, of {', '.join(MODES)}: each traces the same input (the "
+                             "overhead of the audit is measured against 'unaudited' in the same process)")
     args = parser.parse_args()
     names = args.model.split(",")
     if unknown := [n for n in names if n not in MODELS]:
@@ -162,7 +189,8 @@ def main() -> None:
         builder, gpu_tokens, tiny_tokens = MODELS[name]
         tokens = args.tokens or (tiny_tokens if args.tiny else gpu_tokens)
         try:
-            rows.append(run(name, builder(args.tiny), tokens, trace_config, args.out_dir, device, args.device_map))
+            rows += run(name, builder(args.tiny), tokens, trace_config, args.out_dir, device, args.device_map,
+                        args.modes.split(","))
         except torch.cuda.OutOfMemoryError as err:  # recorded as such; the other models still run
             print(f"{name} at {tokens} tokens: out of memory ({str(err).splitlines()[0][:200]})", flush=True)
             rows.append({"model": f"{name}-shape", "tokens": tokens, "device_map": args.device_map, "gpus": 0,
@@ -170,16 +198,19 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     print(f"\ntorch {torch.__version__}")
-    print("| model | tokens | device | wall s | peak GPU GiB (per device) | sparsity | trace MB | "
+    print("| model | tokens | device | mode | wall s | overhead | peak GPU GiB (per device) | sparsity | trace MB | "
           "dense fp16 TB | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['model']} | {r['tokens']} | {r['device']} | {r['error']} | | | | | |")
             continue
         peak = (f"{r['peak_gpu_gib']}" + (f" {r['peak_gpu_gib_per_device']}" if r["gpus"] > 1 else "")
                 if r["gpus"] else "-")
-        print(f"| {r['model']} | {r['tokens']} | {r['device']} | {r['wall_s']} | {peak} | {r['sparsity']} | "
+        over = r.get("overhead_vs_unaudited")
+        over = "-" if over is None else f"{100 * over:.1f} %"
+        print(f"| {r['model']} | {r['tokens']} | {r['device']} | {r['mode']} | {r['wall_s']} | {over} | {peak} | "
+              f"{r['sparsity']} | "
               f"{r['trace_bytes'] / 1e6:.1f} | "
               f"{r['dense_fp16_bytes'] / 1e12:.1f} | {r['bytes_ratio']:,} |")
     result = {"torch": torch.__version__, "rows": merge_rows(args.json, rows)}
