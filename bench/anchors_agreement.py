@@ -24,7 +24,9 @@ averaged over all texts (targets: Spearman >= 0.9, overlap >= 16/20):
               own receiver heads
 
     python bench/anchors_agreement.py --tokens 1024 2048 --texts 6 --block 4
-Prints a table, ends with one JSON line, and merges its rows into bench/results/anchors.json.
+Prints a table, ends with one JSON line, and merges its rows into bench/results/anchors.json. While a run
+lasts each finished text is kept in bench/results/anchors.parts/, so a killed run resumes; under
+``torchrun --standalone --nproc-per-node N bench/anchors_agreement.py ...`` the N processes share the texts.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from sparsetrace.config import TraceConfig
 from sparsetrace.datasets.gsm import gsm_text
 from sparsetrace.runs.anchors import dense_sentence_matrices
 from sparsetrace.runs.fidelity import check, dense_reference, search_k
+from sparsetrace.runs.ranks import Ranks
 from sparsetrace.tracing.models import load_model
 from sparsetrace.tracing.tracer import tokenize, trace_ids
 
@@ -119,6 +122,44 @@ def agreement(texts: list[dict], drop: tuple[int, int], top: int) -> dict:
     }
 
 
+VERTICALS = ("sparse", "double", "dense", "spread")
+
+
+def to_json(t: torch.Tensor) -> dict:
+    """A tensor as JSON for a part file (float values exact: JSON keeps every double)."""
+    return {"dtype": str(t.dtype).removeprefix("torch."), "data": t.tolist()}
+
+
+def from_json(d: dict) -> torch.Tensor:
+    return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"]))
+
+
+def report(args, target: int, texts: list[dict]) -> dict:
+    """The agreement over the texts of one length: merged into bench/results/anchors.json and printed."""
+    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
+    tag = args.tag or f"{args.model}_block{args.block}_{args.score}_{target}"
+    result = {"tag": tag, "model": args.model, "block": args.block, "score": args.score, "tokens": target,
+              "top_k_candidates": args.top_k or "search_k", "top_heads": args.top_heads,
+              "settings": [agreement(texts, drop, args.top_heads) for drop in args.drop],
+              "texts": [t["row"] for t in texts]}
+    stored[tag] = result
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(stored, indent=2) + "\n")
+    summary = [{k: v for k, v in s.items() if not k.startswith("receiver_heads")} for s in result["settings"]]
+    sparsity = sum(t["row"]["sparsity"] for t in texts) / len(texts)
+    print(f"\n{tag}: {len(texts)} texts, mean sparsity {sparsity:.3f}, "
+          f"k {[t['row']['top_k'] for t in texts]}")
+    print("drop first,last | overlap | spread | dense split-half | k vs 2k | rho_heads | rho spread | "
+          "rho k vs 2k | rho_recv")
+    n = args.top_heads
+    for s in summary:
+        print(f"{s['drop_first']},{s['drop_last']} | {s['overlap']}/{n} | "
+              f"{s['overlap_spread_vs_dense']}/{n} | {s['dense_split_half']}/{n} | "
+              f"{s['overlap_k_vs_2k']}/{n} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
+              f"{s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
+    return {tag: summary}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma-3-270m")
@@ -134,37 +175,37 @@ def main(argv=None) -> int:
     p.add_argument("--drop", type=parse_drop, nargs="+", default=[(0, 0), (4, 20)],
                    metavar="FIRST,LAST", help="kurtosis settings to report (sentences left out)")
     p.add_argument("--tag", default=None, help="row name in the JSON (default from the settings)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    summary = {}
-    for target in args.tokens:
-        texts = []
-        for i in range(args.texts):
-            texts.append(one_text(model, tokenizer, target, args.seed + 1000 * target + i, args))
-            print(f"{target} tokens, text {i}: {texts[-1]['row']}", flush=True)
-        tag = args.tag or f"{args.model}_block{args.block}_{args.score}_{target}"
-        result = {"tag": tag, "model": args.model, "block": args.block, "score": args.score, "tokens": target,
-                  "top_k_candidates": args.top_k or "search_k", "top_heads": args.top_heads,
-                  "settings": [agreement(texts, drop, args.top_heads) for drop in args.drop],
-                  "texts": [t["row"] for t in texts]}
-        stored[tag] = result
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
-        summary[tag] = [{k: v for k, v in s.items() if not k.startswith("receiver_heads")}
-                        for s in result["settings"]]
-        sparsity = sum(t["row"]["sparsity"] for t in texts) / len(texts)
-        print(f"\n{tag}: {len(texts)} texts, mean sparsity {sparsity:.3f}, "
-              f"k {[t['row']['top_k'] for t in texts]}")
-        print("drop first,last | overlap | spread | dense split-half | k vs 2k | rho_heads | rho spread | "
-              "rho k vs 2k | rho_recv")
-        n = args.top_heads
-        for s in summary[tag]:
-            print(f"{s['drop_first']},{s['drop_last']} | {s['overlap']}/{n} | "
-                  f"{s['overlap_spread_vs_dense']}/{n} | {s['dense_split_half']}/{n} | "
-                  f"{s['overlap_k_vs_2k']}/{n} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
-                  f"{s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
+    with Ranks.from_env() as ranks:
+        grid = [(target, i) for target in args.tokens for i in range(args.texts)]
+        loaded = []
+
+        def run_one(n: int) -> dict:
+            target, i = grid[n]
+            if not loaded:
+                loaded.append(load_model(args.model))
+            model, tokenizer = loaded[0]
+            torch.manual_seed(0)  # per text: the same whichever rank runs it, after whatever it ran before
+            result = one_text(model, tokenizer, target, args.seed + 1000 * target + i, args)
+            print(f"{ranks.tag}{target} tokens, text {i}: {result['row']}", flush=True)
+            return {"target": target, "row": result["row"],
+                    **{kind: to_json(result[kind]) for kind in VERTICALS}}
+
+        summary = {}
+
+        def merge(results: list[dict]) -> None:
+            texts = [{"target": r["target"], "row": r["row"], **{kind: from_json(r[kind]) for kind in VERTICALS}}
+                     for r in results]
+            for target in args.tokens:  # the texts of each length, in order, whichever rank ran them
+                summary.update(report(args, target, [t for t in texts if t["target"] == target]))
+
+        # one part file per text while the sweep runs: a killed run (any number of ranks) resumes
+        keys = [f"{args.model}|{target}|text{i}|seed{args.seed}" for target, i in grid]
+        settings = {k: str(getattr(args, k)) for k in ("block", "top_k", "score")}
+        ranks.sweep(keys, run_one, args.out.with_suffix(".parts"), merge=merge, settings=settings, log=print)
+        if not ranks.main:
+            return 0
     print(json.dumps(summary))
     return 0
 

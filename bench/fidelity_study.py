@@ -9,7 +9,10 @@ KL(dense||sparse) over the last 64 positions, plus every probe.
     python bench/fidelity_study.py --lengths 1k,2k,4k [--models smollm2-135m,gemma-3-270m]
 
 Prints a table and ends with one JSON line; results go to bench/results/fidelity.json, merged with what
-is there (cases already measured with the same settings are skipped, so a killed run resumes).
+is there (cases already measured with the same settings are skipped); while a run lasts each finished case
+is kept in bench/results/fidelity.parts/, so a killed run resumes. Under
+``torchrun --standalone --nproc-per-node N bench/fidelity_study.py ... [--device cuda]`` the N processes
+share the cases and write the same file.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sparsetrace.datasets.essays import haystack_text
 from sparsetrace.datasets.gsm import gsm_problems
 from sparsetrace.datasets.ruler import parse_length
 from sparsetrace.runs.fidelity import search_k
+from sparsetrace.runs.ranks import Ranks
 from sparsetrace.tracing.tracer import tokenize
 
 RESULTS = Path(__file__).parent / "results" / "fidelity.json"
@@ -97,38 +101,51 @@ def main() -> None:
     texts = args.texts.split(",")
     config = TraceConfig.of(block_size=args.block_size, chunk_size=1024)
 
-    done = json.loads(args.out.read_text())["cases"] if args.out.exists() else []
-    have = {(c["model"], c["text"], c["n_tokens"], c["block_size"]) for c in done}
-    loaded = {}
-    for T in lengths:  # length-major: a partial run covers every model at the short lengths
-        for name in models:
+    with Ranks.from_env() as ranks:
+        device = ranks.device(args.device)
+        done = json.loads(args.out.read_text())["cases"] if args.out.exists() else []
+        have = {(c["model"], c["text"], c["n_tokens"], c["block_size"]) for c in done}
+        # length-major: a partial run covers every model at the short lengths
+        grid = [(T, name, text) for T in lengths for name in models for text in texts
+                if (name, text, T, args.block_size) not in have]
+        loaded = {}
+
+        def run_one(i: int) -> dict:
+            T, name, text = grid[i]
             if name not in loaded:
                 model, tokenizer = load_model(name)
-                loaded[name] = model.to(args.device), tokenizer
+                loaded[name] = model.to(device), tokenizer
             model, tokenizer = loaded[name]
-            for text in texts:
-                if (name, text, T, args.block_size) in have:
-                    continue
-                ids = text_ids(tokenizer, text, T, problems_of)
-                start = time.perf_counter()
-                case = {"model": name, "text": text, "n_tokens": T, "block_size": args.block_size,
-                        "num_key_blocks": -(-T // args.block_size),
-                        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
-                try:
-                    found = search_k(model, ids, config, last_n=args.last_n, model_id=name)
-                    r = found.result
-                    case.update(top_k=found.top_k, sparsity=r.sparsity,
-                                sparsity_full_layers=r.sparsity_full_layers,
-                                top1_agreement=r.top1_agreement, kl=r.kl, kl_max=r.kl_max,
-                                dense_tokens=list(r.dense_tokens), probes=list(found.probes),
-                                error=None)
-                except ValueError as err:  # k_max fails, or memory: recorded, the sweep goes on
-                    case.update(top_k=None, error=str(err))
-                case["seconds"] = round(time.perf_counter() - start, 1)
-                done.append(case)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"cases": done}, indent=1) + "\n")
-                print(row(case), flush=True)
+            ids = text_ids(tokenizer, text, T, problems_of)
+            start = time.perf_counter()
+            case = {"model": name, "text": text, "n_tokens": T, "block_size": args.block_size,
+                    "num_key_blocks": -(-T // args.block_size),
+                    "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}
+            try:
+                found = search_k(model, ids, config, last_n=args.last_n, model_id=name)
+                r = found.result
+                case.update(top_k=found.top_k, sparsity=r.sparsity,
+                            sparsity_full_layers=r.sparsity_full_layers,
+                            top1_agreement=r.top1_agreement, kl=r.kl, kl_max=r.kl_max,
+                            dense_tokens=list(r.dense_tokens), probes=list(found.probes),
+                            error=None)
+            except ValueError as err:  # k_max fails, or memory: recorded, the sweep goes on
+                case.update(top_k=None, error=str(err))
+            case["seconds"] = round(time.perf_counter() - start, 1)
+            print(ranks.tag + row(case), flush=True)
+            return case
+
+        def merge(cases: list[dict]) -> None:
+            done.extend(cases)  # in grid order, whichever rank ran them
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"cases": done}, indent=1) + "\n")
+
+        # one part file per case while the sweep runs: a killed run (any number of ranks) resumes
+        ranks.sweep([f"{name}|{text}|{T}|block{args.block_size}" for T, name, text in grid], run_one,
+                    args.out.with_suffix(".parts"), merge=merge,
+                    settings={"last_n": args.last_n, "gsm_json": str(args.gsm_json or "")}, log=print)
+        if not ranks.main:
+            return
     print()
     print(HEADER)
     for c in sorted(done, key=lambda c: (c["model"], c["text"], c["n_tokens"])):

@@ -4,11 +4,12 @@ the routes of successes versus failures.
 For each model, RULER single-needle variant, length, depth and k (dense, then fewer kept blocks), decode
 greedily (dense sdpa and STREAM attention), score with RULER's string_match_all, and read the needle
 mass and the best needle -> answer route from the sparse prefill's trace. Results accumulate in
-bench/results/niah.json after every (model, variant, length), so a killed run keeps what it finished and
-a rerun skips it. Prints a table and ends with one JSON line.
+bench/results/niah.json (cases already there are skipped); while a run lasts each finished case is kept in
+bench/results/niah.parts/, so a killed run resumes. Prints a table and ends with one JSON line.
 
     python bench/niah_study.py --models smollm2-135m,gemma-3-270m --lengths 1k,2k,4k \
         --depths 0,25,50,75,100 --top-k dense,16,8,4,3 --budget-min 40
+    torchrun --standalone --nproc-per-node 8 bench/niah_study.py ... --device cuda   # 8 GPUs share the cases
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 
 from sparsetrace.config import TraceConfig
 from sparsetrace.datasets import ruler as niah
-from sparsetrace.runs.niah import comparisons, parse_depths, parse_top_k, sweep
-from sparsetrace.tracing.models import context_window, load_model
+from sparsetrace.runs.niah import case_log, case_results, comparisons, parse_depths, parse_top_k
+from sparsetrace.runs.ranks import Ranks
+from sparsetrace.tracing.models import load_model, resolve_folder
 
 OUT = Path(__file__).parent / "results" / "niah.json"
 
@@ -106,6 +108,25 @@ def summarize(rows: list[dict], reports: list[dict], ks) -> dict:
     return out
 
 
+def todo(args, lengths, depths, done) -> list:
+    """``(model, case)`` still to run: shortest first, every model, so a budget cut keeps a comparable grid.
+    Tokenizers and context windows come without the weights, so every rank builds the same list."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    grid = []
+    for length in lengths:
+        for model_name in args.models.split(","):
+            folder = resolve_folder(model_name)
+            if length + 16 > int(AutoConfig.from_pretrained(folder).get_text_config().max_position_embeddings):
+                continue
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            for variant in args.variants.split(","):
+                cases = niah.make_cases(variant, tokenizer, [length], depths, samples=args.samples,
+                                        seed=args.seed)
+                grid += [(model_name, c) for c in cases if (model_name, c.id) not in done]
+    return grid
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2-135m,gemma-3-270m")
@@ -122,47 +143,52 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--summary-only", action="store_true", help="re-summarize the JSON, run nothing")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    ks = parse_top_k(args.top_k)
-    depths = parse_depths(args.depths)
-    lengths = [niah.parse_length(t) for t in args.lengths.split(",")]
-    data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": [], "reports": []}
-    done = {(r["model"], r["id"]) for r in data["rows"]}
+    with Ranks.from_env() as ranks:
+        torch.set_num_threads(args.threads)
+        start = time.perf_counter()
+        ks = parse_top_k(args.top_k)
+        depths = parse_depths(args.depths)
+        lengths = [niah.parse_length(t) for t in args.lengths.split(",")]
+        data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": [], "reports": []}
+        done = {(r["model"], r["id"]) for r in data["rows"]}
+        device = ranks.device(args.device)
+        device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+        configs = {k: TraceConfig.of(block_size=args.block_size, top_k=k) for k in ks if k != "dense"}
+        grid = [] if args.summary_only else todo(args, lengths, depths, done)
+        loaded: dict = {}
 
-    loaded: dict = {}
-    # shortest first, every model, so a budget cut keeps a comparable grid
-    for length in [] if args.summary_only else lengths:
-        for model_name in args.models.split(","):
-            for variant in args.variants.split(","):
-                if model_name not in loaded:
-                    model, tokenizer = load_model(model_name)
-                    loaded[model_name] = model.to(args.device), tokenizer
-                model, tokenizer = loaded[model_name]
-                if length + 16 > context_window(model):
-                    continue
-                configs = {k: TraceConfig.of(block_size=args.block_size, top_k=k) for k in ks
-                           if k != "dense"}
-                cases = niah.make_cases(variant, tokenizer, [length], depths, samples=args.samples,
-                                        seed=args.seed)
-                for case in cases:  # one case at a time, saved at once: a killed run resumes
-                    if (model_name, case.id) in done:
-                        continue
-                    if (time.perf_counter() - start) / 60 > args.budget_min:
-                        print(f"budget reached; skipping {model_name} {case.id}", flush=True)
-                        continue
-                    rows, reports = sweep(model, tokenizer, [case], ks, configs,
-                                          model_id=model_name,
-                                          log=lambda s, m=model_name: print(f"{m} {s}", flush=True))
-                    for r in rows + reports:
-                        r["model"] = model_name
-                        r["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-                    for r in reports:  # keep the JSON small
-                        r["needle_mass"] = [[round(x, 4) for x in row] for row in r["needle_mass"]]
-                    data["rows"] += rows
-                    data["reports"] += reports
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(data) + "\n")
+        def run_one(i: int) -> dict | None:
+            model_name, case = grid[i]
+            if (time.perf_counter() - start) / 60 > args.budget_min:
+                print(f"{ranks.tag}budget reached; skipping {model_name} {case.id}", flush=True)
+                return None  # not saved: a later run does it
+            if model_name not in loaded:
+                model, tokenizer = load_model(model_name)
+                loaded[model_name] = model.to(device), tokenizer
+            model, tokenizer = loaded[model_name]
+            rows, reports = case_results(model, tokenizer, case, ks, configs, model_id=model_name)
+            print(f"{ranks.tag}{model_name} {case_log(case, rows, i + 1, len(grid))}", flush=True)
+            for r in rows + reports:
+                r["model"] = model_name
+                r["device"] = device_name
+            for r in reports:  # keep the JSON small
+                r["needle_mass"] = [[round(x, 4) for x in row] for row in r["needle_mass"]]
+            return {"rows": rows, "reports": reports}
+
+        def merge(results: list[dict]) -> None:
+            for result in results:  # in grid order, whichever rank ran them
+                data["rows"] += result["rows"]
+                data["reports"] += result["reports"]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data) + "\n")
+
+        # one part file per case while the sweep runs: a killed run (any number of ranks) resumes
+        settings = {"top_k": args.top_k, "block_size": args.block_size, "seed": args.seed}
+        if not args.summary_only:
+            ranks.sweep([f"{m}|{c.id}" for m, c in grid], run_one, args.out.with_suffix(".parts"),
+                        merge=merge, settings=settings, log=print)
+        if not ranks.main:
+            return 0
 
     rows, reports = data["rows"], data["reports"]
     data["summary"] = summarize(rows, reports, ks)
@@ -188,7 +214,7 @@ def main(argv=None) -> int:
                 print(f"{m} k={k}: {sep['num_success']} answered / {sep['num_failure']} failed; best "
                       f"separating head L{best['layer']}H{best['head']} AUC {best['auc']:.2f} "
                       f"(mass {best['mean_success']:.3f} vs {best['mean_failure']:.3f})")
-    print(json.dumps({"bench": "niah_study", "cells": len(rows), "wall_s":
+    print(json.dumps({"bench": "niah_study", "cells": len(rows), "ranks": ranks.world, "wall_s":
                       round(time.perf_counter() - start, 1), "out": str(args.out)}))
     return 0
 

@@ -286,3 +286,39 @@ def test_cli_end_to_end(tmp_path):
     assert "route" in entry and "comparison" in data
     for png in ("scores.png", "needle_mass.png", "routes.png", "heads.png"):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cli_over_two_ranks_writes_what_one_process_writes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m sparsetrace.cli niah` (gloo, both ranks on the CPU) shares the cases
+    and writes the files one process writes: results.csv equal row for row but the timing column, routes.json
+    and cases.jsonl byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    from sparsetrace.cli import main
+
+    flags = ["niah", "--model", "smollm2-135m", "--variant", "niah_single_2", "--lengths", "300",
+             "--depths", "0,100", "--top-k", "8,dense", "--max-new-tokens", "10", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's ranks run (and 5x faster than 2 threads on a busy 2-core CI box)
+    try:
+        assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "sparsetrace.cli", *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank 0/2: [1/2]" in two.stdout and "rank 1/2: [2/2]" in two.stdout  # one case each
+
+    def rows(run):
+        with open(tmp_path / run / "results.csv") as f:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+    assert len(rows("one")) == 4 and rows("one") == rows("two")
+    for name in ("routes.json", "cases.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert not (tmp_path / "two" / "parts").exists()

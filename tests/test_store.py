@@ -92,8 +92,8 @@ def test_round_trip(tmp_path, encoding):
     back = Trace.load(tmp_path / "t")
     idx, mass = all_arrays(back)
     assert idx.dtype == torch.int32 and mass.dtype == torch.float32
-    assert torch.equal(idx, tr._arrays[0])
-    assert_mass_close("mass", mass, tr._arrays[1], encoding)
+    assert torch.equal(idx, tr._arrays["indices"])
+    assert_mass_close("mass", mass, tr._arrays["mass"], encoding)
     assert bool((mass[idx < 0] == 0).all())
     row_err = (mass.sum(-1) - 1).abs().max()
     print(f"row-sum error [{encoding}]: {row_err:.3g}")
@@ -128,6 +128,38 @@ def test_indexing(tmp_path):
     assert not torch.equal(tr.indices(-1, -2), i)
 
 
+def test_missed_and_audit_round_trip(tmp_path):
+    """The per-row missed-mass estimate and the audited rows survive save, chunking and load; traces
+    without them answer None; audited rows must lie in the chunk written."""
+    tr = make_trace()
+    L, H, nQ = tr.num_layers, tr.num_heads, tr.num_query_blocks
+    g = torch.Generator().manual_seed(5)
+    est = torch.rand(L, H, nQ, generator=g)
+    missed = torch.stack([est, est * 0.8, (est * 1.2).clamp(max=1)], dim=-1)  # [L, H, nQ, 3]
+    rows = torch.tensor([2, 11, 12, 24])  # two in the second shard of 10 query blocks
+    audit = {"query_block": rows, "missed": torch.rand(L, H, 4, generator=g),
+             "recall": torch.rand(L, H, 4, generator=g)}
+    with_extras = Trace.from_arrays(tr._arrays["indices"], tr._arrays["mass"], block_q=tr.block_q,
+                                    block_k=tr.block_k, tokens=tr.tokens, missed=missed, audit=audit)
+    with_extras.save(tmp_path / "t", chunk_query_blocks=10)
+    back = Trace.load(tmp_path / "t")
+    assert back.has_missed and [s["audit_rows"] for s in back.manifest["shards"]] == [1, 2, 1]
+    for layer, head in ((0, 0), (2, 1), (-1, -1)):
+        assert torch.allclose(back.missed(layer, head), missed[layer, head], atol=1e-3)  # float16
+        got = back.audit(layer, head)
+        assert torch.equal(got["query_block"], rows)
+        assert torch.equal(got["missed"], audit["missed"][layer, head])
+        assert torch.equal(got["recall"], audit["recall"][layer, head])
+    assert torch.equal(back.audit()["recall"], audit["recall"])
+    assert tr.missed(0, 0) is None and tr.audit() is None and not tr.has_missed
+    tr.save(tmp_path / "plain")
+    assert Trace.load(tmp_path / "plain").missed(1, 1) is None and Trace.load(tmp_path / "plain").audit() is None
+    with pytest.raises(ValueError, match="outside this chunk"):
+        writer_for(tr, tmp_path / "w").write(0, tr._arrays["indices"][:, :, :5], tr._arrays["mass"][:, :, :5],
+                                             audit={"query_block": torch.tensor([7]),
+                                                    "missed": torch.zeros(L, H, 1), "recall": torch.zeros(L, H, 1)})
+
+
 @pytest.mark.parametrize("bk,expect", [(6, "I16"), (1, "I32")])
 def test_index_dtype(tmp_path, bk, expect):
     T = 40_000 if bk == 1 else 203  # 40000 key blocks > 32767 needs int32
@@ -149,7 +181,7 @@ def test_index_dtype(tmp_path, bk, expect):
 
 def test_chunked_writes_equal_single_write(tmp_path):
     tr = make_trace()
-    idx, mass = tr._arrays
+    idx, mass = tr._arrays["indices"], tr._arrays["mass"]
     tr.save(tmp_path / "one")
     w = writer_for(tr, tmp_path / "many")
     for a, b in [(0, 1), (1, 9), (9, 10), (10, 26)]:  # uneven chunks, 26 query blocks in all
@@ -164,7 +196,7 @@ def test_chunked_writes_equal_single_write(tmp_path):
 
 def test_resume_after_kill(tmp_path):
     tr = make_trace()
-    idx, mass = tr._arrays
+    idx, mass = tr._arrays["indices"], tr._arrays["mass"]
     chunks = [(0, 7), (7, 14), (14, 21), (21, 26)]
     w = writer_for(tr, tmp_path / "t")
     for a, b in chunks[:2]:
@@ -226,7 +258,7 @@ def test_resume_ignores_volatile_meta(tmp_path):
         block_k=6,
     )
     w = TraceWriter(tmp_path / "t", meta={**meta, "created": "monday"}, **kw)
-    w.write(0, tr._arrays[0][:, :, :5], tr._arrays[1][:, :, :5])
+    w.write(0, tr._arrays["indices"][:, :, :5], tr._arrays["mass"][:, :, :5])
     w = TraceWriter(tmp_path / "t", meta={**meta, "created": "tuesday"}, **kw)
     assert w.completed_query_blocks == 5
 
@@ -235,13 +267,13 @@ def test_resume_ignores_volatile_meta(tmp_path):
 def test_different_trace_refused_untouched(tmp_path, change):
     tr = make_trace()
     w = writer_for(tr, tmp_path / "t")
-    w.write(0, tr._arrays[0][:, :, :5], tr._arrays[1][:, :, :5])
+    w.write(0, tr._arrays["indices"][:, :, :5], tr._arrays["mass"][:, :, :5])
     before = snapshot(tmp_path / "t")
     other = make_trace(seed=1) if change == "tokens" else tr
     kw = {"mass_encoding": "log8"} if change == "encoding" else {}
     if change == "meta":
         other = Trace.from_arrays(
-            *tr._arrays,
+            tr._arrays["indices"], tr._arrays["mass"],
             block_q=tr.block_q,
             block_k=tr.block_k,
             meta={**tr.manifest["meta"], "model": "another"},
@@ -332,7 +364,7 @@ def test_lazy_load_hashes_each_shard_before_its_first_read(saved):
 
 def test_resume_drops_a_shard_whose_bytes_changed_but_not_its_size(tmp_path):
     tr = make_trace()
-    idx, mass = tr._arrays
+    idx, mass = tr._arrays["indices"], tr._arrays["mass"]
     w = writer_for(tr, tmp_path / "t")
     for a, b in [(0, 7), (7, 14), (14, 21)]:
         w.write(a, idx[:, :, a:b], mass[:, :, a:b])
@@ -365,7 +397,7 @@ def test_update_manifest_keeps_shards(saved):
 
 def test_writer_validation(tmp_path):
     tr = make_trace()
-    idx, mass = tr._arrays
+    idx, mass = tr._arrays["indices"], tr._arrays["mass"]
     w = writer_for(tr, tmp_path / "t")
     with pytest.raises(ValueError, match="chunks must arrive in order"):
         w.write(3, idx[:, :, 3:5], mass[:, :, 3:5])
@@ -392,7 +424,7 @@ def test_writer_validation(tmp_path):
 def test_sparsity_matches_dense_count(T, bq, bk, k):
     L, H = 2, 2  # ragged blocks, block_q < / = / > block_k
     tr = make_trace(L, H, T, bq, bk, k, seed=3, text=False)
-    idx = tr._arrays[0]
+    idx = tr._arrays["indices"]
     kept = 0
     pos = torch.arange(T)
     for layer in range(L):

@@ -58,11 +58,18 @@ class TraceConfig:
     chunk_size: int = _option(1024, "tokens per prefill chunk, a multiple of the block size")
     mass_encoding: str = _option("float16", "how block masses are stored (log8: 1 byte, <= 3.4% "
                                  "relative error)", choices=MASS_ENCODINGS)
+    audit_rate: int = _option(32, "query blocks per layer audited exactly (missed mass and recall by a "
+                              "dense pass over those queries only); a count, not a fraction, so the "
+                              "audit costs the same share of the trace at every length; 0 = off", minimum=0)
+    missed_samples: int = _option(64, "keys sampled per row to estimate the missed attention mass of "
+                                  "every row, with an interval (a multiple of 8); 0 = off", minimum=0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.mask, MaskConfig):
             raise UsageError(f"mask={self.mask!r} must be a MaskConfig.")
         _check_fields(self)
+        if self.missed_samples % 8:
+            raise UsageError(f"missed_samples={self.missed_samples} must be a multiple of 8 (0 = off).")
         if self.chunk_size % self.mask.block_q:
             raise UsageError(
                 f"chunk_size={self.chunk_size} must be a multiple of the block size "

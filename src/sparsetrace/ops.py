@@ -11,11 +11,14 @@ Each takes ``impl``:
   ``attention.dense``), tiny inputs only.
 
 When a GPU kernel cannot take an input (block sizes under 16, an unusual dtype or head dim) the call falls
-back to torch with one warning per reason; that rule lives here and nowhere else.
+back to torch with one warning per reason; that rule lives here and nowhere else. GPU kernels run with the
+inputs' GPU made current (Triton launches on the current device): a model spread over several GPUs by a
+device map calls these with each layer's tensors on that layer's GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -50,6 +53,11 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     return impl
 
 
+def on_device(tensor: torch.Tensor):
+    """Context that makes ``tensor``'s CUDA device the current one (nothing for CPU tensors)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
                   window: int | None = None, impl: str = "auto") -> BlockMask:
     """Key blocks kept per query block under ``config`` (its ``estimator`` says which selection).
@@ -74,7 +82,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
         return oracle_select(q, k, config, scale=scale, window=window)
     if impl == "triton":
         scorer = _gpu_scorer(q, k, config, scale, window)
-        return hierarchical_search(q, k, config, window, scorer)
+        with on_device(q):
+            return hierarchical_search(q, k, config, window, scorer)
     return stream_select(q, k, config, scale=scale, window=window)
 
 
@@ -126,8 +135,8 @@ def oracle_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig | None = No
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, *,
-                     scale: float | None = None, return_mass: bool = False, window: int | None = None,
-                     impl: str = "auto"):
+                     scale: float | None = None, return_mass: bool = False, return_lse: bool = False,
+                     window: int | None = None, impl: str = "auto"):
     """Softmax attention of ``q`` over the key blocks ``mask`` keeps (causal inside blocks).
 
     Args:
@@ -138,14 +147,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
             over its queries of the softmax probability falling in each kept block (rows sum to 1; 0 at -1).
             A query that sees no kept key at all (only possible with ``sink_blocks=0`` and a local
             window narrower than the query block) gets zero output and contributes zero mass.
+        return_lse: also return float32 ``lse [B, Hq, T]``, the natural-log logsumexp of each query's scaled
+            logits over its kept keys (-inf for a query that sees none): the normaliser the audit's
+            missed-mass estimate divides by.
         window: sliding-window size of the layer (keys ``> position - window``), None = global.
         impl: see the module docstring.
     Returns:
-        ``out [B, Hq, T, D]`` in q's dtype, or ``(out, mass)``.
+        ``out [B, Hq, T, D]`` in q's dtype, or the tuple ``(out, mass)``, ``(out, lse)``, ``(out, mass, lse)``.
     """
     check_qkv(q, k, v, mask)
     impl = resolve_impl(impl, q)
-    kwargs = dict(scale=scale, return_mass=return_mass, window=window)
+    kwargs = dict(scale=scale, return_mass=return_mass, return_lse=return_lse, window=window)
     if impl == "reference":
         return sparse_attention_reference(q, k, v, mask, **kwargs)
     if impl == "triton":
@@ -153,22 +165,29 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
 
         reason = flex.flex_unsupported(q, mask)
         if reason is None:
-            return _flex_attention(q, k, v, mask, **kwargs)
+            with on_device(q):
+                return _flex_attention(q, k, v, mask, **kwargs)
         warn_once(f"sparsetrace: FlexAttention path not used ({reason}); running the torch path.")
     return sparse_attention_torch(q, k, v, mask, **kwargs)
 
 
-def _flex_attention(q, k, v, mask: BlockMask, *, scale, return_mass: bool, window):
+def _flex_attention(q, k, v, mask: BlockMask, *, scale, return_mass: bool, return_lse: bool, window):
     """FlexAttention, then the block masses from its logsumexp (Triton, or torch for tiles it cannot take)."""
     from .kernels import flex, tiles
 
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
-    result = flex.flex_attention_lse(q, k, v, mask, scale=scale, window=window, return_lse=return_mass)
-    if not return_mass:
+    want_lse = return_mass or return_lse
+    result = flex.flex_attention_lse(q, k, v, mask, scale=scale, window=window, return_lse=want_lse)
+    if not want_lse:
         return result
     out, lse = result
-    k = k.to(q.dtype)
-    mass_pass = flex.block_mass if tiles.triton_supported(mask.block_q, mask.block_k, D) is None \
-        else flex.block_mass_torch
-    return out, mass_pass(q, k, lse, mask.indices, mask.block_q, mask.block_k, scale, window)
+    results = [out]
+    if return_mass:
+        k = k.to(q.dtype)
+        mass_pass = flex.block_mass if tiles.triton_supported(mask.block_q, mask.block_k, D) is None \
+            else flex.block_mass_torch
+        results.append(mass_pass(q, k, lse, mask.indices, mask.block_q, mask.block_k, scale, window))
+    if return_lse:
+        results.append(lse.float())
+    return tuple(results)

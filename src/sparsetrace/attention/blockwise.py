@@ -45,6 +45,7 @@ def sparse_attention_torch(
     *,
     scale: float | None = None,
     return_mass: bool = False,
+    return_lse: bool = False,
     window: int | None = None,
 ):
     """Vectorised implementation (any device); see ``sparsetrace.sparse_attention``."""
@@ -65,14 +66,16 @@ def sparse_attention_torch(
     allowed = may_attend(k_pos[..., None, :], q_pos[:, :, None], window) & valid[..., None, :]
 
     logits = torch.matmul(q_blocks, keys.transpose(-1, -2)) * scale  # [B, Hq, nQ, bq, top_k*bk]
+    logits = logits.masked_fill(~allowed, -math.inf)
     # A query that sees no kept key (possible only without sink blocks) gets zero output and mass.
-    probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num_(0.0)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     out = torch.matmul(probs, values)  # [B, Hq, nQ, bq, D]
-    out = out.view(B, Hq, nQ * bq, D)[:, :, :T].to(q.dtype)
-    if not return_mass:
-        return out
-    # Mass: mean over the block's real queries of the probability falling in each kept block.
-    per_block = probs.view(B, Hq, nQ, bq, top_k, bk).sum(-1)  # [B, Hq, nQ, bq, top_k]
-    real = (torch.arange(nQ * bq, device=q.device) < T).view(nQ, bq, 1).to(compute)
-    mass = (per_block * real).sum(3) / real.sum(1)  # [B, Hq, nQ, top_k]
-    return out, mass.float()
+    results = [out.view(B, Hq, nQ * bq, D)[:, :, :T].to(q.dtype)]
+    if return_mass:
+        # Mass: mean over the block's real queries of the probability falling in each kept block.
+        per_block = probs.view(B, Hq, nQ, bq, top_k, bk).sum(-1)  # [B, Hq, nQ, bq, top_k]
+        real = (torch.arange(nQ * bq, device=q.device) < T).view(nQ, bq, 1).to(compute)
+        results.append(((per_block * real).sum(3) / real.sum(1)).float())  # [B, Hq, nQ, top_k]
+    if return_lse:
+        results.append(logits.logsumexp(-1).view(B, Hq, nQ * bq)[:, :, :T].float())  # [B, Hq, T]
+    return results[0] if len(results) == 1 else tuple(results)

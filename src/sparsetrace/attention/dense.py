@@ -38,7 +38,7 @@ def kept_token_mask(mask: BlockMask, T: int, S: int, window: int | None = None) 
 
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, *,
                                scale: float | None = None, return_mass: bool = False,
-                               window: int | None = None):
+                               return_lse: bool = False, window: int | None = None):
     """Dense float64 attention under :func:`kept_token_mask`; same signature and result as
     ``sparsetrace.sparse_attention``. A query that sees no key gets zero output and mass."""
     B, Hq, T, D = q.shape
@@ -48,17 +48,18 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kk = k.double().repeat_interleave(group, dim=1)
     vv = v.double().repeat_interleave(group, dim=1)
     visible = kept_token_mask(mask, T, S, window)  # [B, Hq, T, S]
-    logits = (q.double() @ kk.transpose(-1, -2)) * scale
-    probs = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1).nan_to_num_(0.0)  # [B, Hq, T, S]
-    out = (probs @ vv).to(q.dtype)
-    if not return_mass:
-        return out
-    n_kb = math.ceil(S / mask.block_k)
-    block_mass = torch.stack([dense_block_mass(probs[b], mask.block_q, mask.block_k, n_kb)
-                              for b in range(B)])  # [B, Hq, nQ, nKB]
-    ids = mask.indices.long()
-    mass = block_mass.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0)
-    return out, mass.float()
+    logits = ((q.double() @ kk.transpose(-1, -2)) * scale).masked_fill(~visible, -math.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # [B, Hq, T, S]
+    results = [(probs @ vv).to(q.dtype)]
+    if return_mass:
+        n_kb = math.ceil(S / mask.block_k)
+        block_mass = torch.stack([dense_block_mass(probs[b], mask.block_q, mask.block_k, n_kb)
+                                  for b in range(B)])  # [B, Hq, nQ, nKB]
+        ids = mask.indices.long()
+        results.append(block_mass.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0).float())
+    if return_lse:
+        results.append(logits.logsumexp(-1).float())  # [B, Hq, T]
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def dense_probs(q: torch.Tensor, k: torch.Tensor, scaling: float | None = None,

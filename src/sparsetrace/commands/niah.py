@@ -2,11 +2,15 @@
 
 Writes to ``--out``: ``cases.jsonl`` (one case a line), ``results.csv`` and ``routes.json`` (see
 :mod:`sparsetrace.runs.niah`), and ``scores.png``, ``needle_mass.png``, ``heads.png``, ``routes.png``.
+Each finished case is kept in ``--out/parts/`` until the sweep ends, so a killed sweep resumes when the
+same command is rerun; under ``torchrun --nproc-per-node N -m sparsetrace.cli niah ...`` the N processes
+share the cases and write the same files (:mod:`sparsetrace.runs.ranks`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,32 +43,55 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import hashlib
+
     from ..datasets.ruler import parse_length
     from ..runs import niah
+    from ..runs.ranks import Ranks
     from ..viz.niah import plot
-    from .options import device_of
+    from .options import placement
 
-    device_of(args.device)  # a GPU asked for but missing fails before anything is written
     out = output_dir(args.out)
     lengths = [parse_length(t) for t in niah.split_list(args.lengths)]
     depths = niah.parse_depths(args.depths)
     ks = niah.parse_top_k(args.top_k)
     configs = {k: config_from_args(args, top_k=k) for k in ks if k != "dense"}  # validates every k
     haystack = read_text(args.haystack_file, "--haystack-file") if args.haystack_file else None
-    cases, warning = niah.prepare_cases(args.model, niah.split_list(args.variant), lengths, depths,
-                                        samples=args.samples, seed=args.seed, haystack=haystack,
-                                        max_new=args.max_new_tokens, force=args.force)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    niah.write_cases(out, cases)
-    model, tokenizer, model_id = load(args)
-    rows, reports = niah.sweep(model, tokenizer, cases, ks, configs, max_new=args.max_new_tokens,
-                               model_id=model_id, log=print)
-    niah.write_results(out, rows, reports, cases, ks)
-    plot(out, rows, reports, ks)
-    print(niah.summary_table(rows, ks))
-    print(f"written to {out}")
+    with Ranks.from_env() as ranks:
+        placement(args, ranks)  # a GPU asked for but missing fails before anything is written
+        cases, warning = niah.prepare_cases(args.model, niah.split_list(args.variant), lengths, depths,
+                                            samples=args.samples, seed=args.seed, haystack=haystack,
+                                            max_new=args.max_new_tokens, force=args.force)
+        if warning and ranks.main:
+            print(f"warning: {warning}", file=sys.stderr)
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            niah.write_cases(out, cases)
+        loaded = []
+
+        def run_one(i: int) -> dict:
+            if not loaded:  # only ranks with cases to run load the model
+                loaded.append(load(args, ranks))
+            model, tokenizer, model_id = loaded[0]
+            rows, reports = niah.case_results(model, tokenizer, cases[i], ks, configs,
+                                              max_new=args.max_new_tokens, model_id=model_id)
+            print(ranks.tag + niah.case_log(cases[i], rows, i + 1, len(cases)), flush=True)
+            return {"rows": rows, "reports": reports}
+
+        def merge(results: list[dict]) -> None:
+            rows = [r for result in results for r in result["rows"]]
+            reports = [r for result in results for r in result["reports"]]
+            niah.write_results(out, rows, reports, cases, ks)
+            plot(out, rows, reports, ks)
+            print(niah.summary_table(rows, ks))
+            print(f"written to {out}")
+
+        cases_json = "\n".join(json.dumps(c.to_json(), sort_keys=True) for c in cases)
+        settings = {"model": args.model, "dtype": args.dtype, "top_k": [str(k) for k in ks],
+                    "configs": {str(k): dataclasses.asdict(c) for k, c in configs.items()},
+                    "max_new_tokens": args.max_new_tokens,
+                    "cases": hashlib.sha256(cases_json.encode()).hexdigest()}
+        ranks.sweep([c.id for c in cases], run_one, out / "parts", merge=merge, settings=settings,
+                    log=print)
     return 0
-
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from ..config import MaskConfig, TraceConfig
@@ -89,7 +90,8 @@ def config_from_args(args: argparse.Namespace, base: TraceConfig | None = None, 
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, text: bool = True) -> None:
-    """``--model``, ``--dtype``, ``--device`` and (with ``text``) ``--text-file``, ``--max-tokens``."""
+    """``--model``, ``--dtype``, ``--device``, ``--device-map`` and (with ``text``) ``--text-file``,
+    ``--max-tokens``."""
     parser.add_argument("--model", default=None,
                         help="model alias (smollm2-135m, gemma-3-270m), HF folder or .gguf file "
                              "(default: the embedded SmolLM2-135M-Instruct)")
@@ -99,9 +101,14 @@ def add_model_options(parser: argparse.ArgumentParser, *, text: bool = True) -> 
                             help="use only the first N tokens of the text")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model dtype (default float32)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="where the model runs: auto = the GPU when PyTorch sees one (the FlexAttention "
-                             "+ Triton path), else the CPU")
+                             "+ Triton path), else the CPU (default auto)")
+    parser.add_argument("--device-map", default=None, metavar="auto|balanced|FILE",
+                        help="spread the model's layers over several devices (accelerate's device map, "
+                             "instead of --device): auto or balanced split the decoder layers evenly over "
+                             "the GPUs PyTorch sees; FILE is a JSON object {module name: device}, e.g. "
+                             '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}')
 
 
 def read_text(path: Path | None, flag: str = "--text-file") -> str:
@@ -143,11 +150,11 @@ def output_file(path: Path, suffixes: tuple[str, ...], flag: str = "--out") -> P
     return path
 
 
-def device_of(choice: str) -> str:
-    """The torch device ``--device`` names (``auto``: ``cuda`` when PyTorch sees a GPU)."""
+def device_of(choice: str | None) -> str:
+    """The torch device ``--device`` names (``auto``, the default: ``cuda`` when PyTorch sees a GPU)."""
     import torch
 
-    if choice == "auto":
+    if choice in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: PyTorch sees no CUDA GPU here (a CPU-only torch, or no driver); "
@@ -155,17 +162,61 @@ def device_of(choice: str) -> str:
     return choice
 
 
-def load(args: argparse.Namespace):
-    """``(model, tokenizer, model_id)`` for ``--model`` / ``--dtype`` / ``--device``, with the loading
-    noise muted."""
+def device_map_of(text: str | None):
+    """The device map ``--device-map`` names: None, a name accelerate knows (``auto``, ``balanced``, ...)
+    or the ``{module: device}`` object of a JSON file (checked against the model when it loads)."""
+    from ..tracing.models import DEVICE_MAP_NAMES
+
+    if text is None or text in DEVICE_MAP_NAMES:
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise UsageError(f"--device-map {text}: no such file; give {', '.join(DEVICE_MAP_NAMES[:2])} or a "
+                         "JSON file {module name: device}.")
+    try:
+        device_map = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--device-map {path} is not JSON ({err}); give a JSON object such as "
+                         '{"": "cpu"}.') from None
+    if not isinstance(device_map, dict) or not device_map:
+        raise UsageError(f"--device-map {path} holds a JSON {type(device_map).__name__}, not a non-empty "
+                         '{module name: device} object such as {"": "cpu"}.')
+    return device_map
+
+
+def placement(args: argparse.Namespace, ranks=None) -> tuple[str | None, object]:
+    """``(device, device_map)`` from ``--device`` / ``--device-map``: exactly one of them is not None.
+    Under torchrun (``ranks`` of several processes) each process takes the GPU of its local rank, and a
+    device map (one model over several GPUs) is refused: the two ways of using GPUs do not mix; a command
+    that does not share its work over ranks (no ``ranks``) is refused under torchrun."""
+    from ..runs.ranks import Ranks
+
+    if ranks is None and Ranks.from_env().world > 1:
+        raise UsageError("this command runs in one process; of the commands only niah shares its work over "
+                         "torchrun's processes (run this one without torchrun).")
+    device_map = device_map_of(getattr(args, "device_map", None))
+    if device_map is None:
+        device = device_of(args.device)
+        return (device if ranks is None else ranks.device(device)), None
+    if args.device is not None:
+        raise UsageError("--device and --device-map both place the model; give only one of them.")
+    if ranks is not None and ranks.world > 1:
+        raise UsageError(f"--device-map spreads one model over the GPUs, but {ranks.world} processes were "
+                         "started (torchrun); use one process with --device-map, or drop it.")
+    return None, device_map
+
+
+def load(args: argparse.Namespace, ranks=None):
+    """``(model, tokenizer, model_id)`` for ``--model`` / ``--dtype`` / ``--device`` / ``--device-map``
+    (each torchrun process on its own GPU with ``ranks``), with the loading noise muted."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from ..tracing.models import load_model, model_id
 
-    device = device_of(args.device)
+    device, device_map = placement(args, ranks)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    return model.to(device), tokenizer, model_id(args.model)
+    model, tokenizer = load_model(args.model, dtype=dtype, device_map=device_map)
+    return (model if device is None else model.to(device)), tokenizer, model_id(args.model)

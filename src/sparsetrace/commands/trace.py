@@ -34,6 +34,10 @@ def summarize(trace, seconds: float | None = None) -> str:
     ]
     if seconds is not None:
         lines.append(f"wall time       {seconds:.1f} s")
+    from ..analysis.audit import audit_summary, format_summary
+
+    audit = audit_summary(trace)
+    lines += format_summary(audit) if audit is not None else ["audit           none (--audit-rate 0)"]
     return "\n".join(lines)
 
 

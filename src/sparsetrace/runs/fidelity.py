@@ -244,9 +244,10 @@ def check(
         raise UsageError(f"the dense reference covers {dense.n_tokens} tokens and {dense.last_n} "
                          f"positions; this check needs {T} and {last_n}. Recompute it.")
 
-    with sparse_model(model, config) as session:
+    # The comparison reads only the kept blocks: no audit or missed-mass estimate (they change no output).
+    with sparse_model(model, config.replace(audit_rate=0, missed_samples=0)) as session:
         logits, tokens, chunks = _greedy_two(model, input_ids, config.chunk_size, last_n, session)
-    indices, _ = join_chunks(chunks)  # [L, H, nQ, top_k]
+    indices = join_chunks(chunks)["indices"]  # [L, H, nQ, top_k]
     sparsity = block_sparsity(indices, mask.block_q, mask.block_k, T)
     layer_types = model_summary(model)["layer_types"] or ["full_attention"] * indices.shape[0]
     full = [i for i, t in enumerate(layer_types) if t != "sliding_attention"]

@@ -70,7 +70,7 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
             _, tokens, chunks = greedy_decode(model, ids, max_new, chunk_size=config.chunk_size,
                                               session=session, stop=found_all)
         meta = {**trace_meta(model, config, model_id), "niah_case": case.id}
-        trace = Trace.from_arrays(*join_chunks(chunks), block_q=config.mask.block_q,
+        trace = Trace.from_arrays(**join_chunks(chunks), block_q=config.mask.block_q,
                                   block_k=config.mask.block_k, meta=meta, tokens=ids)
     output = tokenizer.decode(tokens, skip_special_tokens=True)
     return CaseRun(tokens, output, string_match_all(output, case.answers), trace,
@@ -151,32 +151,45 @@ def parse_top_k(text: str) -> list[int | str]:
     return out
 
 
-def sweep(model, tokenizer, cases, ks, configs, *, max_new=None, model_id="", log=None):
-    """Run every case dense and at every sparse k; returns (rows, reports).
+def case_results(model, tokenizer, case, ks, configs, *, max_new=None, model_id="") -> tuple[list, list]:
+    """One case dense and at every sparse k: its rows (dicts with :data:`COLUMNS`; the dense row only when
+    ``"dense"`` is in ``ks``) and its reports (per sparse k the needle mass, route and score from
+    :func:`sparsetrace.analysis.routes.case_report`)."""
+    rows, reports = [], []
+    spans = case.needle_token_spans
+    dense = run_case(model, tokenizer, case, max_new=max_new, model_id=model_id)
+    if "dense" in ks:
+        rows.append(_row(case, "dense", 0.0, dense, True))
+    for k, config in configs.items():
+        sparse = run_case(model, tokenizer, case, config, max_new=max_new, model_id=model_id)
+        ok = two_token_criterion(dense.tokens, sparse.tokens)
+        rows.append(_row(case, k, sparse.trace.sparsity, sparse, ok))
+        report = case_report(sparse.trace, spans)
+        reports.append({"id": case.id, "variant": case.variant, "length": case.length,
+                        "depth": case.depth, "k": k, "score": sparse.score,
+                        "dense_score": dense.score, "sparsity": sparse.trace.sparsity,
+                        "needle_spans": [list(s) for s in spans], **report})
+    return rows, reports
 
-    ``rows``: dicts with :data:`COLUMNS`; ``reports``: per (case id, k) the needle mass, route and
-    score from :func:`sparsetrace.analysis.niah.case_report`.
-    """
+
+def case_log(case, rows, n: int, total: int) -> str:
+    """The line a sweep prints after a case: its scores per k."""
+    scores = " ".join(f"{r['k']}={r['score']:.2f}" for r in rows)
+    return f"[{n}/{total}] {case.id} ({case.num_tokens} tokens): {scores} ({time.strftime('%H:%M:%S')})"
+
+
+def sweep(model, tokenizer, cases, ks, configs, *, max_new=None, model_id="", log=None):
+    """Run every case dense and at every sparse k in this process; returns (rows, reports) of
+    :func:`case_results`, case after case. (The ``niah`` command runs the cases through
+    :mod:`sparsetrace.runs.ranks` instead, to share them over processes and resume.)"""
     rows, reports = [], []
     for n, case in enumerate(cases, 1):
-        spans = case.needle_token_spans
-        dense = run_case(model, tokenizer, case, max_new=max_new, model_id=model_id)
-        if "dense" in ks:
-            rows.append(_row(case, "dense", 0.0, dense, True))
-        for k, config in configs.items():
-            sparse = run_case(model, tokenizer, case, config, max_new=max_new,
-                                   model_id=model_id)
-            ok = two_token_criterion(dense.tokens, sparse.tokens)
-            rows.append(_row(case, k, sparse.trace.sparsity, sparse, ok))
-            report = case_report(sparse.trace, spans)
-            reports.append({"id": case.id, "variant": case.variant, "length": case.length,
-                            "depth": case.depth, "k": k, "score": sparse.score,
-                            "dense_score": dense.score, "sparsity": sparse.trace.sparsity,
-                            "needle_spans": [list(s) for s in spans], **report})
+        case_rows, case_reports = case_results(model, tokenizer, case, ks, configs, max_new=max_new,
+                                               model_id=model_id)
+        rows += case_rows
+        reports += case_reports
         if log is not None:
-            scores = " ".join(f"{r['k']}={r['score']:.2f}" for r in rows if r["id"] == case.id)
-            log(f"[{n}/{len(cases)}] {case.id} ({case.num_tokens} tokens): "
-                f"{scores} ({time.strftime('%H:%M:%S')})")
+            log(case_log(case, case_rows, n, len(cases)))
     return rows, reports
 
 

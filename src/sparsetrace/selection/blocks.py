@@ -43,14 +43,18 @@ class BlockMask:
         if nQ != math.ceil(T / self.block_q):
             raise UsageError(f"T={T} does not give {nQ} query blocks of {self.block_q}.")
         n_kb = math.ceil(S / self.block_k)
-        kept = torch.zeros(B, H, nQ, n_kb + 1, dtype=torch.bool, device=self.indices.device)
-        idx = self.indices.long().masked_fill(self.indices < 0, n_kb)  # -1 -> spare column
-        kept.scatter_(-1, idx, True)
-        kept = kept[..., :n_kb]  # [B, H, nQ, nKB]
+        kept = kept_blocks(self.indices, n_kb)  # [B, H, nQ, nKB]
         kept = kept.repeat_interleave(self.block_q, dim=2)[:, :, :T]  # [B, H, T, nKB]
         kept = kept.repeat_interleave(self.block_k, dim=3)[..., :S]  # [B, H, T, S]
         q_pos = torch.arange(T, device=kept.device)[:, None] + (S - T)
         return kept & may_attend(torch.arange(S, device=kept.device)[None, :], q_pos, window)
+
+
+def kept_blocks(indices: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
+    """``indices [..., k]`` (-1 padded) -> bool ``[..., num_key_blocks]``: which key blocks each row keeps."""
+    kept = torch.zeros(*indices.shape[:-1], num_key_blocks + 1, dtype=torch.bool, device=indices.device)
+    kept.scatter_(-1, indices.long().masked_fill(indices < 0, num_key_blocks), True)  # -1 -> spare column
+    return kept[..., :num_key_blocks]
 
 
 def pack_rows(ids: torch.Tensor, keep: torch.Tensor, fill: int = -1) -> torch.Tensor:

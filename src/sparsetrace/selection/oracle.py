@@ -39,11 +39,15 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale:
     return torch.cat(out, dim=2)
 
 
-def top_middle(scores: torch.Tensor, T: int, S: int, config: MaskConfig, window: int | None) -> torch.Tensor:
+def top_middle(scores: torch.Tensor, T: int, S: int, config: MaskConfig, window: int | None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
     """The exact contract row from block ``scores [B, Hq, nQ, nKB]``: forced blocks plus the top-m middle
-    candidates, int32 ``[B, Hq, nQ, top_k]`` (sorted, -1 padded)."""
+    candidates, int32 ``[B, Hq, nQ, top_k]`` (sorted, -1 padded). With ``rows`` (query-block ids), the
+    scores are those rows' only, ``[B, Hq, len(rows), nKB]``."""
     sinks = forced_sinks(config, window)
     lo, n = candidate_range(T, S, config, scores.device, window)  # [nQ] each
+    if rows is not None:
+        lo, n = lo.index_select(0, rows), n.index_select(0, rows)
     j = torch.arange(scores.shape[-1], device=scores.device)
     middle = (j[None, :] >= (lo + sinks)[:, None]) & (j[None, :] < (n - config.local_blocks)[:, None])  # [nQ, nKB]
     scores = scores.masked_fill(~middle, -math.inf)

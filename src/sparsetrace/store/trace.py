@@ -82,7 +82,8 @@ class Trace:
         self.manifest, self.path = manifest, path
         self.tokens, self.token_offsets, self.text = tokens, token_offsets, text
         # For a trace on disk: [{"file": safe_open handle, "q": (start, end), "path", "sha256",
-        # "verified"}]; in memory, (indices int32, mass float32) [L, H, nQ, k].
+        # "verified", "missed", "audit_rows"}]; in memory, {"indices" int32, "mass" float32 [L, H, nQ, k],
+        # optional "missed" [L, H, nQ, 3], optional "audit": {"query_block" [R], "missed", "recall" [L, H, R]}}.
         self._shards = list(shards)
         self._arrays = arrays
         for key in SHAPE_KEYS:
@@ -133,7 +134,8 @@ class Trace:
                 raise TraceError(f"{p} does not match {MANIFEST} (q blocks {a}..{b}, shapes "
                                  f"{shapes}); {fix}")
             shards.append({"file": f, "q": (a, b), "path": p, "sha256": s["sha256"],
-                           "verified": verify})
+                           "verified": verify, "missed": s.get("missed", False),
+                           "audit_rows": s.get("audit_rows", 0)})
             pos = b
         if pos != m["num_query_blocks"]:
             raise TraceError(f"{path / MANIFEST} covers {pos} of {m['num_query_blocks']} query "
@@ -146,8 +148,10 @@ class Trace:
     @classmethod
     def from_arrays(cls, indices: torch.Tensor, mass: torch.Tensor, *, block_q: int, block_k: int,
                     tokens: torch.Tensor, meta: dict | None = None,
-                    token_offsets: torch.Tensor | None = None, text: str | None = None) -> Trace:
-        """An in-memory trace from whole `[L, H, nQ, k]` arrays; `save` writes it to disk."""
+                    token_offsets: torch.Tensor | None = None, text: str | None = None,
+                    missed: torch.Tensor | None = None, audit: dict | None = None) -> Trace:
+        """An in-memory trace from whole `[L, H, nQ, k]` arrays (and optionally the per-row missed
+        mass `[L, H, nQ, 3]` and the audit, as `TraceWriter.write` takes them); `save` writes it."""
         tokens = torch.as_tensor(tokens).reshape(-1).long().cpu()
         bq, bk, T = block_q, block_k, tokens.numel()
         meta = {} if meta is None else meta
@@ -163,7 +167,13 @@ class Trace:
                     **dict(zip(SHAPE_KEYS, shapes, strict=True)), "mass_encoding": "float32",
                     "complete": True, "shards": []}
         offsets = None if token_offsets is None else token_offsets.long().cpu()
-        arrays = (indices.detach().cpu().to(torch.int32), mass.detach().cpu().float())
+        arrays = {"indices": indices.detach().cpu().to(torch.int32), "mass": mass.detach().cpu().float()}
+        if missed is not None:
+            arrays["missed"] = missed.detach().cpu().float()
+        if audit is not None:
+            arrays["audit"] = {"query_block": torch.as_tensor(audit["query_block"]).long().cpu(),
+                               "missed": audit["missed"].detach().cpu().float(),
+                               "recall": audit["recall"].detach().cpu().float()}
         return cls(manifest, tokens, offsets, text, arrays=arrays)
 
     def save(self, path, *, mass_encoding: str = "float16",
@@ -175,10 +185,17 @@ class Trace:
                              top_k=self.top_k, block_q=self.block_q, block_k=self.block_k,
                              mass_encoding=mass_encoding)
         every = slice(None)
+        audit = self.audit()
         for a in range(writer.completed_query_blocks, self.num_query_blocks, chunk_query_blocks):
             q = slice(a, min(a + chunk_query_blocks, self.num_query_blocks))
-            writer.write(a, self._read("indices", every, every, q),
-                         self._read("mass", every, every, q))
+            missed = self._read("missed", every, every, q) if self.has_missed else None
+            rows = None
+            if audit is not None:
+                inside = (audit["query_block"] >= q.start) & (audit["query_block"] < q.stop)
+                rows = {"query_block": audit["query_block"][inside], "missed": audit["missed"][..., inside],
+                        "recall": audit["recall"][..., inside]}
+            writer.write(a, self._read("indices", every, every, q), self._read("mass", every, every, q),
+                         missed=missed, audit=rows)
         writer.finish({k: v for k, v in self.manifest.items() if k not in RESERVED})
 
     # -- reading
@@ -186,7 +203,7 @@ class Trace:
     def _read(self, name: str, layers, heads, q: slice) -> torch.Tensor:
         """`name[layers, heads, q]` as int32 / float32; the query-block axis is -2 of the result."""
         if self._arrays is not None:  # clone: callers may modify what they get
-            return self._arrays[0 if name == "indices" else 1][layers, heads, q].clone()
+            return self._arrays[name][layers, heads, q].clone()
         a, b, _ = q.indices(self.num_query_blocks)
         shards = [sh for sh in self._shards if sh["q"][0] < b and sh["q"][1] > a]
         for shard in shards:
@@ -194,8 +211,10 @@ class Trace:
         parts = [sh["file"].get_slice(name)[layers, heads, max(a, sh["q"][0]) - sh["q"][0]:
                                             min(b, sh["q"][1]) - sh["q"][0]]
                  for sh in shards]  # memory-mapped reads
-        out = torch.cat(parts, dim=-2)
-        return out.to(torch.int32) if name == "indices" else decode_mass(out)
+        out = torch.cat(parts, dim=-2)  # the query-block axis, for every stored array
+        if name == "indices":
+            return out.to(torch.int32)
+        return out.float() if name == "missed" else decode_mass(out)
 
     @staticmethod
     def _verify(shard: dict) -> None:
@@ -211,6 +230,46 @@ class Trace:
             raise TraceIndexError(f"{what} {i} out of range for a trace with {n} {what}s "
                              f"(valid: {-n}..{n - 1})")
         return i % n
+
+    # -- what the trace says about its own fidelity
+
+    @property
+    def has_missed(self) -> bool:
+        """Whether every row carries an estimate of its missed attention mass (see :meth:`missed`)."""
+        if self._arrays is not None:
+            return "missed" in self._arrays
+        return bool(self._shards) and all(sh["missed"] for sh in self._shards)
+
+    def missed(self, layer: int, head: int) -> torch.Tensor | None:
+        """float32 ``[nQ, 3]``: per query block, the estimated share of the model's attention the kept
+        blocks miss (mean over the block's queries of ``1 - sum of p over kept keys``) and the low and high
+        ends of its confidence interval; None for traces recorded without the estimate."""
+        if not self.has_missed:
+            return None
+        layer, head = self.head_index(layer, head)
+        return self._read("missed", layer, head, slice(None))
+
+    def audit(self, layer: int | None = None, head: int | None = None) -> dict | None:
+        """The exactly audited rows: ``{"query_block": int64 [R], "missed": float32, "recall": float32}``
+        with ``missed``/``recall`` ``[R]`` for one (layer, head), or ``[L, H, R]`` when both are None.
+        ``missed`` is the exact missed mass of the kept selection (a dense pass over every causal key of
+        those queries), ``recall`` the share of the exact block top-k's row (the oracle's) that the row
+        kept. None for traces recorded without an audit."""
+        pick = (slice(None), slice(None)) if layer is None and head is None else self.head_index(layer, head)
+        if self._arrays is not None:
+            found = self._arrays.get("audit")
+            if found is None:
+                return None
+            return {"query_block": found["query_block"].clone(), "missed": found["missed"][pick].clone(),
+                    "recall": found["recall"][pick].clone()}
+        shards = [sh for sh in self._shards if sh["audit_rows"]]
+        if not shards:
+            return None
+        for shard in shards:
+            self._verify(shard)
+        return {"query_block": torch.cat([sh["file"].get_tensor("audit_query_block").long() for sh in shards]),
+                **{key: torch.cat([sh["file"].get_slice(f"audit_{key}")[pick] for sh in shards], dim=-1).float()
+                   for key in ("missed", "recall")}}
 
     def head_index(self, layer: int, head: int) -> tuple[int, int]:
         """``(layer, head)`` as non-negative ints (negative ones count from the end); TraceIndexError
@@ -291,7 +350,7 @@ class Trace:
         is kept when x <= q and x's key block is in the row of q's query block; there are
         T(T+1)/2 causal pairs per head. Exact: causal inside diagonal blocks, ragged last blocks."""
         if self._arrays is not None:
-            return block_sparsity(self._arrays[0], self.block_q, self.block_k, self.num_tokens)
+            return block_sparsity(self._arrays["indices"], self.block_q, self.block_k, self.num_tokens)
         kept = sum(s["kept_pairs"] for s in self.manifest["shards"])  # counted per shard when written
         return sparsity(kept, self.num_layers, self.num_heads, self.num_tokens)
 

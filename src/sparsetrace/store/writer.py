@@ -146,9 +146,14 @@ class TraceWriter:
     def completed_query_blocks(self) -> int:
         return self.manifest["completed_query_blocks"]
 
-    def write(self, q_block_start: int, indices: torch.Tensor, mass: torch.Tensor) -> None:
+    def write(self, q_block_start: int, indices: torch.Tensor, mass: torch.Tensor, *,
+              missed: torch.Tensor | None = None, audit: dict | None = None) -> None:
         """Append query blocks [q_block_start, q_block_start + n) of every layer and head:
-        indices [L, H, n, k] any int dtype (-1 padded), mass [L, H, n, k] float (0 at padding)."""
+        indices [L, H, n, k] any int dtype (-1 padded), mass [L, H, n, k] float (0 at padding).
+
+        Optional, per row: ``missed [L, H, n, 3]`` (estimated missed mass, low, high; stored float16).
+        Optional, for audited rows of this chunk: ``audit = {"query_block": [r] absolute query-block
+        ids inside the chunk, "missed": [L, H, r], "recall": [L, H, r]}`` (stored float32)."""
         L, H, k, nQ, nK = (self.shapes[x] for x in ("num_layers", "num_heads", "top_k",
                                                    "num_query_blocks", "num_key_blocks"))
         if q_block_start != self.completed_query_blocks:
@@ -172,10 +177,28 @@ class TraceWriter:
                 or bool(mass[indices < 0].any())):
             raise ValueError("mass must be finite, >= 0, and 0 where indices is -1")
 
+        tensors = {"indices": indices.to(self.index_dtype).contiguous(),
+                   "mass": encode_mass(mass, self.mass_encoding).contiguous()}
+        if missed is not None:
+            if tuple(missed.shape) != (L, H, n, 3) or not bool(torch.isfinite(missed).all()):
+                raise ValueError(f"missed must be finite [L={L}, H={H}, n={n}, 3]; got {list(missed.shape)}")
+            tensors["missed"] = missed.detach().cpu().to(torch.float16).contiguous()
+        audited = 0
+        if audit is not None and len(audit["query_block"]):
+            rows = torch.as_tensor(audit["query_block"]).cpu()
+            audited = rows.numel()
+            if not bool(((rows >= q_block_start) & (rows < q_block_start + n)).all()):
+                raise ValueError(f"audited query blocks {rows.tolist()} lie outside this chunk's "
+                                 f"[{q_block_start}, {q_block_start + n})")
+            for key in ("missed", "recall"):
+                if tuple(audit[key].shape) != (L, H, audited):
+                    raise ValueError(f"audit[{key!r}] must be [L={L}, H={H}, r={audited}]; got "
+                                     f"{list(audit[key].shape)}")
+                tensors[f"audit_{key}"] = audit[key].detach().cpu().float().contiguous()
+            tensors["audit_query_block"] = rows.to(torch.int32).contiguous()
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
         data = safetensors.torch.save(
-            {"indices": indices.to(self.index_dtype).contiguous(),
-             "mass": encode_mass(mass, self.mass_encoding).contiguous()},
+            tensors,
             # One metadata key: safetensors keeps metadata in a hash map, so two keys come out in a
             # random order and the same rows would hash differently from run to run.
             metadata={"format": f"{FORMAT}; q_block_start={q_block_start}"})
@@ -184,7 +207,8 @@ class TraceWriter:
                            self.shapes["num_tokens"])
         self.manifest["shards"].append({
             "file": name, "q_blocks": [q_block_start, q_block_start + n],
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "kept_pairs": kept})
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "kept_pairs": kept,
+            "missed": missed is not None, "audit_rows": audited})
         self.manifest["completed_query_blocks"] = q_block_start + n
         atomic_write_json(self.path / MANIFEST, self.manifest)
 

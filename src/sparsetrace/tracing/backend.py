@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..audit.estimate import estimate_missed
+from ..audit.exact import audit_query_blocks, audit_rows, droppable_query_blocks
 from ..config import TraceConfig
 from ..ops import select_blocks, sparse_attention
 from ..selection.blocks import BlockMask
@@ -25,6 +28,8 @@ from ..selection.blocks import BlockMask
 ATTN_NAME = "sparsetrace"
 
 MaskEdit = Callable[[int, BlockMask], BlockMask]
+# observe(layer, query, key, mask, scale, window): shown every layer's inputs and final selection
+Observer = Callable[[int, torch.Tensor, torch.Tensor, BlockMask, "float | None", "int | None"], None]
 
 
 @dataclass
@@ -32,25 +37,75 @@ class SparseSession:
     """What the registered attention does while active: select, (optionally) edit, attend, record.
 
     ``edit(layer, mask) -> mask`` may change the selection before attention runs (e.g. suppress a
-    sentence's key blocks); ``record`` collects ``(indices, mass)`` per layer for the current chunk.
+    sentence's key blocks); ``record`` collects per layer, for the current chunk, the kept blocks and their
+    masses and, as ``config`` asks, the estimated missed mass of every row and the exact audit of the
+    chunk's audited rows. ``num_tokens`` (the whole input's length, set by the tracer) fixes which query
+    blocks are audited: ``config.audit_rate`` of them, stratified over the input, the same for every layer.
     """
 
     config: TraceConfig
     edit: MaskEdit | None = None
     record: bool = True
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    observe: Observer | None = None
+    num_tokens: int | None = None
+    layers: dict[int, dict] = field(default_factory=dict)
+    _audited: torch.Tensor | None = None
 
     def select(self, query: torch.Tensor, key: torch.Tensor, window: int | None) -> BlockMask:
         return select_blocks(query, key, self.config.mask, window=window)
 
-    def take_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices int32 and mass float32, ``[L, H, nQ_chunk, top_k]`` (batch 0), and reset."""
+    def audited_query_blocks(self) -> torch.Tensor:
+        """The absolute query blocks of the input audited in every layer (empty without ``num_tokens``)."""
+        if self._audited is None:
+            T, mask = self.num_tokens, self.config.mask
+            if not T or not self.config.audit_rate:
+                self._audited = torch.zeros(0, dtype=torch.long)
+            else:  # rows that keep every candidate have nothing to miss: start at the first that must drop
+                droppable = droppable_query_blocks(T, T, mask).nonzero().flatten()
+                first = int(droppable[0]) if len(droppable) else math.ceil(T / mask.block_q)
+                self._audited = audit_query_blocks(math.ceil(T / mask.block_q), self.config.audit_rate,
+                                                   first=first)
+        return self._audited
+
+    def record_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: BlockMask,
+                     mass: torch.Tensor, lse: torch.Tensor | None, scale: float | None,
+                     window: int | None) -> None:
+        """Keep what the trace holds of one layer's chunk (batch 0): rows, masses, the estimate, the audit."""
+        config, (_, H, T, _), S = self.config, query.shape, key.shape[2]
+        first = (S - T) // config.mask.block_q  # the chunk's first query block in the input
+        record = {"indices": mask.indices[0], "mass": mass[0]}
+        if config.missed_samples:
+            record["missed"] = estimate_missed(query, key, mask.indices, config.mask, scale=scale, window=window,
+                                               samples=config.missed_samples, kept_lse=lse,
+                                               first_query_block=first)[0]
+        rows = self.audited_query_blocks()
+        rows = rows[(rows >= first) & (rows < first + mask.indices.shape[2])]
+        if config.audit_rate:
+            record["audit"] = {"query_block": rows, "missed": torch.zeros(H, 0), "recall": torch.zeros(H, 0)}
+            if len(rows):
+                big = 2**28 if query.is_cuda else 2**24  # logit tile of the dense pass, in floats
+                missed, recall = audit_rows(query, key, mask.indices, (rows - first).to(query.device),
+                                            config.mask, scale=scale, window=window, max_elements=big)
+                record["audit"].update(missed=missed[0], recall=recall[0])
+        self.layers[layer] = record
+
+    def take_chunk(self) -> dict:
+        """The chunk's records of every layer, stacked on the CPU, and reset: ``indices`` int32 and ``mass``
+        float32 ``[L, H, nQ_chunk, top_k]``, and as recorded ``missed`` ``[L, H, nQ_chunk, 3]`` and
+        ``audit`` ``{"query_block" [r], "missed" [L, H, r], "recall" [L, H, r]}``. Each layer's records sit
+        on that layer's device (a model spread over GPUs by a device map), so each is brought to the CPU
+        before the layers are stacked."""
         order = sorted(self.layers)
         assert order == list(range(len(order))), f"layers recorded out of order: {order}"
-        indices = torch.stack([self.layers[i][0][0] for i in order]).cpu()
-        mass = torch.stack([self.layers[i][1][0] for i in order]).cpu()
+        records = [self.layers[i] for i in order]
+        chunk = {name: torch.stack([r[name].cpu() for r in records])
+                 for name in ("indices", "mass", "missed") if name in records[0]}
+        if "audit" in records[0]:
+            chunk["audit"] = {"query_block": records[0]["audit"]["query_block"].cpu(),
+                              **{key: torch.stack([r["audit"][key].cpu() for r in records])
+                                 for key in ("missed", "recall")}}
         self.layers.clear()
-        return indices, mass
+        return chunk
 
 
 _ACTIVE: contextvars.ContextVar[SparseSession | None] = contextvars.ContextVar("sparsetrace", default=None)
@@ -77,9 +132,13 @@ def stream_attention_forward(
     mask = session.select(query, key, window)
     if session.edit is not None:
         mask = session.edit(module.layer_idx, mask)
-    out, mass = sparse_attention(query, key, value, mask, scale=scaling, return_mass=True, window=window)
+    if session.observe is not None:
+        session.observe(module.layer_idx, query, key, mask, scaling, window)
+    estimate = session.record and session.config.missed_samples > 0
+    out, mass, *lse = sparse_attention(query, key, value, mask, scale=scaling, return_mass=True,
+                                       return_lse=estimate, window=window)
     if session.record:
-        session.layers[module.layer_idx] = (mask.indices, mass)
+        session.record_layer(module.layer_idx, query, key, mask, mass, lse[0] if lse else None, scaling, window)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -93,11 +152,13 @@ AttentionMaskInterface.register(ATTN_NAME, _no_mask)
 
 
 @contextlib.contextmanager
-def sparse_model(model, config: TraceConfig, *, edit: MaskEdit | None = None,
-                 record: bool = True) -> Iterator[SparseSession]:
-    """Run ``model`` with STREAM attention inside the block; yields the :class:`SparseSession`."""
+def sparse_model(model, config: TraceConfig, *, edit: MaskEdit | None = None, record: bool = True,
+                 num_tokens: int | None = None, observe: Observer | None = None) -> Iterator[SparseSession]:
+    """Run ``model`` with sparse attention inside the block; yields the :class:`SparseSession`
+    (``num_tokens``: the length of the input a trace is recorded of, without it nothing is audited;
+    ``observe``: shown each layer's post-RoPE query and key and the selection, e.g. for references)."""
     previous = model.config._attn_implementation
-    session = SparseSession(config, edit=edit, record=record)
+    session = SparseSession(config, edit=edit, record=record, num_tokens=num_tokens, observe=observe)
     token = _ACTIVE.set(session)
     model.set_attn_implementation(ATTN_NAME)
     try:

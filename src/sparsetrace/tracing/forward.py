@@ -70,18 +70,20 @@ def chunked_forward(
 def greedy_decode(model, input_ids: torch.Tensor, max_new: int, *, chunk_size: int = 1024,
                   keep_logits: int = 1, session: SparseSession | None = None,
                   stop: Callable[[list[int]], bool] | None = None, stop_at_eos: bool = True
-                  ) -> tuple[torch.Tensor, list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+                  ) -> tuple[torch.Tensor, list[int], list[dict]]:
     """Greedy decoding on one KV cache: :func:`chunked_forward` prefill, then one token per forward.
 
     Runs with whatever attention the model is set to; with ``session`` (the :class:`SparseSession` of
-    an active :func:`sparse_model` block) the prefill's per-chunk ``(indices, mass)`` are collected
+    an active :func:`sparse_model` block) the prefill's per-chunk records (``take_chunk``) are collected
     and decode steps are not recorded, so the chunks are the trace of ``input_ids`` alone. Decoding
     ends after ``max_new`` tokens, at EOS (unless ``stop_at_eos`` is False), or when ``stop(tokens)``
     holds (asked from the second token on: the two-token criterion always gets two). Returns the
     prefill's last ``keep_logits`` logits ``[keep, V]``, the tokens and the chunks.
     """
     cache = new_cache()
-    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    chunks: list[dict] = []
+    if session is not None and session.num_tokens is None:
+        session.num_tokens = int(input_ids.shape[0])  # the prefill's trace audits rows of this input
     on_chunk = (lambda start, end: chunks.append(session.take_chunk())) if session else None
     logits = chunked_forward(model, input_ids, chunk_size, keep_logits=keep_logits, cache=cache,
                              on_chunk=on_chunk)

@@ -15,6 +15,13 @@ A GGUF file is dequantized once (transformers reads GGUF through ``gguf``) and c
 safetensors folder under ``$SPARSETRACE_HOME/models/<name>`` (default ``~/.cache/sparsetrace``); later
 loads read that folder in about a second. Local HF folders (``config.json`` + safetensors) load directly.
 
+Sharding: ``load_model(..., device_map=...)`` passes accelerate's device map to ``from_pretrained``
+(``"auto"``/``"balanced"``/``"sequential"``, or ``{module name: device}``), so the layers of a model too big
+for one GPU, or whose KV cache is, spread over several; :func:`dispatch` does the same for a model already
+built (random weights in the benchmarks). Decoder layers are never split (the model's
+``_no_split_modules``), so a layer's attention, its estimator and its KV cache all live on that layer's
+device; accelerate's hooks move the hidden state between layers.
+
 Footguns: the cached weights are the *dequantized* Q4 weights, not the original bf16 checkpoint, so
 logits differ slightly from the hub model; every name that is not an alias must be an existing local
 path (nothing is ever fetched from the hub).
@@ -213,11 +220,99 @@ def resolve_folder(name_or_path: str | None) -> Path:
     return cached
 
 
+# accelerate's named device maps (what ``from_pretrained(device_map=...)`` accepts besides a dict).
+DEVICE_MAP_NAMES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+
+DeviceMap = str | dict[str, str | int]
+
+
+def check_device_map(config, device_map: DeviceMap) -> None:
+    """Refuse, in one sentence, a device map that names an unknown strategy, a module the model lacks, a
+    device that is not here, or that leaves a parameter without a device (transformers accepts those
+    silently). The module names come from the model built on the meta device (no weights touched)."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_NAMES:
+            raise UsageError(f"device map {device_map!r} is not one of {', '.join(DEVICE_MAP_NAMES)} or a "
+                             "{module: device} mapping.")
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise UsageError("a device map must be a non-empty {module name: device} mapping, e.g. {\"\": \"cpu\"}.")
+    for name, device in device_map.items():
+        _check_device(name, device)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    modules = {name for name, _ in skeleton.named_modules()} | {n for n, _ in skeleton.named_parameters()}
+    if unknown := sorted(set(device_map) - modules):
+        raise UsageError(f"device map key {unknown[0]!r} names no module of this {type(skeleton).__name__} "
+                         "(keys look like model.embed_tokens, model.layers.0, lm_head, or \"\" for all).")
+
+    def covered(param: str) -> bool:
+        return any(k == "" or param == k or param.startswith(k + ".") for k in device_map)
+
+    missing = [n for n, _ in skeleton.named_parameters() if not covered(n)]
+    if missing:
+        raise UsageError(f"the device map gives no device to {missing[0]} ({len(missing)} parameters in all); "
+                         "add their module or a catch-all \"\" entry.")
+
+
+def _check_device(name: str, device) -> None:
+    try:
+        dev = torch.device(device) if not isinstance(device, int) or device >= 0 else None
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None:
+        raise UsageError(f"device map entry {name!r}: {device!r} is not a device (give cpu, cuda, cuda:1 or a "
+                         "GPU number; sparsetrace offloads nothing to disk).")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device map entry {name!r} puts it on {dev}, but PyTorch sees "
+                         f"{torch.cuda.device_count()} CUDA GPU(s) here.")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device map entry {name!r}: {dev.type} is not a device sparsetrace runs on "
+                         "(cpu or cuda).")
+
+
+def infer_device_map(model: PreTrainedModel, strategy: str, max_memory: dict | None = None) -> dict:
+    """The ``{module name: device}`` map that a named ``strategy`` gives ``model`` (built, or on the meta
+    device), as ``from_pretrained(device_map=strategy)`` computes it: accelerate's ``infer_auto_device_map``
+    under the memory of the devices here (or ``max_memory``, e.g. ``{0: "140GiB", 1: "140GiB"}``), never
+    splitting a decoder layer; ``"auto"`` and ``"balanced"`` spread the layers evenly over the GPUs."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    check_device_map(model.config, strategy)
+    no_split = model._no_split_modules
+    if strategy == "sequential":
+        max_memory = get_max_memory(max_memory)
+    else:
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=strategy == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+
+
+def dispatch(model: PreTrainedModel, device_map: DeviceMap) -> PreTrainedModel:
+    """Spread an already built ``model`` over devices the way ``from_pretrained(device_map=...)`` would
+    (a named strategy through :func:`infer_device_map`); ``accelerate.dispatch_model`` moves the modules and
+    adds the hooks that carry the hidden state from device to device. Returns the model;
+    ``model.hf_device_map`` holds the map used."""
+    from accelerate import dispatch_model
+
+    if isinstance(device_map, str):
+        device_map = infer_device_map(model, device_map)
+    check_device_map(model.config, device_map)
+    return dispatch_model(model, device_map=device_map)  # sets model.hf_device_map
+
+
+def model_devices(model) -> list[torch.device]:
+    """The devices ``model``'s parameters sit on, in module order (one for an unsharded model)."""
+    return list(dict.fromkeys(p.device for p in model.parameters()))
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    device_map: DeviceMap | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a supported causal LM and its tokenizer, in eval mode with gradients off.
 
@@ -228,17 +323,25 @@ def load_model(
         dtype: parameter dtype (the cache is float32; bf16 halves memory at some fidelity cost).
         attn_implementation: a transformers attention backend name (``"sdpa"``, ``"eager"``) or one
             registered with ``AttentionInterface``.
+        device_map: None (the CPU; move the model yourself), one of :data:`DEVICE_MAP_NAMES` or a
+            ``{module name: device}`` dict (``{"": "cpu"}``, ``{"model.layers.0": 0, ...}``): accelerate's
+            device map, passed to ``from_pretrained``. ``"auto"`` spreads the decoder layers over the GPUs
+            PyTorch sees (all on the CPU when there is none).
 
     Raises:
-        UsageError: the path does not exist, the architecture is not in :data:`SUPPORTED_ARCHITECTURES`, or the packaged
-            weights of an alias are not installed.
+        UsageError: the path does not exist, the architecture is not in :data:`SUPPORTED_ARCHITECTURES`, the
+            packaged weights of an alias are not installed, or the device map is unusable.
     """
     folder = resolve_folder(name_or_path)
     # Check the architecture from config.json before touching any weights.
     config = AutoConfig.from_pretrained(folder)
     _check_supported(_architecture_of(config), folder)
+    placement = {}
+    if device_map is not None:
+        check_device_map(config, device_map)
+        placement = {"device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(
-        folder, config=config, dtype=dtype, attn_implementation=attn_implementation
+        folder, config=config, dtype=dtype, attn_implementation=attn_implementation, **placement
     )
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)

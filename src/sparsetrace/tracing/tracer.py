@@ -20,7 +20,7 @@ from ..store import Trace, TraceWriter
 from .backend import sparse_model
 from .cpu import keep_freed_memory
 from .forward import chunked_forward
-from .models import context_window
+from .models import context_window, model_devices
 
 
 def model_summary(model) -> dict:
@@ -42,9 +42,14 @@ def model_summary(model) -> dict:
 
 
 def device_name(model) -> str:
-    """Where ``model`` runs, for the manifest: ``"cpu"`` or ``"cuda: <GPU name>"``."""
-    device = next(model.parameters()).device
-    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+    """Where ``model`` runs, for the manifest: ``"cpu"``, ``"cuda: <GPU name>"``, or for a model spread by a
+    device map ``"cuda: <GPU name> x2 (cuda:0, cuda:1)"``."""
+    devices = model_devices(model)
+    gpus = [d for d in devices if d.type == "cuda"]
+    if not gpus:
+        return devices[0].type
+    name = f"cuda: {torch.cuda.get_device_name(gpus[0])}"
+    return name if len(devices) == 1 else f"{name} x{len(gpus)} ({', '.join(map(str, devices))})"
 
 
 def trace_meta(model, config: TraceConfig, model_id: str = "") -> dict:
@@ -58,9 +63,16 @@ def trace_meta(model, config: TraceConfig, model_id: str = "") -> dict:
     }
 
 
-def join_chunks(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(indices, mass)`` of ``SparseSession.take_chunk`` calls, joined along query blocks."""
-    return torch.cat([c[0] for c in chunks], dim=2), torch.cat([c[1] for c in chunks], dim=2)
+def join_chunks(chunks: list[dict]) -> dict:
+    """The records of ``SparseSession.take_chunk`` calls joined along query blocks: the keyword arguments
+    of ``Trace.from_arrays`` (``indices``, ``mass`` and, when recorded, ``missed`` and ``audit``)."""
+    joined = {name: torch.cat([c[name] for c in chunks], dim=2)
+              for name in ("indices", "mass", "missed") if name in chunks[0]}
+    if "audit" in chunks[0]:
+        joined["audit"] = {"query_block": torch.cat([c["audit"]["query_block"] for c in chunks]),
+                           **{key: torch.cat([c["audit"][key] for c in chunks], dim=-1)
+                              for key in ("missed", "recall")}}
+    return joined
 
 
 def trace_ids(
@@ -99,7 +111,7 @@ def trace_ids(
     mask = config.mask
     n_query_blocks = math.ceil(T / mask.block_q)
     writer = None
-    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    chunks: list[dict] = []
     if out is not None:
         writer = TraceWriter(
             out, meta=meta, tokens=input_ids, token_offsets=token_offsets, text=text,
@@ -111,15 +123,15 @@ def trace_ids(
             return Trace.load(out, verify=False)
 
     bar = _progress_bar(T, progress)
-    with sparse_model(model, config) as session:
+    with sparse_model(model, config, num_tokens=T) as session:
 
         def save_chunk(start: int, end: int) -> None:
-            indices, mass = session.take_chunk()
+            chunk = session.take_chunk()
             q_block = start // mask.block_q
             if writer is None:
-                chunks.append((indices, mass))
+                chunks.append(chunk)
             elif q_block >= writer.completed_query_blocks:  # resume: finished chunks are not rewritten
-                writer.write(q_block, indices, mass)
+                writer.write(q_block, **chunk)
 
         logits = chunked_forward(
             model, input_ids, config.chunk_size, keep_logits=keep_logits, on_chunk=save_chunk,
@@ -131,7 +143,7 @@ def trace_ids(
         writer.finish()
         trace = Trace.load(out, verify=False)  # the writer hashed every shard it wrote
     else:
-        trace = Trace.from_arrays(*join_chunks(chunks), block_q=mask.block_q, block_k=mask.block_k,
+        trace = Trace.from_arrays(**join_chunks(chunks), block_q=mask.block_q, block_k=mask.block_k,
                                   meta=meta, tokens=input_ids, token_offsets=token_offsets, text=text)
     return (trace, logits) if keep_logits else trace
 
