@@ -251,28 +251,28 @@ def test_missed_mass_bars_hold_the_dense_flow(seed):
     assert not plain.has_missed and torch.equal(plain.low, plain.high) and abs(plain.unattributed) < 1e-6
 
 
-class WithMissed(Trace):
-    """A trace that carries missed-mass estimates the way the store will: ``missed(layer, head)``."""
-
-    estimates: torch.Tensor
-
-    def missed(self, layer, head):
-        return self.estimates[layer, head].float()
-
-
-def test_missed_mass_is_read_from_the_trace_when_it_has_it():
+def test_missed_mass_is_read_from_the_trace_when_it_has_it(tmp_path):
+    """The store's own estimates (``Trace.missed(layer, head)`` -> float32 ``[nQ, 3]``), in memory and
+    read back from disk, give the same scores as passing them; traces without them give zero bars."""
     T, L, H, b = 120, 2, 2, 8
     idx, mass = dense_rows(T, L, H, b, 4)
     s_idx, s_mass, mu = pruned(idx, mass, 4, 4)
-    trace = WithMissed.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=torch.arange(T))
-    trace.estimates = torch.stack([mu, mu * 0.5, mu * 1.5], -1)
-    auto = sources(trace, top=0)
-    given = sources(trace, missed=lambda layer, head: trace.estimates[layer, head].float(), top=0)
-    assert auto.has_missed and torch.equal(auto.score, given.score) and torch.equal(auto.high, given.high)
-    assert auto.unattributed > 0.01
-    assert not sources(trace, missed=False, top=0).has_missed
+    estimates = torch.stack([mu, mu * 0.5, (mu * 1.5).clamp(max=1)], -1).float()   # [L, H, nQ, 3]
+    in_memory = Trace.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=torch.arange(T), missed=estimates)
+    in_memory.save(tmp_path / "t")
+    on_disk = Trace.load(tmp_path / "t")
+    assert on_disk.has_missed and on_disk.missed(1, 0).shape == (math.ceil(T / b), 3)
+    for trace, kept in ((in_memory, estimates), (on_disk, estimates.half().float())):  # stored float16
+        given = sources(trace, missed=lambda layer, head, kept=kept: kept[layer, head], top=0)
+        auto = sources(trace, top=0)
+        assert auto.has_missed and auto.unattributed > 0.01
+        assert torch.allclose(auto.score, given.score, atol=1e-12) and torch.allclose(auto.high, given.high)
+        assert not sources(trace, missed=False, top=0).has_missed
     plain = Trace.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=torch.arange(T))
-    assert not sources(plain, top=0).has_missed  # no `missed` attribute: works before the API lands
+    assert plain.missed(0, 0) is None  # recorded without estimates (as every trace before the audit)
+    found = sources(plain, top=0)
+    assert not found.has_missed and torch.equal(found.low, found.high)
+    assert not sources(plain, missed=lambda layer, head: None, top=0).has_missed
     with pytest.raises(UsageError, match="missed mass of shape"):
         sources(plain, missed=torch.zeros(1, 2, 3), top=0)
 
@@ -365,13 +365,24 @@ def test_cli_bad_input(trace_dir, tmp_path, capsys):
 def test_real_traces_equal_plain_rollout(model, tokens):
     """Real traces of both models (Gemma's sliding-window layers past its 512-token window; the traces the
     browser tests build, cached): the scores equal plain rollout over the rows' matrices, and the chain of
-    every top source ends in the span."""
+    every top source ends in the span. With the trace's own missed-mass estimates (the tracer records them),
+    the scores equal rollout over rows scaled by 1 - estimate, inside their bars."""
     from test_browser import real_trace
 
     trace = real_trace(model, tokens)
+    assert trace.has_missed
+    estimate = torch.stack([torch.stack([trace.missed(layer, h)[:, 0] for h in range(trace.num_heads)])
+                            for layer in range(trace.num_layers)]).double()           # [L, H, nQ]
+    print(f"{model}: estimated missed mass per row: mean {float(estimate.mean()):.4f}, "
+          f"max {float(estimate.max()):.4f}")
     for aggregate in ("mean", "max"):
-        got = sources(trace, aggregate=aggregate, top=5)
-        want = dense_scores(block_matrices(trace, aggregate, got.sink_blocks), span_weights(trace, *got.span))
+        plain = sources(trace, aggregate=aggregate, missed=False, top=0)
+        want = dense_scores(block_matrices(trace, aggregate, plain.sink_blocks), span_weights(trace, *plain.span))
+        assert float((plain.score - want).abs().max()) < 1e-6
+        got = sources(trace, aggregate=aggregate, top=5)                              # the trace's estimates
+        assert got.has_missed and bool((got.low <= got.score + 1e-12).all() & (got.score <= got.high + 1e-12).all())
+        want = dense_scores(block_matrices(trace, aggregate, got.sink_blocks, keep=1 - estimate),
+                            span_weights(trace, *got.span))
         err = float((got.score - want).abs().max())
         top = got.top(3)
         print(f"{model} {aggregate}: max |diff| {err:.2e}; top: " + " | ".join(

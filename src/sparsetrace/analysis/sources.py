@@ -112,10 +112,10 @@ def _missed_source(trace, missed):
     """``(layer) -> [H, nQ, 3] float64 or None`` from what the caller gave (see :func:`sources`)."""
     if missed is False:
         return None
-    if missed is None:
-        missed = getattr(trace, "missed", None)  # the trace's own estimates, where it has them
-        if missed is None:
+    if missed is None:  # the trace's own estimates (Trace.missed), where it was recorded with them
+        if not getattr(trace, "has_missed", False):
             return None
+        missed = trace.missed
     if isinstance(missed, torch.Tensor):
         want = (trace.num_layers, trace.num_heads, trace.num_query_blocks, 3)
         if tuple(missed.shape) != want:
@@ -135,7 +135,7 @@ def _missed_source(trace, missed):
             raise UsageError(f"missed({layer}, head) gave rows of shape {tuple(out.shape[1:])}; want "
                              f"[nQ, 3] = [{trace.num_query_blocks}, 3].")
         return out
-    if per_layer(0) is None:  # the trace has no estimates
+    if per_layer(0) is None:  # the callable has no estimates (and a wrong shape fails here, before any work)
         return None
     return per_layer
 
