@@ -370,3 +370,26 @@ def test_sources_endpoint_and_the_report_embed_the_sources(tmp_path):
 
     shown = st.Trace.load(tmp_path / "t")._repr_html_()
     assert shown.startswith("<iframe srcdoc=") and "&quot;sources&quot;: null" in shown
+
+
+def test_sources_view_carries_the_error_bars_of_an_audited_trace(tmp_path):
+    """A trace with missed-mass estimates (as the tracer records them): the view's per-block low/high are
+    analysis.sources' bars, read from the shards; a trace without estimates has none."""
+    from sparsetrace.analysis.sources import sources
+    from sparsetrace.viz.views import sources_view
+
+    plain = random_trace(T=400, bq=8, bk=8, k=5)
+    L, H, nQ = plain.num_layers, plain.num_heads, plain.num_query_blocks
+    mu = torch.rand(L, H, nQ, 1, generator=torch.Generator().manual_seed(0)) * 0.3
+    indices, mass = (torch.stack(x) for x in zip(*(plain.layer(layer) for layer in range(L))))  # [L, H, nQ, k]
+    audited = Trace.from_arrays(indices, mass, block_q=8, block_k=8,
+                                tokens=plain.tokens, token_offsets=plain.token_offsets, text=plain.text,
+                                missed=torch.cat([mu, mu * 0.5, mu * 1.5], -1))
+    audited.save(tmp_path / "t")
+    trace = Trace.load(tmp_path / "t")
+    view, want = sources_view(trace, 300, 400), sources(trace, (300, 400))
+    assert view["missed_mass"] and 0 < view["unattributed"] < 1
+    assert np.allclose(view["blocks_low"], want.low.numpy(), rtol=1e-3, atol=1e-12)
+    assert np.allclose(view["blocks_high"], want.high.numpy(), rtol=1e-3, atol=1e-12)
+    assert all(lo <= s <= hi for lo, s, hi in zip(view["blocks_low"], view["blocks"], view["blocks_high"]))
+    assert "blocks_low" not in sources_view(plain, 300, 400)
