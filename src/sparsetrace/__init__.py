@@ -14,7 +14,7 @@ selection -> attention -> tracing -> store -> analysis -> viz.
 
 from .config import MaskConfig, TraceConfig
 from .errors import UsageError
-from .ops import oracle_mask, select_blocks, sparse_attention, stream_mask
+from .ops import oracle_mask, select_blocks, shortlist_mask, sparse_attention, stream_mask
 from .selection.blocks import BlockMask
 
 # Heavier pieces (transformers, safetensors) load on first use so `import sparsetrace` stays light.
@@ -29,7 +29,7 @@ _LAZY = {
 }
 
 __all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask", "select_blocks",
-           "sparse_attention", "stream_mask", *_LAZY]
+           "shortlist_mask", "sparse_attention", "stream_mask", *_LAZY]
 __version__ = "0.1.0"
 
 
