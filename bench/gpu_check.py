@@ -14,6 +14,10 @@ What is compared, per case (ragged T and S, q_offset = S - T > 0, GQA, batch 2, 
   (dense masked softmax attention with every op in that dtype) or under a floor.
 - masses: the same call's ``mass`` against the float64 reference (max abs error, the same rule), rows sum
   to 1, and the Triton ``block_mass`` against ``block_mass_torch`` fed the same logsumexp.
+- SHORTLIST indices: ``shortlist_mask(impl="triton")`` (torch pre-score on the GPU, Triton rescoring) against
+  its plain-loop float64 reference (``impl="reference"``), float32 and bf16 inputs; rows may differ only
+  where the float64 pre-scores tie at the shortlist's cut or the exact scores at the m-th pick
+  (:func:`shortlist_tie_rows`). ``--shortlist-only`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import time
 
 import torch
 
-from sparsetrace import BlockMask, MaskConfig, sparse_attention, stream_mask
+from sparsetrace import BlockMask, MaskConfig, shortlist_mask, sparse_attention, stream_mask
 from sparsetrace.attention.dense import sparse_attention_reference
-from sparsetrace.selection.blocks import candidate_range, forced_sinks
+from sparsetrace.selection.blocks import candidate_range, forced_sinks, query_blocks
+from sparsetrace.selection.oracle import block_scores
+from sparsetrace.selection.shortlist import Z, pre_scores, shortlist_sizes
 from sparsetrace.selection.stream import halves, split_into_groups
 
 TIE_RTOL = 1e-4  # float32 scores of D <= 256 products differ by ~1e-6 relative; a margin under this is a tie
@@ -110,6 +116,10 @@ def max_err(got, want) -> float:
 
 
 def main() -> int:
+    if "--shortlist-only" in sys.argv and "--cpu" in sys.argv:  # the check's own dry run, torch path
+        failures = check_shortlist("cpu", torch.Generator().manual_seed(20261202))
+        print("FAIL\n  " + "\n  ".join(failures) if failures else "PASS")
+        return 1 if failures else 0
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device.")
         return 2
@@ -123,6 +133,11 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     gen = torch.Generator().manual_seed(20261128)
     rows, failures = [], []
+    shortlist_failures = check_shortlist("cuda", torch.Generator().manual_seed(20261202))
+    if "--shortlist-only" in sys.argv:
+        print("FAIL\n  " + "\n  ".join(shortlist_failures) if shortlist_failures else "PASS")
+        return 1 if shortlist_failures else 0
+    failures += shortlist_failures
     for case in CASES:
         name, B, Hq, Hkv, T, S, D, bq, bk, top_k, sink, local, score, stride, window = case
         config = MaskConfig(block_q=bq, block_k=bk, top_k=top_k, sink_blocks=sink, local_blocks=local,
@@ -190,6 +205,68 @@ def main() -> int:
         return 1
     print("PASS")
     return 0
+
+
+def shortlist_tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
+    """Rows ``[B, Hq, nQ]`` where SHORTLIST meets a near tie in float64: the C-th and (C+1)-th pre-scores,
+    or the m-th and (m+1)-th exact scores inside the shortlist, within ``TIE_RTOL``."""
+    q, k = q.double().cpu(), k.double().cpu()
+    B, Hq, T, _ = q.shape
+    S = k.shape[2]
+    sinks = forced_sinks(config, window)
+    m = config.top_k - sinks - config.local_blocks
+    lo, n = candidate_range(T, S, config, "cpu", window)
+    j = torch.arange(math.ceil(S / config.block_k))
+    middle = (j >= (lo + sinks)[:, None]) & (j < (n - config.local_blocks)[:, None])  # [nQ, nKB]
+    sizes = shortlist_sizes(middle.sum(-1), m)  # [nQ]
+    q_used = query_blocks(q[:1, :1], config, S)[2]
+    # step 1 in float64 (the library pools in float32, so it is written out here)
+    blocks = torch.nn.functional.pad(k, (0, 0, 0, len(j) * config.block_k - S)).view(
+        B, k.shape[1], len(j), config.block_k, -1)
+    real = torch.clamp(S - j * config.block_k, max=config.block_k).double()[:, None]
+    mean = blocks.sum(3) / real
+    var = torch.clamp(blocks.square().sum(3) / real - mean.square(), min=0.0)
+    q_sum = (torch.nn.functional.pad(q, (0, 0, 0, q_used.numel() - T)).view(B, Hq, *q_used.shape, -1)
+             * q_used[:, :, None]).sum(3)
+    pre = pre_scores(q_sum, mean, var, Z).masked_fill(~middle, -math.inf)  # [B, Hq, nQ, nKB]
+    exact = block_scores(q, k, config, scale=scale, window=window).double()
+    ranked = torch.sort(pre, dim=-1, descending=True, stable=True)
+    cut = (sizes.clamp(min=1) - 1)[None, None, :, None].expand(B, Hq, -1, 1)
+    at_cut = ranked.values.gather(-1, cut)[..., 0]
+    past_cut = ranked.values.gather(-1, (cut + 1).clamp(max=len(j) - 1))[..., 0]
+    flagged = torch.isfinite(past_cut) & (sizes < middle.sum(-1)) & (
+        (at_cut - past_cut).abs() <= TIE_RTOL * at_cut.abs().clamp(min=1.0))
+    in_short = torch.arange(len(j)) < sizes[:, None]  # [nQ, nKB] rank positions inside the shortlist
+    short_exact = exact.gather(-1, ranked.indices).masked_fill(~in_short, -math.inf)
+    top = torch.sort(short_exact, dim=-1, descending=True).values
+    kth, nxt = top[..., m - 1], top[..., m]
+    flagged |= torch.isfinite(nxt) & ((kth - nxt).abs() <= TIE_RTOL * kth.abs().clamp(min=1.0))
+    return flagged & (n - lo > config.top_k)[None, None, :]
+
+
+def check_shortlist(device: str, gen: torch.Generator) -> list[str]:
+    """SHORTLIST on ``device`` against its float64 loop reference on every case; prints one line per case."""
+    failures = []
+    for case in CASES:
+        name, B, Hq, Hkv, T, S, D, bq, bk, top_k, sink, local, score, stride, window = case
+        config = MaskConfig(block_q=bq, block_k=bk, top_k=top_k, sink_blocks=sink, local_blocks=local,
+                            score=score, query_stride=stride, estimator="shortlist")
+        q32, k32 = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            t0 = time.perf_counter()
+            q, k = q32.to(dtype), k32.to(dtype)
+            impl = "triton" if device.startswith("cuda") else "torch"
+            got = shortlist_mask(q.to(device), k.to(device), config, window=window, impl=impl).indices.cpu()
+            want = shortlist_mask(q, k, config, window=window, impl="reference").indices
+            differ = (got != want).any(-1)
+            ties = shortlist_tie_rows(q, k, config, window, D**-0.5)
+            bad = int((differ & ~ties).sum())
+            print(f"shortlist {name:22s} {str(dtype)[6:]:8s} rows {differ.numel():6d} differ "
+                  f"{int(differ.sum()):4d} ties {int(ties.sum()):4d} bad {bad:3d} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            if bad:
+                failures.append(f"shortlist {name} {dtype}: {bad} index rows differ from the loop without a tie")
+    return failures
 
 
 def _reference_lse(q, k, dense, scale):

@@ -87,9 +87,10 @@ def build(config, device: str, device_map: str | None):
     return dispatch(model, device_map) if device_map else model
 
 
-# What a trace records beside its rows: --modes runs the same input once per mode, in one process.
+# What a trace records beside its rows, and which selection: --modes runs the same input once per mode, in
+# one process ("shortlist": the unaudited trace with SHORTLIST's selection instead of STREAM's).
 MODES = {"unaudited": dict(audit_rate=0, missed_samples=0), "audit": dict(missed_samples=0),
-         "audit+estimate": {}}
+         "audit+estimate": {}, "shortlist": dict(estimator="shortlist", audit_rate=0, missed_samples=0)}
 
 
 def run(name: str, config, tokens: int, trace_config: TraceConfig, out_dir: Path, device: str,

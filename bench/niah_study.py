@@ -1,14 +1,19 @@
-"""NIAH study: where SmolLM2-135M and Gemma-3-270M retrieve, where STREAM sparsity breaks retrieval, and
-the routes of successes versus failures.
+"""NIAH study: where SmolLM2-135M and Gemma-3-270M retrieve, where sparsity breaks retrieval, which selection
+(STREAM, SHORTLIST, the exact oracle) keeps the needle at the same k, and the routes of successes versus
+failures.
 
-For each model, RULER single-needle variant, length, depth and k (dense, then fewer kept blocks), decode
-greedily (dense sdpa and STREAM attention), score with RULER's string_match_all, and read the needle
-mass and the best needle -> answer route from the sparse prefill's trace. Results accumulate in
+For each model, RULER variant, length, depth, selection and k (dense, then fewer kept blocks), decode
+greedily (dense sdpa and sparse attention), score with RULER's string_match_all, and read the needle
+mass, the share of heads per layer whose answer block keeps the needle's block, and the best needle ->
+answer route from the sparse prefill's trace. ``--estimators stream,shortlist,oracle`` labels each sparse
+cell ``estimator:k`` (STREAM alone keeps the plain k of earlier results). Results accumulate in
 bench/results/niah.json (cases already there are skipped); while a run lasts each finished case is kept in
 bench/results/niah.parts/, so a killed run resumes. Prints a table and ends with one JSON line.
 
     python bench/niah_study.py --models smollm2-135m,gemma-3-270m --lengths 1k,2k,4k \
         --depths 0,25,50,75,100 --top-k dense,16,8,4,3 --budget-min 40
+    python bench/niah_study.py --estimators stream,shortlist,oracle --variants niah_single_2,niah_multikey_1 \
+        --depths 10,30,50,70,90 --samples 3 --top-k dense,8,4 --out bench/results/niah_search.json
     torchrun --standalone --nproc-per-node 8 bench/niah_study.py ... --device cuda   # 8 GPUs share the cases
 """
 
@@ -62,6 +67,19 @@ def forced(report: dict) -> bool:
     return any(j < 1 or j >= route["answer_block"] for j in route["needle_blocks"])
 
 
+def cell_label(estimator: str, k: int, estimators: list[str]):
+    """The ``k`` field of a sparse cell: the plain k when STREAM is the only selection (earlier results),
+    else ``estimator:k``."""
+    return k if estimators == ["stream"] else f"{estimator}:{k}"
+
+
+def needle_kept_by_layer(reports: list[dict]) -> list[float]:
+    """Per layer, the share of heads (over these cases) whose answer block keeps a needle block."""
+    layers = len(reports[0]["needle_mass"])
+    return [statistics.mean(sum(m > 0 for m in r["needle_mass"][layer]) / len(r["needle_mass"][layer])
+                            for r in reports) for layer in range(layers)]
+
+
 def summarize(rows: list[dict], reports: list[dict], ks) -> dict:
     out = {}
     models = sorted({r["model"] for r in rows})
@@ -85,6 +103,12 @@ def summarize(rows: list[dict], reports: list[dict], ks) -> dict:
             if k == "dense":
                 continue
             rep = [r for r in reports if r["model"] == m and r["k"] == k]
+            for n in by_len:
+                cell_reports = [r for r in rep if str(r["length"]) == n]
+                if cell_reports:
+                    by_len[n]["needle_kept_by_layer"] = [round(x, 3) for x in needle_kept_by_layer(cell_reports)]
+                    dense_ok = [r for r in cell_reports if r["dense_score"] >= 1]
+                    by_len[n]["answered_of_dense"] = [sum(r["score"] >= 1 for r in dense_ok), len(dense_ok)]
             for ok in (True, False):
                 # Needles in a sink or local block draw mass whatever they hold: routes of those
                 # cases say nothing about retrieval, so they are counted but left out.
@@ -134,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="1k,2k,4k")
     p.add_argument("--depths", default="0,25,50,75,100")
     p.add_argument("--top-k", default="dense,16,8,4,3")
+    p.add_argument("--estimators", default="stream", help="selections compared at each k (stream, "
+                   "shortlist, oracle); the tracer's audit is off, it does not change the answer")
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -153,7 +179,11 @@ def main(argv=None) -> int:
         done = {(r["model"], r["id"]) for r in data["rows"]}
         device = ranks.device(args.device)
         device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-        configs = {k: TraceConfig.of(block_size=args.block_size, top_k=k) for k in ks if k != "dense"}
+        estimators = args.estimators.split(",")
+        configs = {cell_label(e, k, estimators): TraceConfig.of(block_size=args.block_size, top_k=k, estimator=e,
+                                                                audit_rate=0, missed_samples=0)
+                   for e in estimators for k in ks if k != "dense"}
+        ks = (["dense"] if "dense" in ks else []) + list(configs)
         grid = [] if args.summary_only else todo(args, lengths, depths, done)
         loaded: dict = {}
 
@@ -183,7 +213,8 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps(data) + "\n")
 
         # one part file per case while the sweep runs: a killed run (any number of ranks) resumes
-        settings = {"top_k": args.top_k, "block_size": args.block_size, "seed": args.seed}
+        settings = {"top_k": args.top_k, "block_size": args.block_size, "seed": args.seed,
+                    "estimators": args.estimators}
         if not args.summary_only:
             ranks.sweep([f"{m}|{c.id}" for m, c in grid], run_one, args.out.with_suffix(".parts"),
                         merge=merge, settings=settings, log=print)
@@ -197,7 +228,7 @@ def main(argv=None) -> int:
                           for m in sorted({r["model"] for r in rows})}
     args.out.write_text(json.dumps(data) + "\n")
 
-    print(f"\n{'model':<14}{'len':>6} {'k':>6} {'sparsity':>9} {'crit':>5}  score by depth "
+    print(f"\n{'model':<14}{'len':>6} {'k':>13} {'sparsity':>9} {'crit':>5}  score by depth "
           f"{' '.join(f'{d:>5g}' for d in depths)}   mean")
     for key, by_len in data["summary"].items():
         model_name, k = key.split("/k=")
@@ -205,7 +236,7 @@ def main(argv=None) -> int:
             if not n.isdigit():
                 continue
             dep = " ".join(f"{cell['by_depth'].get(str(d), math.nan):5.2f}" for d in depths)
-            print(f"{model_name:<14}{n:>6} {k:>6} {cell['sparsity']:9.3f} {cell['criterion']:5.2f}"
+            print(f"{model_name:<14}{n:>6} {k:>13} {cell['sparsity']:9.3f} {cell['criterion']:5.2f}"
                   f"                {dep}   {cell['score']:.2f}")
     for m, comp in data["comparison"].items():
         for k, sep in comp.items():

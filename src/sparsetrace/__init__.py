@@ -15,7 +15,7 @@ selection -> attention -> tracing -> store -> analysis -> viz.
 
 from .config import MaskConfig, TraceConfig
 from .errors import UsageError
-from .ops import oracle_mask, select_blocks, sparse_attention, stream_mask
+from .ops import oracle_mask, select_blocks, shortlist_mask, sparse_attention, stream_mask
 from .selection.blocks import BlockMask
 from .store.trace import register_html_view
 
@@ -43,7 +43,7 @@ _LAZY = {
 }
 
 __all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask", "select_blocks",
-           "sparse_attention", "stream_mask", *_LAZY]
+           "shortlist_mask", "sparse_attention", "stream_mask", *_LAZY]
 __version__ = "0.1.0"
 
 

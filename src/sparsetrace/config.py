@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UsageError
 
-ESTIMATORS = ("stream", "oracle")
+ESTIMATORS = ("stream", "shortlist", "oracle")
 SCORES = ("max", "lse")
 MASS_ENCODINGS = ("float16", "log8")
 
@@ -28,8 +28,9 @@ def _option(default, help: str, **cli):
 class MaskConfig:
     """The selection of one attention layer's key blocks (shared/DESIGN.md section 1)."""
 
-    estimator: str = _option("stream", "stream (the paper's hierarchical search, O(T log T)) or oracle "
-                             "(the exact block top-k, O(T^2): small inputs and references)",
+    estimator: str = _option("stream", "stream (the paper's hierarchical search, O(T log T)), shortlist "
+                             "(every candidate pre-scored from pooled keys, the best rescored exactly) or "
+                             "oracle (the exact block top-k, O(T^2): small inputs and references)",
                              choices=ESTIMATORS)
     block_q: int = _option(32, "query and key block size in tokens", flag="--block-size")
     block_k: int = _option(32, "query and key block size in tokens", flag="--block-size")

@@ -1,11 +1,12 @@
 """The public operations and the one place that chooses their implementation.
 
-``stream_mask`` / ``oracle_mask`` / ``select_blocks`` pick key blocks; ``sparse_attention`` attends over them.
+``stream_mask`` / ``shortlist_mask`` / ``oracle_mask`` / ``select_blocks`` pick key blocks;
+``sparse_attention`` attends over them.
 Each takes ``impl``:
 
 - ``"auto"``: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise;
-- ``"torch"``: the vectorised implementation (``selection.stream``, ``selection.oracle``,
-  ``attention.blockwise``), the CPU path and the reference of every other path;
+- ``"torch"``: the vectorised implementation (``selection.stream``, ``selection.shortlist``,
+  ``selection.oracle``, ``attention.blockwise``), the CPU path and the reference of every other path;
 - ``"triton"``: the GPU kernels (``sparsetrace.kernels``, imported here lazily and nowhere else);
 - ``"reference"``: the plain-loop / dense float64 references (``selection.reference``,
   ``attention.dense``), tiny inputs only.
@@ -30,10 +31,12 @@ from .config import MaskConfig
 from .errors import UsageError
 from .selection.blocks import BlockMask, check_qk
 from .selection.oracle import oracle_select
-from .selection.reference import oracle_reference, stream_reference
+from .selection.reference import oracle_reference, shortlist_reference, stream_reference
+from .selection.shortlist import shortlist_select
 from .selection.stream import hierarchical_search, stream_select
 
 IMPLS = ("auto", "torch", "triton", "reference")
+REFERENCES = {"stream": stream_reference, "shortlist": shortlist_reference, "oracle": oracle_reference}
 _WARNED: set[str] = set()
 
 
@@ -76,10 +79,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
     check_qk(q, k)
     impl = resolve_impl(impl, q)
     if impl == "reference":
-        reference = stream_reference if config.estimator == "stream" else oracle_reference
-        return reference(q, k, config, scale=scale, window=window)
+        return REFERENCES[config.estimator](q, k, config, scale=scale, window=window)
     if config.estimator == "oracle":  # O(T * S) by definition: no GPU kernel, torch on any device
         return oracle_select(q, k, config, scale=scale, window=window)
+    if config.estimator == "shortlist":
+        rescore = _gpu_rescorer(q, k, config, scale, window) if impl == "triton" else None
+        with on_device(q):
+            return shortlist_select(q, k, config, scale=scale, window=window, rescore=rescore)
     if impl == "triton":
         scorer = _gpu_scorer(q, k, config, scale, window)
         with on_device(q):
@@ -87,24 +93,41 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
     return stream_select(q, k, config, scale=scale, window=window)
 
 
-def _gpu_scorer(q, k, config: MaskConfig, scale: float | None, window: int | None):
-    """``score_halves(starts, ends)`` for the hierarchical search on CUDA: the Triton kernel, or the chunked
-    torch scorer (with one warning) for sizes and dtypes the kernel does not take."""
-    from .kernels import scoring, tiles
+def _triton_unsupported(q, config: MaskConfig) -> str | None:
+    """Why the Triton scorer cannot take these tiles (None when it can)."""
+    from .kernels import tiles
 
-    D = q.shape[-1]
-    scale = D**-0.5 if scale is None else scale
-    k = k.to(q.dtype)
-    reason = tiles.triton_supported(config.block_q, config.block_k, D)
+    reason = tiles.triton_supported(config.block_q, config.block_k, q.shape[-1])
     if reason is None and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reason = f"dtype {q.dtype}"
     if reason is None and not q.is_cuda:
         reason = f"{q.device} tensors"
-    score = scoring.score_halves
     if reason is not None:
         warn_once(f"sparsetrace: Triton scorer not used ({reason}); scoring in torch.")
-        score = scoring.score_halves_torch
+    return reason
+
+
+def _gpu_scorer(q, k, config: MaskConfig, scale: float | None, window: int | None):
+    """``score_halves(starts, ends)`` for the hierarchical search on CUDA: the Triton kernel, or the chunked
+    torch scorer (with one warning) for sizes and dtypes the kernel does not take."""
+    from .kernels import scoring
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.to(q.dtype)
+    score = scoring.score_halves if _triton_unsupported(q, config) is None else scoring.score_halves_torch
     return lambda starts, ends: score(q, k, starts, ends, config, scale, window)
+
+
+def _gpu_rescorer(q, k, config: MaskConfig, scale: float | None, window: int | None):
+    """``rescore(block_ids)`` for SHORTLIST's step 4 on CUDA: the Triton kernel, or None (the torch tile
+    scorer, with one warning) for sizes and dtypes the kernel does not take."""
+    from .kernels import scoring
+
+    if _triton_unsupported(q, config) is not None:
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.to(q.dtype)
+    return lambda block_ids: scoring.score_blocks(q, k, block_ids, config, scale, window)
 
 
 def _config(config: MaskConfig | None, options: dict, estimator: str) -> MaskConfig:
@@ -124,6 +147,15 @@ def stream_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig | None = No
     ``estimator="stream"``. The knobs come as ``config`` or as :class:`MaskConfig` keyword options, e.g.
     ``stream_mask(q, k, block_q=32, block_k=32, top_k=8, sink_blocks=1, local_blocks=1)``."""
     return select_blocks(q, k, _config(config, options, "stream"), scale=scale, window=window, impl=impl)
+
+
+def shortlist_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig | None = None, *,
+                   scale: float | None = None, window: int | None = None, impl: str = "auto",
+                   **options) -> BlockMask:
+    """SHORTLIST's selection (every candidate pre-scored from pooled keys, the best few rescored exactly;
+    ``selection.shortlist``): :func:`select_blocks` with ``estimator="shortlist"``; same arguments as
+    :func:`stream_mask`."""
+    return select_blocks(q, k, _config(config, options, "shortlist"), scale=scale, window=window, impl=impl)
 
 
 def oracle_mask(q: torch.Tensor, k: torch.Tensor, config: MaskConfig | None = None, *,

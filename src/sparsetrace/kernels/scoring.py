@@ -104,11 +104,34 @@ def score_halves(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
         float32 ``[B, Hq, nQ, 2m]``: the block score of each half's centre block (-inf for empty halves;
         0 for the non-empty halves of rows where all of them survive anyway).
     """
+    m = half_starts.shape[-1] // 2
+    return _launch(q, k, half_starts, half_ends, config, scale, window, m if window is None else -1)
+
+
+def score_blocks(q, k, block_ids, config: MaskConfig, scale: float, window: int | None = None, *,
+                 columns: int = 32) -> torch.Tensor:
+    """The exact score of the given key blocks ``block_ids [B, Hq, nQ, W]`` (in range) of every query block:
+    float32 ``[B, Hq, nQ, W]``, SHORTLIST's rescoring (``selection.shortlist``).
+
+    Block b is the one-block half ``[b, b + 1)`` of the halves kernel (its centre is b), without the
+    keep-all shortcut (every block needs its score). ``columns`` blocks per launch, so one compiled kernel
+    serves every W (the last launch is padded with its first column).
+    """
+    W = block_ids.shape[-1]
+    pad = (-W) % columns
+    ids = torch.cat([block_ids, block_ids[..., :1].expand(*block_ids.shape[:-1], pad)], dim=-1) if pad else block_ids
+    out = torch.cat([_launch(q, k, part, part + 1, config, scale, window, -1)
+                     for part in ids.split(columns, dim=-1)], dim=-1)
+    return out[..., :W]
+
+
+def _launch(q, k, half_starts, half_ends, config: MaskConfig, scale: float, window: int | None,
+            skip_up_to: int) -> torch.Tensor:
+    """One launch of the halves kernel; rows with at most ``skip_up_to`` non-empty halves skip their tiles."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     R = half_starts.shape[-1]
     nQ = half_starts.shape[2]
-    M = R // 2
     assert q.dtype == k.dtype, f"q is {q.dtype} and k {k.dtype}; cast one"
     assert triton_supported(config.block_q, config.block_k, D) is None, triton_supported(
         config.block_q, config.block_k, D
@@ -122,7 +145,7 @@ def score_halves(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
         q, k, hs, he, out,
         *q.stride(), *k.stride(),
         T, S, math.ceil(S / config.block_k), nQ, Hq, Hkv, config.query_stride, window or 0, float(scale),
-        SKIP_UP_TO=M if window is None else -1, R=R, RP=triton.next_power_of_2(R),
+        SKIP_UP_TO=skip_up_to, R=R, RP=triton.next_power_of_2(R),
         BLOCK_Q=config.block_q, BLOCK_K=config.block_k,
         BQ=triton.next_power_of_2(config.block_q), BK=triton.next_power_of_2(config.block_k),
         D=D, LSE=config.score == "lse", IEEE=q.dtype == torch.float32, WINDOW=window is not None,

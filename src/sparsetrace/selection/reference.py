@@ -1,8 +1,8 @@
 """Plain-loop references of the STREAM contract (shared/DESIGN.md section 1), for tests and audits.
 
-Written independently of ``stream.py``, ``oracle.py`` and ``blocks.py``: one Python loop per (batch, head,
-query block), float64 scores from the raw positions, no shared helpers, so a bug in the vectorised path
-cannot hide in both. Slow; small inputs only.
+Written independently of ``stream.py``, ``oracle.py``, ``shortlist.py`` and ``blocks.py``: one Python loop
+per (batch, head, query block), float64 scores from the raw positions, no shared helpers, so a bug in the
+vectorised path cannot hide in both. Slow; small inputs only.
 """
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ def _block_score(q, k, b, h, group, i, j, T, S, block_q, block_k, score, scale, 
     return torch.logsumexp((logits * scale).flatten(), 0).item()
 
 
+def _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, query_stride, z):
+    """SHORTLIST's pooled guess for key block j and query block i (float64): ``qsum . mean(keys)`` plus z
+    times ``sqrt(qsum^2 . var(keys))``, qsum the sum of the block's used queries, var per dimension."""
+    q_rows = list(range(i * block_q, min((i + 1) * block_q, T)))
+    used = [t for r, t in enumerate(q_rows) if r % query_stride == 0 or t == q_rows[-1]]
+    q_sum = q[b, h, used].double().sum(0)  # [D]
+    keys = k[b, h // group, j * block_k : min((j + 1) * block_k, S)].double()  # [w, D]
+    mean = keys.mean(0)
+    var = torch.clamp((keys * keys).mean(0) - mean * mean, min=0.0)
+    return (q_sum @ mean + z * torch.sqrt(q_sum * q_sum @ var)).item()
+
+
 def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, window=None):
     """Loop over (b, h, i); ``choose(score_of, lo, hi, m)`` returns the m middle blocks of one row."""
     B, Hq, T, _ = q.shape
@@ -56,16 +68,23 @@ def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, wind
                     def score_of(j, b=b, h=h, i=i):
                         return choose.score(q, k, b, h, group, i, j, T, S)
 
-                    middle = choose(score_of, lo + sinks, n - local_blocks, m)
+                    def pre_score_of(j, z, b=b, h=h, i=i):
+                        return _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, choose.stride, z)
+
+                    middle = choose(score_of, lo + sinks, n - local_blocks, m, pre_score_of)
                     row = list(range(sinks)) + sorted(middle) + list(range(n - local_blocks, n))
                 out[b, h, i, : len(row)] = torch.tensor(row, dtype=torch.int32)
     return out
 
 
 class _Chooser:
-    def __init__(self, block_q, block_k, score, scale, query_stride, hierarchical, window):
+    """Chooses one row's middle blocks by ``search``: "stream" (halving), "oracle" (exact top-m) or
+    "shortlist" (the best pre-scores rescored exactly)."""
+
+    def __init__(self, block_q, block_k, score, scale, query_stride, search, window, size=None, z=3.0):
         self.block_q, self.block_k, self.kind, self.window = block_q, block_k, score, window
-        self.scale, self.stride, self.hierarchical = scale, query_stride, hierarchical
+        self.scale, self.stride, self.search = scale, query_stride, search
+        self.size, self.z = size, z  # SHORTLIST's C (None: m * max(L, 2)) and pre-score weight
 
     def score(self, q, k, b, h, group, i, j, T, S):
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
@@ -74,8 +93,13 @@ class _Chooser:
             self.window,
         )
 
-    def __call__(self, score_of, lo, hi, m):
-        if not self.hierarchical:  # exact top-m, ties to the lower index
+    def __call__(self, score_of, lo, hi, m, pre_score_of):
+        if self.search == "shortlist":  # C best pre-scores, then the m best exact scores among them
+            levels = math.ceil(math.log2(math.ceil((hi - lo) / m)))
+            size = min(hi - lo, m * max(2, levels) if self.size is None else max(self.size, m))
+            short = sorted(range(lo, hi), key=lambda j: (-pre_score_of(j, self.z), j))[:size]
+            return sorted(short, key=lambda j: (-score_of(j), j))[:m]
+        if self.search == "oracle":  # exact top-m, ties to the lower index
             ranked = sorted(range(lo, hi), key=lambda j: (-score_of(j), j))
             return ranked[:m]
         count = hi - lo
@@ -93,13 +117,20 @@ class _Chooser:
 
 def stream_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> BlockMask:
     """The hierarchical search, one row at a time (same signature as ``stream.stream_select``)."""
-    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, True, window)
+    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "stream", window)
     return _mask(q, k, config, chooser, window)
 
 
 def oracle_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> BlockMask:
     """The exact top-m selection, one row at a time (same signature as ``oracle.oracle_select``)."""
-    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, False, window)
+    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "oracle", window)
+    return _mask(q, k, config, chooser, window)
+
+
+def shortlist_reference(q, k, config: MaskConfig, *, scale=None, window=None, size=None, z=3.0) -> BlockMask:
+    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``)."""
+    chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "shortlist",
+                       window, size, z)
     return _mask(q, k, config, chooser, window)
 
 

@@ -1,0 +1,186 @@
+"""SHORTLIST: every candidate pre-scored from pooled keys, the best few rescored exactly.
+
+STREAM (``stream.py``) judges each half of a group by one representative block, so a peak anywhere else in
+the half is invisible until the half is chosen: on a haystack it loses the needle that the exact block
+top-k (``oracle.py``) keeps at the same k (issue 16). SHORTLIST looks at every candidate, cheaply, and
+spends the exact tiles only on the plausible ones. The first stage is the pooled block estimate of
+MInference (arXiv 2407.02490) and SpargeAttn (arXiv 2502.18137); the second re-ranks by the contract's
+exact block score (shared/DESIGN.md section 1), so a row equals the oracle's whenever the shortlist holds
+the oracle's picks.
+
+Same contract as STREAM: forced sinks and locals, the ``n <= top_k`` rule, windows, GQA, ragged T, queries
+the last T of S positions. For every query block with more than ``top_k`` causal key blocks, the
+``m = top_k - sinks - locals`` middle blocks are chosen among the candidates ``[lo + sinks, n - locals)``:
+
+  1. pool: per key block j the mean ``kbar_j`` and per-dimension variance ``var_j`` of its real keys; per
+     query block the sum ``qsum_i`` of its used queries (the mean times a constant of the row: same ranking);
+  2. pre-score every candidate: ``qsum_i . kbar_j + z * sqrt(qsum_i^2 . var_j)``, the block's mean logit plus
+     z standard deviations (a Gaussian guess at its top logit; one D-dot per block pair, 1/(bq*bk) of the
+     oracle's work). z = 3: of 0, 2 and 3 it kept the most oracle picks and needles on SmolLM2;
+  3. shortlist the C best by pre-score (ties: the lower block), ``C = min(count, m * max(L, 2))`` with
+     ``L = ceil(log2(ceil(count / m)))`` the levels STREAM runs over the same ``count`` candidates: half of
+     STREAM's ``2m * L`` tiles;
+  4. rescore the shortlist with the exact block score (one ``bq x bk`` tile per block, as the oracle);
+  5. keep the m best exact scores (ties: the lower block).
+
+Cost per query block: ``2 * count * D`` multiply-adds for the pre-score plus C tiles (STREAM: ``2m * L``
+tiles); the ``[nQ, nKB]`` pre-scores are made a few query blocks at a time, so memory stays bounded. With
+``size >= count`` every row is the oracle's. The GPU rescorer (``sparsetrace.kernels.scoring.score_blocks``)
+plugs into step 4 through ``rescore``; ``sparsetrace.ops`` chooses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..config import MaskConfig
+from ..errors import UsageError
+from .blocks import (
+    BlockMask,
+    assemble,
+    candidate_range,
+    check_qk,
+    forced_sinks,
+    key_blocks,
+    middle_is_visible,
+    query_blocks,
+    tile_scores,
+)
+
+Z = 3.0  # step 2's weight of the pooled standard deviation
+
+
+def pool_keys(k: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1, keys: mean and per-dimension variance of the real keys of every block, float32
+    ``[B, Hkv, nKB, D]`` each (the ragged last block averages over its real keys only)."""
+    S = k.shape[2]
+    blocks = key_blocks(k.float(), block_k)  # [B, Hkv, nKB, bk, D], padded keys are 0
+    real = torch.clamp(S - torch.arange(blocks.shape[2], device=k.device) * block_k, max=block_k)
+    real = real.float()[:, None]  # [nKB, 1]
+    mean = blocks.sum(3) / real
+    var = torch.clamp(blocks.square().sum(3) / real - mean.square(), min=0.0)
+    return mean, var
+
+
+def pool_queries(q: torch.Tensor, q_used: torch.Tensor) -> torch.Tensor:
+    """Step 1, queries: the sum of the used rows ``q_used [nQ, bq]`` of every query block, float32
+    ``[B, Hq, nQ, D]`` (no float32 copy of q is made)."""
+    B, H, T, D = q.shape
+    nQ, bq = q_used.shape
+    blocks = torch.nn.functional.pad(q, (0, 0, 0, nQ * bq - T)).view(B, H, nQ, bq, D)
+    return (blocks * q_used[:, :, None].to(q.dtype)).sum(3, dtype=torch.float32)
+
+
+def pre_scores(q_sum: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor, z: float) -> torch.Tensor:
+    """Step 2 for a chunk of query blocks: ``[B, Hq, c, D]`` x ``[B, Hkv, nKB, D]`` -> ``[B, Hq, c, nKB]``.
+    GQA without copying keys: the query heads of one kv head are stacked into one matmul."""
+    B, Hq, c, D = q_sum.shape
+    Hkv, n_kb = k_mean.shape[1], k_mean.shape[2]
+    qs = q_sum.reshape(B, Hkv, (Hq // Hkv) * c, D)
+    scores = qs @ k_mean.transpose(-1, -2)  # [B, Hkv, g*c, nKB]
+    if z:
+        scores = scores + z * (qs.square() @ k_var.transpose(-1, -2)).clamp(min=0.0).sqrt()
+    return scores.reshape(B, Hq, c, n_kb)
+
+
+def shortlist_sizes(count: torch.Tensor, m: int, size: int | None = None) -> torch.Tensor:
+    """Step 3's C per query block ``[nQ]`` from the middle-candidate counts: ``min(count, m * max(L, 2))``,
+    or ``min(count, max(size, m))`` when ``size`` is given."""
+    if size is not None:
+        return torch.clamp(count, max=max(size, m))
+    largest_group = torch.clamp(count, min=1).add(m - 1).div(m, rounding_mode="floor")  # ceil(count / m)
+    levels = torch.ceil(torch.log2(largest_group.double())).long().clamp(min=2)
+    return torch.minimum(count, m * levels)
+
+
+def top_columns(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``width`` best columns of every row, best first, ties to the lower column: ``[..., width]``.
+
+    ``torch.topk`` breaks ties arbitrarily, so each float and its column are packed into one int64 key
+    (the float's order-preserving bits above, ``n - 1 - column`` below) and the keys are ranked instead.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # monotone in the float
+    n = scores.shape[-1]
+    keys = (ordered << 32) | (n - 1 - torch.arange(n, device=scores.device))
+    return n - 1 - (torch.topk(keys, width, dim=-1).values & 0xFFFFFFFF)
+
+
+def keep_best(candidates: torch.Tensor, exact: torch.Tensor, m: int) -> torch.Tensor:
+    """Step 5: the m best exact scores among the candidates, ties to the lower block, in block order."""
+    by_block = torch.sort(candidates, dim=-1).indices
+    candidates, exact = candidates.gather(-1, by_block), exact.gather(-1, by_block)
+    best = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :m]
+    return torch.sort(candidates.gather(-1, best), dim=-1).values
+
+
+def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
+                     window: int | None = None, rescore: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     size: int | None = None, z: float = Z, max_elements: int = 2**26) -> BlockMask:
+    """SHORTLIST on post-RoPE ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``: :class:`BlockMask` with int32
+    ``indices [B, Hq, nQ, top_k]``.
+
+    ``rescore(candidates [B, Hq, nQ, width]) -> float32 [B, Hq, nQ, width]`` gives step 4's exact scores
+    (default: the torch tile scorer); ``size`` fixes C; ``max_elements`` bounds each chunk's float32 slab.
+    """
+    check_qk(q, k)
+    if size is not None and (not isinstance(size, int) or size <= 0):
+        raise UsageError(f"size={size!r} must be a positive integer (or None for m * max(L, 2)).")
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    sinks = forced_sinks(config, window)
+    m = config.top_k - sinks - config.local_blocks
+    lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
+    nQ, n_kb = lo.shape[0], math.ceil(S / config.block_k)
+    count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)  # [nQ] middle candidates
+    sizes = shortlist_sizes(count, m, size)  # [nQ]
+    width = min(int(sizes.max()), n_kb)
+    if width < m:  # no row searches (a searched row has count > m); assemble keeps everything
+        selected = torch.zeros(B, Hq, nQ, m, dtype=torch.long, device=q.device)
+        return BlockMask(assemble(selected, lo, n, sinks, config), config.block_q, config.block_k)
+
+    # Steps 1-3, a few query blocks at a time: [B, Hq, c, nKB] pre-scores -> the width best blocks.
+    _, q_pos, q_used = query_blocks(q[:1, :1, :, :1], config, S)  # [nQ, bq] each: they depend on T, S only
+    k_mean, k_var = pool_keys(k, config.block_k)
+    q_sum = pool_queries(q, q_used)
+    j = torch.arange(n_kb, device=q.device)
+    middle = (j >= (lo + sinks)[:, None]) & (j < (n - config.local_blocks)[:, None])  # [nQ, nKB]
+    step = max(1, max_elements // (B * Hq * n_kb))
+    candidates = torch.cat([
+        top_columns(pre_scores(q_sum[:, :, i:i + step], k_mean, k_var, z).masked_fill(~middle[i:i + step],
+                                                                                     -math.inf), width)
+        for i in range(0, nQ, step)
+    ], dim=2)  # [B, Hq, nQ, width], best pre-score first
+
+    # Step 4; entries past a row's C, or outside its middle (rows with fewer candidates), never win.
+    if rescore is None:
+        rescore = _torch_rescorer(q, k, config, scale, window, max_elements)
+    exact = rescore(candidates)
+    in_shortlist = torch.arange(width, device=q.device) < sizes[:, None]  # [nQ, width]
+    is_middle = middle[torch.arange(nQ, device=q.device)[:, None], candidates]  # [B, Hq, nQ, width]
+    exact = exact.masked_fill(~(in_shortlist & is_middle), -math.inf)
+    selected = keep_best(candidates, exact, m)  # [B, Hq, nQ, m]
+    return BlockMask(assemble(selected, lo, n, sinks, config), config.block_q, config.block_k)
+
+
+def _torch_rescorer(q, k, config: MaskConfig, scale: float, window: int | None, max_elements: int):
+    """Step 4 with ``tile_scores`` (the CPU path), chunked over query blocks to bound the logit tiles."""
+    S = k.shape[2]
+    q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
+    k_blocks = key_blocks(k, config.block_k)
+    visible = middle_is_visible(q.shape[2], S, config, window)
+
+    def rescore(candidates: torch.Tensor) -> torch.Tensor:
+        B, Hq, nQ, width = candidates.shape
+        step = max(1, max_elements // (B * Hq * width * config.block_k * config.block_q))
+        return torch.cat([
+            tile_scores(q_blocks[:, :, i:i + step], q_pos[i:i + step], q_used[i:i + step], k_blocks,
+                        candidates[:, :, i:i + step], config, scale, window, visible)
+            for i in range(0, nQ, step)
+        ], dim=2)
+
+    return rescore
