@@ -7,9 +7,9 @@
   rows (``O(rows * top_k)``) and scatters their kept entries into the grid: the dense
   ``nQ x nK`` matrix (32768^2 float32 = 4 GB at 1M tokens) is never built.
 - :func:`token_pieces`: the text of a token range, for tooltips and the shaded text.
-- :func:`load_analysis`: per-head numbers written by the anchors / niah commands, if present.
 - :func:`audit_head_stats`, :func:`missed_rows`: what the masks missed (``Trace.missed``, ``Trace.audit``):
   per head for the overview, per query row of one head for the strip beside the block map.
+- :func:`load_analysis`: per-head numbers written by the anchors / niah commands, if present.
 
 Conventions (as in store.Trace): indices are KEY-BLOCK ids with -1 padding; row i is query block
 i; a cell of a grid covers ``q_step`` query blocks x ``k_step`` key blocks.
