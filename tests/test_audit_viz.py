@@ -262,6 +262,21 @@ def test_report_has_an_audit_section(audited, old):
         report_html(old, by="missed")
 
 
+def test_report_leaves_pyplot_alone(audited):
+    """Drawing the audit's plots never imports pyplot (which would switch a notebook's backend away from
+    inline when a trace shows itself there)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sparsetrace import Trace; from sparsetrace.viz.report import report_html; "
+            f"page = report_html(Trace.load({str(audited.path)!r}), max_cells=8, n_heads=1); "
+            "assert page.count('data:image/png;base64,') == 3; "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_report_picks_the_heads_that_miss_the_most(audited, tmp_path):
     from sparsetrace.cli import main
 

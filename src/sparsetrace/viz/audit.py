@@ -1,9 +1,10 @@
 """The report's audit section: how much attention the masks missed, by layer and by position, in plots.
 
 The numbers come from :mod:`sparsetrace.analysis.audit` (``missed_by_layer``, ``missed_by_position``,
-``audit_summary`` and its text, ``format_summary``); this module only draws them (matplotlib, Agg, imported
-lazily through :func:`~sparsetrace.viz.plot.pyplot`) and writes the section's HTML, the plots embedded as
-PNG data URIs so the report stays one self-contained file:
+``audit_summary`` and its text, ``format_summary``); this module only draws them and writes the section's
+HTML, the plots embedded as PNG data URIs so the report stays one self-contained file. matplotlib is imported
+lazily and used through ``matplotlib.figure.Figure`` only, never pyplot: drawing a report (e.g. a trace shown
+in a notebook) leaves the caller's backend and figures alone.
 
 - ``by-layer``: mean and p90 of the estimated missed mass of every row per layer (bands: the same statistic
   of the rows' interval ends), the exact audited mean and p90 with their bootstrap intervals, and the
@@ -32,7 +33,7 @@ from ..analysis.audit import (
     missed_by_position,
 )
 from ..errors import UsageError
-from .plot import INSTALL_HINT, pyplot
+from .plot import INSTALL_HINT
 
 NO_AUDIT = ("This trace carries no audit: it was traced before sparsetrace measured what the masks miss, "
             "or with --audit-rate 0 --missed-samples 0. Trace it again to see how much attention each row "
@@ -41,6 +42,16 @@ EXPLAIN = ("Missed mass of a row (layer, head, query block): the share of the mo
            "causal key, that falls outside the blocks the trace kept (docs/audit.md). Estimate: every row, "
            f"with a {LEVEL:.0%} interval (Trace.missed); exact: a sample of query blocks in every layer and "
            "head (Trace.audit), with recall against the exact block top-k.")
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure with one Axes, outside pyplot (no backend switch, nothing to close)."""
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise UsageError(f"plotting needs matplotlib: {INSTALL_HINT}") from None
+    fig = Figure(figsize=(width, height), layout="tight")
+    return fig, fig.subplots()
 
 
 def _array(values, column: int | None = None) -> np.ndarray:
@@ -64,9 +75,8 @@ def _band(ax, x, triples, **kwargs):
 
 def plot_by_layer(by_layer: dict, *, title: str = ""):
     """The by-layer figure of :func:`~sparsetrace.analysis.audit.missed_by_layer`'s result."""
-    plt = pyplot()
     x = np.arange(by_layer["layers"])
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = _figure(6.4, 3.4)
     est, aud = by_layer["estimate"], by_layer["audited"]
     if est is not None:
         _band(ax, x, est["mean"], color="tab:blue", label="estimate: mean of every row (band: its interval)")
@@ -84,7 +94,6 @@ def plot_by_layer(by_layer: dict, *, title: str = ""):
     ax.grid(alpha=0.3, lw=0.5)
     ax.legend(fontsize=6.5, loc="upper right", ncol=2, framealpha=0.85)
     ax.set_title(title or "Missed attention mass by layer (all heads)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -94,10 +103,9 @@ def _tokens(n: int) -> str:
 
 def plot_by_position(by_position: dict, *, title: str = ""):
     """The by-position figure of :func:`~sparsetrace.analysis.audit.missed_by_position`'s result."""
-    plt = pyplot()
     bins = by_position["bins"]
     x = np.arange(len(bins))
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = _figure(6.4, 3.4)
     if any(b["estimate"] is not None for b in bins):
         _band(ax, x, [b["estimate"] for b in bins], color="tab:blue", marker=".",
               label="estimate: mean of every row (band: its interval)")
@@ -115,7 +123,6 @@ def plot_by_position(by_position: dict, *, title: str = ""):
     ax.grid(alpha=0.3, lw=0.5)
     ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85)
     ax.set_title(title or "Missed attention mass by query position (all layers and heads)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -124,11 +131,10 @@ def plot_calibration(trace, summary: dict | None):
     audit = trace.audit()
     if audit is None or not trace.has_missed or audit["query_block"].numel() == 0:
         return None
-    plt = pyplot()
     at = estimates(trace)[:, :, audit["query_block"]].reshape(-1, 3).double().numpy()  # [L*H*r, 3]
     exact = audit["missed"].reshape(-1).double().numpy()
     inside = (at[:, 1] <= exact + 1e-6) & (exact <= at[:, 2] + 1e-6)  # as audit_summary counts
-    fig, ax = plt.subplots(figsize=(4.0, 3.6))
+    fig, ax = _figure(4.0, 3.6)
     ax.vlines(exact, at[:, 1], at[:, 2], color="0.6", lw=0.5, alpha=0.5)
     ax.plot(exact[inside], at[inside, 0], ".", ms=3, color="tab:blue", label="interval holds the exact value")
     ax.plot(exact[~inside], at[~inside, 0], ".", ms=4, color="tab:red", label="interval misses it")
@@ -141,15 +147,12 @@ def plot_calibration(trace, summary: dict | None):
     ax.legend(fontsize=6.5, loc="upper left")
     held = summary["interval_coverage"] if summary and "interval_coverage" in summary else float(inside.mean())
     ax.set_title(f"Estimate vs exact on {exact.size:,} audited rows:\ninterval holds on {held:.1%}", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def _png(fig, dpi: int) -> str:
-    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
