@@ -4,9 +4,15 @@ Reads :meth:`Trace.audit` (exact missed mass and recall of a sample of query blo
 layer and head) and :meth:`Trace.missed` (an estimate with an interval for every row). Intervals for the
 trace-wide figures come from a bootstrap over the audited query blocks (resampling whole blocks, since all
 layers and heads of a block share it), seeded, so a summary is reproducible.
+
+- :func:`audit_summary` / :func:`format_summary`: the trace-wide figures ``sparsetrace trace`` prints.
+- :func:`missed_by_layer` / :func:`missed_by_position`: the same per layer and per position decile (the
+  report's audit plots), the exact audited values beside the estimate over every row and at the audited rows.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -60,8 +66,7 @@ def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
                          for i in torch.argsort(per_layer, descending=True)[:worst]],
     }
     if trace.has_missed:
-        estimate = torch.stack([torch.stack([trace.missed(layer, head) for head in range(H)])
-                                for layer in range(L)])  # [L, H, nQ, 3]
+        estimate = estimates(trace)  # [L, H, nQ, 3]
         at = estimate[:, :, audit["query_block"]]  # [L, H, r, 3]
         inside = (at[..., 1] <= missed + 1e-6) & (missed <= at[..., 2] + 1e-6)
         out["estimated_missed_mean"] = float(estimate[..., 0].double().mean())
@@ -87,3 +92,132 @@ def format_summary(summary: dict) -> list[str]:
                      f"interval holds the exact value on {summary['interval_coverage']:.1%} of audited rows "
                      f"(median |error| {summary['median_abs_error']:.4f})")
     return lines
+
+
+# --------------------------------------------------------------------------- by layer and by position
+
+def estimates(trace, layer: int | None = None) -> torch.Tensor | None:
+    """The per-row estimate of every head, float32 ``[L, H, nQ, 3]`` (estimate, low, high), or ``[H, nQ, 3]``
+    of one layer; None for traces without it."""
+    if not trace.has_missed:
+        return None
+    layers = range(trace.num_layers) if layer is None else [layer]
+    out = torch.stack([torch.stack([trace.missed(li, h) for h in range(trace.num_heads)]) for li in layers])
+    return out if layer is None else out[0]
+
+
+_BOOTSTRAP_ELEMENTS = 1 << 23
+
+
+def _nanp90(x: torch.Tensor) -> torch.Tensor:
+    return torch.nanquantile(x, 0.9, dim=-1)
+
+
+def _grouped_bootstrap(values: torch.Tensor, statistic, generator: torch.Generator) -> torch.Tensor:
+    """``[G, 3]``: ``statistic`` of each group's values ``[G, n, r]`` (pooled over n and r) and its ``LEVEL``
+    interval, resampling the r audited query blocks with the same draws for every group (as
+    :func:`_bootstrap`, for all groups at once). ``statistic`` reduces the last axis."""
+    G, n, r = values.shape
+    draws = torch.randint(0, r, (BOOTSTRAP, r), generator=generator)            # [B, r]
+    point = statistic(values.reshape(G, n * r))                                  # [G]
+    step = max(1, _BOOTSTRAP_ELEMENTS // (BOOTSTRAP * n * r))  # groups at once (quantile's input limit)
+    boot = torch.cat([statistic(values[a:a + step, :, draws].permute(2, 0, 1, 3).reshape(BOOTSTRAP, -1, n * r))
+                      for a in range(0, G, step)], dim=1)                        # [B, G]
+    tail = (1 - LEVEL) / 2
+    low, high = torch.nanquantile(boot, torch.tensor([tail, 1 - tail], dtype=boot.dtype), dim=0)  # [G] each
+    if r < 2:  # one audited block: resampling it says nothing about the spread
+        low, high = torch.full_like(point, math.nan), torch.full_like(point, math.nan)
+    return torch.stack([point, low, high], -1)
+
+
+def _rows(x: torch.Tensor | None) -> list | None:
+    """Rows of a ``[G, 3]`` tensor as lists of floats, None for NaN (JSON has none)."""
+    return None if x is None else [[None if math.isnan(v) else float(v) for v in row] for row in x.tolist()]
+
+
+def missed_by_layer(trace, *, seed: int = 0) -> dict | None:
+    """Missed mass per layer, JSON-able, or None for a trace with neither the audit nor the estimate.
+
+    ``estimate`` (with the per-row estimate; else None): ``mean`` and ``p90`` ``[L, 3]`` over every row of the
+    layer's heads, each ``[value, low, high]`` where low/high are the same statistic of the rows' interval ends
+    (they hold the true value whenever every row's interval holds its own); ``at_audited`` ``[L]``: the mean
+    estimate on the audited rows only, the like-for-like comparison with the audit (the audit samples only
+    rows that must drop something). ``audited`` (with the audit; else None): ``mean``, ``p90`` and ``recall``
+    (mean) ``[L, 3]`` over the exactly audited rows, ``[value, low, high]`` with a ``LEVEL`` bootstrap interval
+    over the audited query blocks (None for what is undefined: the interval of a single audited block, the
+    recall of rows that keep every candidate)."""
+    audit = trace.audit()
+    if audit is not None and audit["query_block"].numel() == 0:
+        audit = None
+    if audit is None and not trace.has_missed:
+        return None
+    out: dict = {"layers": trace.num_layers, "level": LEVEL, "estimate": None, "audited": None}
+    if trace.has_missed:
+        stats = {"mean": [], "p90": [], "at_audited": []}
+        for layer in range(trace.num_layers):
+            est = estimates(trace, layer).double()                              # [H, nQ, 3]
+            flat = est.reshape(-1, 3)                                            # [H * nQ, 3]
+            stats["mean"].append(flat.mean(0))
+            stats["p90"].append(torch.quantile(flat, 0.9, dim=0))
+            if audit is not None:
+                stats["at_audited"].append(float(est[:, audit["query_block"], 0].mean()))
+        out["estimate"] = {"mean": _rows(torch.stack(stats["mean"])), "p90": _rows(torch.stack(stats["p90"])),
+                           "at_audited": stats["at_audited"] or None}
+    if audit is not None:
+        g = torch.Generator().manual_seed(seed)
+        missed, recall = audit["missed"].double(), audit["recall"].double()     # [L, H, r]
+        out["audited"] = {"mean": _rows(_grouped_bootstrap(missed, lambda x: x.mean(-1), g)),
+                          "p90": _rows(_grouped_bootstrap(missed, _nanp90, g)),
+                          "recall": _rows(_grouped_bootstrap(recall, lambda x: torch.nanmean(x, -1), g))}
+    return out
+
+
+def position_bins(num_query_blocks: int, bins: int = 10) -> torch.Tensor:
+    """int64 ``[nQ]``: the position bin of each query block (``i * bins // nQ``: deciles by default)."""
+    return torch.arange(num_query_blocks) * bins // num_query_blocks
+
+
+def missed_by_position(trace, *, bins: int = 10, seed: int = 0) -> dict | None:
+    """Missed mass by position of the query block (deciles by default), over every layer and head; JSON-able,
+    or None for a trace with neither the audit nor the estimate.
+
+    ``bins``: one entry per non-empty bin: ``q0``/``q1`` (query blocks), ``t0``/``t1`` (tokens), ``estimate``
+    ``[mean, low, high]`` over every row of the bin (low/high: the mean of the rows' interval ends) and
+    ``at_audited`` (the mean estimate on the bin's audited rows), ``audited_blocks``, ``audited`` and
+    ``recall`` ``[mean, low, high]`` over the bin's audited rows with a ``LEVEL`` bootstrap interval over its
+    audited query blocks (None where the bin has none; low and high None where it has one)."""
+    audit = trace.audit()
+    if audit is not None and audit["query_block"].numel() == 0:
+        audit = None
+    if audit is None and not trace.has_missed:
+        return None
+    nq, T = trace.num_query_blocks, trace.num_tokens
+    which = position_bins(nq, bins)                                              # [nQ]
+    sums = torch.zeros(nq, 3, dtype=torch.float64)                               # per query block
+    if trace.has_missed:
+        for layer in range(trace.num_layers):
+            sums += estimates(trace, layer).double().sum(0)                      # [nQ, 3]
+        per_row = sums / (trace.num_layers * trace.num_heads)                    # [nQ, 3]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(bins):
+        blocks = torch.nonzero(which == b).flatten()
+        if blocks.numel() == 0:
+            continue
+        q0, q1 = int(blocks[0]), int(blocks[-1]) + 1
+        entry = {"bin": b, "q0": q0, "q1": q1, "t0": q0 * trace.block_q, "t1": min(T, q1 * trace.block_q),
+                 "estimate": None, "at_audited": None, "audited_blocks": 0, "audited": None, "recall": None}
+        if trace.has_missed:
+            entry["estimate"] = [float(v) for v in per_row[q0:q1].mean(0)]
+        if audit is not None:
+            pick = (audit["query_block"] >= q0) & (audit["query_block"] < q1)
+            entry["audited_blocks"] = int(pick.sum())
+            if pick.any():
+                missed = audit["missed"][..., pick].double().reshape(1, -1, int(pick.sum()))   # [1, L*H, r_b]
+                recall = audit["recall"][..., pick].double().reshape(1, -1, int(pick.sum()))
+                entry["audited"] = _rows(_grouped_bootstrap(missed, lambda x: x.mean(-1), g))[0]
+                entry["recall"] = _rows(_grouped_bootstrap(recall, lambda x: torch.nanmean(x, -1), g))[0]
+                if trace.has_missed:
+                    entry["at_audited"] = float(per_row[audit["query_block"][pick], 0].mean())
+        out.append(entry)
+    return {"bins": out, "num_bins": bins, "level": LEVEL}

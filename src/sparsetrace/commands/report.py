@@ -30,10 +30,11 @@ def add_parser(sub) -> None:
     p.add_argument("--n-heads", type=positive_int, default=4, help="heads to pick (default 4)")
     p.add_argument("--by", default="other",
                    choices=("other", "offdiag", "sink", "diagonal", "entropy", "sparsity",
-                            "kurtosis", "needle_mass"),
+                            "kurtosis", "needle_mass", "missed", "missed_audited"),
                    help="pick the heads with the largest: other (mass off the diagonal and off "
                         "the sink; default), offdiag, ..., kurtosis (needs --anchors), "
-                        "needle_mass (needs --niah)")
+                        "needle_mass (needs --niah), missed / missed_audited (estimated / exactly "
+                        "audited missed attention mass; traces with an audit)")
     p.add_argument("--max-cells", type=positive_int, default=256,
                    help="block maps are aggregated to at most this many cells a side (256)")
     p.add_argument("--anchors", type=Path, default=None, help="out dir of `sparsetrace anchors`")

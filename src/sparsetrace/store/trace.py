@@ -240,6 +240,14 @@ class Trace:
             return "missed" in self._arrays
         return bool(self._shards) and all(sh["missed"] for sh in self._shards)
 
+    @property
+    def has_audit(self) -> bool:
+        """Whether the trace carries exactly audited rows (see :meth:`audit`); known without reading them."""
+        if self._arrays is not None:
+            found = self._arrays.get("audit")
+            return found is not None and found["query_block"].numel() > 0
+        return any(sh["audit_rows"] for sh in self._shards)
+
     def missed(self, layer: int, head: int) -> torch.Tensor | None:
         """float32 ``[nQ, 3]``: per query block, the estimated share of the model's attention the kept
         blocks miss (mean over the block's queries of ``1 - sum of p over kept keys``) and the low and high

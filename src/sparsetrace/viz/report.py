@@ -8,6 +8,9 @@ to at most ``max_cells`` x ``max_cells`` cells (1 byte per cell, log scale: code
 kept, code c = 2**(-24 (255 - c) / 254)), so a 1M-token trace makes a report of ~1 MB. The CSS
 and JS are the viewer's own files, inlined. In Jupyter, ``Report(trace)`` displays the page in an
 iframe (``srcdoc``), where its script runs; ``report_html`` gives the HTML string.
+
+The "audit" section (``viz.audit``: missed attention mass by layer and by position, plots embedded as
+PNG) follows the block maps; ``audit=False`` leaves it out, traces without an audit get a short note.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from ..errors import UsageError
 from ..store import atomic_write_bytes, encode_mass
+from . import audit as audit_view
 from . import views
 
 STATIC = Path(__file__).with_name("static")
@@ -45,7 +49,8 @@ def report_data(trace, *, heads=None, n_heads: int = 4, max_cells: int = 256, an
     if heads is None:
         if by not in metrics:
             raise UsageError(f"cannot pick heads by {by!r}: this trace has {sorted(metrics)} "
-                             "(kurtosis needs --anchors, needle_mass needs --niah)")
+                             "(kurtosis needs --anchors, needle_mass needs --niah, missed a trace "
+                             "with an audit)")
         heads = views.top_heads(metrics, n_heads, by=by)
     panels = []
     for layer, head in heads:
@@ -69,11 +74,14 @@ def report_data(trace, *, heads=None, n_heads: int = 4, max_cells: int = 256, an
 
 
 def report_html(trace, **kwargs) -> str:
-    """The report page as one HTML string (see `report_data` for the arguments)."""
+    """The report page as one HTML string (see `report_data` for the arguments; ``audit=False``: no
+    audit section)."""
+    with_audit = kwargs.pop("audit", True)
     payload = json.dumps(report_data(trace, **kwargs), allow_nan=False)
     payload = payload.replace("</", "<\\/")  # never closes the <script> early
+    audit = audit_view.section_html(audit_view.audit_section(trace)) if with_audit else ""
     css = (STATIC / "viewer.css").read_text(encoding="utf-8")
-    js = "\n".join((STATIC / f).read_text(encoding="utf-8") for f in ("common.js", "report.js"))
+    js = "\n".join((STATIC / f).read_text(encoding="utf-8") for f in ("common.js", "audit.js", "report.js"))
     title = html.escape(f"sparsetrace report: {views.describe(trace)['model']}")
     return f"""<!doctype html>
 <html lang="en">
@@ -92,10 +100,12 @@ def report_html(trace, **kwargs) -> str:
     <h2>Overview: layers (rows) × heads (columns)</h2>
     <div class="controls"><label>metric <select id="metric"></select></label></div>
     <canvas id="overview" width="360" height="200"></canvas>
+    <div class="legend audit-legend" id="overview-legend" hidden></div>
     <div class="help" id="metric-help"></div>
     <div class="help">Outlined: the heads shown on the right.</div>
   </section>
   <div class="heads" id="heads"></div>
+{audit}
 </main>
 <div id="tip"></div>
 <script type="application/json" id="sparsetrace-data">{payload}</script>

@@ -9,6 +9,9 @@ The page (static/viewer.html) asks for data lazily, so a 1M-token trace opens at
     GET /api/grid?layer&head&q0&q1&k0&k1&rows&cols&reduce
                                        the aggregated block map of a viewport (views.block_grid):
                                        float32 little-endian body, its header in X-Grid (JSON)
+    GET /api/missed?layer&head&q0&q1&rows
+                                       what the masks of one head missed per query row, in the
+                                       grid's row cells (views.missed_rows), and its audited rows
     GET /api/tokens?t0&t1              text pieces of tokens [t0, t1) (at most 20000)
     GET /api/received?layer&head&q0&q1 mass per key block received from query blocks [q0, q1)
                                        (sparse: kept blocks only)
@@ -123,6 +126,9 @@ class ViewerApp:
         self.overview = _Overview(trace, analysis, cache_dir)
         self.info["metrics"] = ["sparsity", "entropy", "other", "sink", "diagonal",
                                 *analysis.keys()]
+        # what the masks missed (traces with an audit; older ones have neither): overview metrics, row strip
+        self.info["metrics"] += views.audit_metrics(trace)
+        self.info["audit"] = {"has_missed": trace.has_missed, "has_audit": trace.has_audit}
         # first head shown: the top receiver head when anchors results are there, else a middle one
         kurt = analysis.get("kurtosis")
         self.info["default_head"] = (list(views.top_heads({"k": kurt}, 1, by="k")[0])
@@ -147,6 +153,10 @@ class ViewerApp:
                             reduce=q.get("reduce", ["max"])[0])
         body = np.ascontiguousarray(g.values, dtype="<f4").tobytes()
         return HTTPStatus.OK, "application/octet-stream", body, {"X-Grid": json.dumps(g.header())}
+
+    def missed(self, q):
+        return _json(views.missed_rows(self.trace, _int(q, "layer"), _int(q, "head"), _int(q, "q0", None),
+                                       _int(q, "q1", None), max_rows=min(MAX_CELLS, _int(q, "rows", 800))))
 
     def tokens(self, q):
         t0, t1 = _int(q, "t0"), _int(q, "t1")
@@ -242,6 +252,7 @@ def _handler(app: ViewerApp, quiet: bool):
             if not quiet:
                 sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
+    routes["/api/missed"] = app.missed  # the audit: missed mass per query row of one head
     return Handler
 
 

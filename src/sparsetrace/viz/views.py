@@ -7,6 +7,8 @@
   rows (``O(rows * top_k)``) and scatters their kept entries into the grid: the dense
   ``nQ x nK`` matrix (32768^2 float32 = 4 GB at 1M tokens) is never built.
 - :func:`token_pieces`: the text of a token range, for tooltips and the shaded text.
+- :func:`audit_head_stats`, :func:`missed_rows`: what the masks missed (``Trace.missed``, ``Trace.audit``):
+  per head for the overview, per query row of one head for the strip beside the block map.
 - :func:`load_analysis`: per-head numbers written by the anchors / niah commands, if present.
 - :func:`sources_view`: what a token span read through every layer (``analysis.sources``), as JSON:
   the score of every key block (the text shading) and the top passages with their entry per layer
@@ -59,7 +61,8 @@ def head_stats(trace, layers=None) -> dict[str, np.ndarray]:
     - ``diagonal``, ``sink``, ``other``: mean share of a query block's mass on its diagonal
       key block, on block 0 (when that is not the diagonal), and on every other kept block
       ("off-diagonal, off-sink": the long-range reads the report ranks heads by);
-    - ``offdiag``: 1 - diagonal.
+    - ``offdiag``: 1 - diagonal;
+    - ``missed``, ``missed_audited``, ``recall``: see :func:`audit_head_stats` (traces with an audit only).
     Reads one layer at a time (``O(L * H * nQ * k)``; about 2 s at 1M tokens, 28 x 12 heads)."""
     L, H = trace.num_layers, trace.num_heads
     names = ("sparsity", "entropy", "diagonal", "sink", "other", "offdiag")
@@ -81,6 +84,7 @@ def head_stats(trace, layers=None) -> dict[str, np.ndarray]:
         out["sink"][li] = on_sink.double().mean(-1).numpy()
         out["other"][li] = (1 - on_diag - on_sink).clamp(min=0).double().mean(-1).numpy()
         out["offdiag"][li] = 1 - out["diagonal"][li]
+    out.update(audit_head_stats(trace, layers))
     return out
 
 
@@ -101,6 +105,8 @@ def read_stats_cache(trace, cache_dir) -> dict[str, np.ndarray] | None:
     except (OSError, ValueError):
         return None
     shape = (trace.num_layers, trace.num_heads)
+    if not set(audit_metrics(trace)) <= set(saved):  # written before the overview had the audit's metrics
+        return None
     return saved if saved and all(v.shape == shape for v in saved.values()) else None
 
 
@@ -211,6 +217,76 @@ def token_pieces(trace, t0: int, t1: int) -> list[str]:
         if i + 1 < len(off) and off[i + 1][0] > e:
             e = off[i + 1][0]
         out.append(text[s:e])
+    return out
+
+
+# --------------------------------------------------------------------------- missed attention mass (the audit)
+
+def audit_metrics(trace) -> list[str]:
+    """The overview metrics a trace's audit gives (see :func:`audit_head_stats`): ``missed`` with the per-row
+    estimate, ``missed_audited`` and ``recall`` with the exact audit; [] for traces without (older ones)."""
+    return (["missed"] if trace.has_missed else []) + (["missed_audited", "recall"] if trace.has_audit else [])
+
+
+def audit_head_stats(trace, layers=None) -> dict[str, np.ndarray]:
+    """Per (layer, head), float64 [L, H] (NaN for layers not asked), only those the trace has:
+
+    - ``missed``: mean over every query block of the estimated missed mass (``Trace.missed``): the share
+      of the model's attention the kept blocks do not show;
+    - ``missed_audited``: mean of the exact missed mass over the audited query blocks (``Trace.audit``);
+    - ``recall``: mean recall of the audited rows against the exact block top-k (NaN where every audited
+      row keeps every candidate)."""
+    names = audit_metrics(trace)
+    out = {k: np.full((trace.num_layers, trace.num_heads), np.nan) for k in names}
+    for li in range(trace.num_layers) if layers is None else layers:
+        for h in range(trace.num_heads):
+            if "missed" in out:
+                out["missed"][li, h] = trace.missed(li, h)[:, 0].double().mean().item()
+            if "missed_audited" in out:
+                audit = trace.audit(li, h)
+                out["missed_audited"][li, h] = audit["missed"].double().mean().item()
+                out["recall"][li, h] = torch.nanmean(audit["recall"].double()).item()
+    return out
+
+
+def missed_rows(trace, layer: int, head: int, q0=None, q1=None, *, max_rows: int = 1000) -> dict:
+    """What the masks of (layer, head) missed, per query row of ``[q0, q1)`` (clipped to the trace), as JSON.
+
+    Rows are grouped into cells of ``q_step`` query blocks exactly as :func:`block_grid` groups them for the
+    same range and ``max_rows``, so cell r sits beside row r of the block map. Per cell (lists of
+    ``rows`` floats, None without the per-row estimate): ``estimate``, ``low``, ``high``: the mean over the
+    cell's query blocks of the estimate and of its interval ends (if every row's interval holds its value,
+    the cell's mean lies between ``low`` and ``high``); ``worst``: the largest estimate in the cell.
+    ``audited``: the exactly audited rows inside the range, each ``{"query_block", "missed", "recall"}``
+    (recall None where the row keeps every candidate) plus the row's ``estimate``/``low``/``high`` when the
+    trace has them. ``has_missed``/``has_audit`` say what the trace carries (older traces: neither)."""
+    q0, q1 = _span(q0, q1, trace.num_query_blocks, "query block")
+    layer, head = trace.head_index(layer, head)
+    q_step = math.ceil((q1 - q0) / max(1, int(max_rows)))
+    rows = math.ceil((q1 - q0) / q_step)
+    out = {"layer": layer, "head": head, "q0": q0, "q1": q1, "q_step": q_step, "rows": rows,
+           "has_missed": trace.has_missed, "has_audit": trace.has_audit,
+           "estimate": None, "low": None, "high": None, "worst": None, "audited": []}
+    missed = trace.missed(layer, head)                                     # [nQ, 3] or None
+    if missed is not None:
+        cells = torch.full((rows * q_step, 3), math.nan, dtype=torch.float64)
+        cells[:q1 - q0] = missed[q0:q1].double()
+        cells = cells.view(rows, q_step, 3)                                # [rows, q_step, 3]
+        mean = cells.nanmean(1)                                            # [rows, 3]
+        worst = cells[..., 0].nan_to_num(-math.inf).amax(1)                # [rows]
+        for i, name in enumerate(("estimate", "low", "high")):
+            out[name] = [json_number(x, 5) for x in mean[:, i].tolist()]
+        out["worst"] = [json_number(x, 5) for x in worst.tolist()]
+    audit = trace.audit(layer, head) if out["has_audit"] else None
+    if audit is not None:
+        for qb, m, r in zip(audit["query_block"].tolist(), audit["missed"].tolist(), audit["recall"].tolist(),
+                            strict=True):
+            if q0 <= qb < q1:
+                row = {"query_block": qb, "missed": json_number(m, 5), "recall": json_number(r, 5)}
+                if missed is not None:
+                    row.update(zip(("estimate", "low", "high"), (json_number(x, 5) for x in missed[qb].tolist())))
+                out["audited"].append(row)
+        out["audited"].sort(key=lambda row: row["query_block"])
     return out
 
 

@@ -153,7 +153,8 @@ const ST = (() => {
   }
 
   // The overview: one cell per (layer, head), coloured by a metric (linear, min..max of the
-  // metric). `onPick(layer, head)` on click; `sel` = [layer, head] is outlined.
+  // metric; `opts.colour(value)` -> CSS colour replaces that scale). `onPick(layer, head)` on click;
+  // `sel` = [layer, head] is outlined.
   function drawOverview(canvas, matrix, sel, opts = {}) {
     const L = matrix.length, H = matrix[0].length;
     const left = 28, top = 16, cw = Math.max(8, Math.min(36, Math.floor((canvas.width - left) / H)));
@@ -171,6 +172,7 @@ const ST = (() => {
       for (let h = 0; h < H; h++) {
         const x = matrix[l][h];
         if (x === null) { c.fillStyle = "#eee"; }
+        else if (opts.colour) { c.fillStyle = opts.colour(x); }
         else {
           const t = hi > lo ? (x - lo) / (hi - lo) : 0.5;
           c.fillStyle = lutCss(Math.round(t * 255));

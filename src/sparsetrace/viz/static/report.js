@@ -16,9 +16,10 @@
   $("metric").innerHTML = m.metrics.map((k) => `<option value="${k}">${k}</option>`).join("");
   $("metric").value = metric;
   function overview() {
-    const r = ST.drawOverview($("overview"), D.metrics[metric], null, { marks });
+    const r = ST.drawOverview($("overview"), D.metrics[metric], null, { marks, colour: AUDIT.overviewColour(metric) });
     $("metric-help").textContent = (ST.METRIC_HELP[metric] || "") +
-      (Number.isFinite(r.lo) ? ` (colour: ${ST.fmt(r.lo)} … ${ST.fmt(r.hi)})` : "");
+      (Number.isFinite(r.lo) ? ` (${AUDIT.isMissed(metric) ? "range" : "colour"}: ${ST.fmt(r.lo)} … ${ST.fmt(r.hi)})` : "");
+    AUDIT.legend($("overview-legend"), metric);
   }
   $("metric").onchange = () => { metric = $("metric").value; overview(); };
   overview();

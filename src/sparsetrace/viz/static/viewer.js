@@ -51,6 +51,7 @@
         }
         window.__sparsetraceDraws = (window.__sparsetraceDraws || 0) + 1;
         document.body.dataset.drawn = String(window.__sparsetraceDraws);
+        if (strip) strip.load(g); // the missed mass of the same rows
         $("map-title").textContent = `Block map: layer ${S.layer}, head ${S.head}` +
           (g.q_step > 1 || g.k_step > 1 ? ` (each cell: ${g.q_step} × ${g.k_step} blocks, ${g.reduce})` : " (one cell per block)");
       },
@@ -63,6 +64,7 @@
     const m = S.meta;
     $("axis-q").textContent = `query tokens ${ST.int(v.q0 * m.block_q)}–${ST.int(Math.min(m.num_tokens, v.q1 * m.block_q))} (rows)`;
     $("axis-k").textContent = `key tokens ${ST.int(v.k0 * m.block_k)}–${ST.int(Math.min(m.num_tokens, v.k1 * m.block_k))} (columns)`;
+    if (strip) strip.draw(v);
   }
   function showHead(layer, head) {
     const m = S.meta;
@@ -83,7 +85,7 @@
     const ka = p.kb * m.block_k, ke = Math.min(m.num_tokens, ka + m.block_k);
     const cellNote = p.cell && (p.cell.q1 - p.cell.q0 > 1 || p.cell.k1 - p.cell.k0 > 1)
       ? ` (${p.reduce} over a cell of ${p.cell.q1 - p.cell.q0} × ${p.cell.k1 - p.cell.k0} blocks)` : "";
-    const head = `<b>query block ${p.qb}</b> (tokens ${ST.int(qa)}–${ST.int(qe)}) → <b>key block ${p.kb}</b> (tokens ${ST.int(ka)}–${ST.int(ke)})\nmass ${p.value ? ST.fmt(p.value, 4) : "0 (not kept)"}${cellNote}`;
+    const head = `<b>query block ${p.qb}</b> (tokens ${ST.int(qa)}–${ST.int(qe)}) → <b>key block ${p.kb}</b> (tokens ${ST.int(ka)}–${ST.int(ke)})\nmass ${p.value ? ST.fmt(p.value, 4) : "0 (not kept)"}${cellNote}` + missedNote(p.qb);
     tip.innerHTML = head;
     tip.style.display = "block";
     tip.style.left = Math.min(window.innerWidth - 450, p.clientX + 14) + "px";
@@ -110,8 +112,45 @@
     const o = S.overview;
     if (!o || !o.metrics[S.metric]) return;
     $("metric-help").textContent = ST.METRIC_HELP[S.metric] || "";
-    const r = ST.drawOverview($("overview"), o.metrics[S.metric], [S.layer, S.head], { onPick: showHead });
-    if (Number.isFinite(r.lo)) $("metric-help").textContent += ` (colour: ${ST.fmt(r.lo)} … ${ST.fmt(r.hi)})`;
+    const r = ST.drawOverview($("overview"), o.metrics[S.metric], [S.layer, S.head],
+      { onPick: showHead, colour: AUDIT.overviewColour(S.metric) });
+    if (Number.isFinite(r.lo)) $("metric-help").textContent += ` (${AUDIT.isMissed(S.metric) ? "range" : "colour"}: ${ST.fmt(r.lo)} … ${ST.fmt(r.hi)})`;
+    AUDIT.legend($("overview-legend"), S.metric);
+  }
+
+  // ---------------------------------------------------------------- missed mass of the rows (the audit)
+  let strip = null; // the strip beside the block map (static/audit.js); none for traces without an audit
+  function setupStrip() {
+    const a = S.meta.audit || {}, canvas = $("missed-strip"), mapCanvas = $("map");
+    if (!a.has_missed && !a.has_audit) return;
+    canvas.hidden = false;
+    canvas.height = mapCanvas.height;
+    canvas.style.height = mapCanvas.clientHeight + "px";
+    strip = new AUDIT.Strip(canvas, {
+      nQ: S.meta.num_query_blocks,
+      fetchRows: (g) => getJSON(`/api/missed?layer=${S.layer}&head=${S.head}&q0=${g.q0}&q1=${g.q1}` +
+        `&rows=${mapCanvas.height}`).catch((e) => { fail(e); return null; }),
+      onHover: (info, e) => {
+        const tip = $("tip");
+        if (!info) { tip.style.display = "none"; return; }
+        const t = AUDIT.rowText(info, S.meta);
+        tip.innerHTML = `${t.where}\n${t.text}`;
+        tip.style.display = "block";
+        tip.style.left = Math.min(window.innerWidth - 450, e.clientX + 14) + "px";
+        tip.style.top = Math.min(window.innerHeight - 160, e.clientY + 14) + "px";
+      },
+    });
+    strip.draw(map.view);
+    const parts = [a.has_missed && "left: the estimate (mean of the cell's rows)",
+      a.has_audit && "right: the exact value of audited rows (dark edge)"].filter(Boolean);
+    $("missed-help").hidden = false;
+    $("missed-help").innerHTML = AUDIT.bar("strip left of the map: missed attention mass per query row") +
+      `<span>${parts.join("; ")}. Hover it for the interval and the recall.</span>`;
+    window.__sparsetraceStrip = strip;
+  }
+  function missedNote(qb) { // the row's missed mass, for the block map's tooltip
+    const info = strip && strip.row(qb);
+    return info ? `\n${AUDIT.rowText(info, S.meta).text}` : "";
   }
 
   // ---------------------------------------------------------------- text shaded by received mass
@@ -225,9 +264,10 @@
       `sparsity ${ST.fmt(m.sparsity, 4)}` + ST.fidelityText(m.fidelity) + ST.deviceText(m.device);
     $("layer").max = m.num_layers - 1; $("head").max = m.num_heads - 1;
     $("metric").innerHTML = m.metrics.map((k) => `<option value="${k}">${k}</option>`).join("");
-    $("metric").value = S.metric = m.metrics.includes("kurtosis") ? "kurtosis" : "entropy";
+    $("metric").value = S.metric = m.metrics.includes("kurtosis") ? "kurtosis" : m.metrics.includes("missed") ? "missed" : "entropy";
     ST.legend($("legend"));
     setupMap();
+    setupStrip();
     [S.layer, S.head] = m.default_head;
     $("layer").value = S.layer; $("head").value = S.head;
     await map.refresh(); // first picture first; the overview follows
