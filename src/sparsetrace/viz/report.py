@@ -145,6 +145,6 @@ def write_report(trace, path, *, cache_dir=None, **kwargs) -> int:
 def trace_html(trace) -> str:
     """What a notebook shows for a trace (``sparsetrace`` registers it with the store): the overview and
     the block map of its most long-range head, in an iframe (the report page with one small map and no
-    sources; see :class:`Report` for more)."""
-    return Report(trace, n_heads=1, max_cells=128, sources=False, height=560)._repr_html_()
+    sources or audit plots; see :class:`Report` for more)."""
+    return Report(trace, n_heads=1, max_cells=128, sources=False, audit=False, height=560)._repr_html_()
 
