@@ -176,6 +176,12 @@ def test_estimate_draws_do_not_depend_on_chunking():
         est = estimate_missed(part, k, sp.stream_mask(part, k, config).indices, config, samples=16,
                               first_query_block=first // 16, max_elements=2**12)
         assert torch.equal(est, whole[:, :, first // 16:])
+    # the slab size (the GPU passes a larger one) only groups rows: same draws, the same numbers up to
+    # float32 summation order of the batched products
+    indices = sp.stream_mask(q, k, config).indices
+    small, large = (estimate_missed(q, k, indices, config, samples=16, proposal="block", max_elements=size)
+                    for size in (2**10, 2**27))
+    assert_close("estimate, small vs large slabs", small, large, atol=1e-6)
 
 
 def test_sampler_is_seeded_and_stratified():

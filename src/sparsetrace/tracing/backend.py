@@ -75,9 +75,12 @@ class SparseSession:
         first = (S - T) // config.mask.block_q  # the chunk's first query block in the input
         record = {"indices": mask.indices[0], "mass": mass[0]}
         if config.missed_samples:
+            # The CPU default keeps slabs cache-sized; on a GPU that means thousands of tiny launches per
+            # layer (the 128k estimate took 45 s on an H200, 2026-12-02), so slabs are 16x larger there.
+            slab = 2**27 if query.is_cuda else 2**23
             record["missed"] = estimate_missed(query, key, mask.indices, config.mask, scale=scale, window=window,
                                                samples=config.missed_samples, kept_lse=lse,
-                                               first_query_block=first)[0]
+                                               first_query_block=first, max_elements=slab)[0]
         rows = self.audited_query_blocks()
         rows = rows[(rows >= first) & (rows < first + mask.indices.shape[2])]
         if config.audit_rate:
