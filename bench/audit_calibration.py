@@ -2,7 +2,7 @@
 (SmolLM2-135M and Gemma 3 270M over a few thousand tokens of Paul Graham essays, block 32), and the cost
 of both next to a real CPU trace.
 
-For every model, k in {4, 8, 16, 32} and selection (stream_mask, oracle_mask): on a seeded,
+For every model, k in {4, 8, 16, 32} and selection (stream_mask, shortlist_mask, oracle_mask): on a seeded,
 position-stratified sample of droppable query blocks per layer (the same rows for every head), the exact
 missed mass and recall (sparsetrace.audit.audit_rows) against the per-row estimate
 (sparsetrace.audit.estimate_missed, 64 keys a row, 90% intervals) of every row: interval coverage (the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sparsetrace import MaskConfig, load_model, oracle_mask, stream_mask
+from sparsetrace import MaskConfig, load_model, oracle_mask, shortlist_mask, stream_mask
 from sparsetrace.audit.estimate import estimate_missed, kept_logsumexp
 from sparsetrace.audit.exact import audit_query_blocks, audit_rows, droppable_query_blocks
 from sparsetrace.datasets.essays import haystack_text
@@ -94,6 +94,7 @@ def calibrate(name: str, args) -> dict:
             kw = dict(scale=scale, window=window)
             selections = {
                 "stream": stream_mask(qb, kb, config, **kw).indices,
+                "shortlist": shortlist_mask(qb, kb, config, **kw).indices,
                 "oracle": top_middle(scores, T, S, config, window),
             }
             for sel, indices in selections.items():
