@@ -52,16 +52,20 @@ CASES = [
 ]
 
 
+def _float64_contract(q, k, config: MaskConfig, window):
+    """q, k in float64 on the CPU, the forced sinks, m and the candidate ranges ``[lo, n)`` of every row."""
+    sinks = forced_sinks(config, window)
+    lo, n = candidate_range(q.shape[2], k.shape[2], config, "cpu", window)
+    return q.double().cpu(), k.double().cpu(), sinks, config.top_k - sinks - config.local_blocks, lo, n
+
+
 def tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
     """Rows ``[B, Hq, nQ]`` where the float64 search meets a near tie at some level (CPU, float64)."""
     from sparsetrace.kernels.scoring import score_halves_torch
 
-    q, k = q.double().cpu(), k.double().cpu()
+    q, k, sinks, m, lo, n = _float64_contract(q, k, config, window)
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    sinks = forced_sinks(config, window)
-    m = config.top_k - sinks - config.local_blocks
-    lo, n = candidate_range(T, S, config, "cpu", window)
     n_kb = math.ceil(S / config.block_k)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=m)
     starts, ends = split_into_groups(lo + sinks, count, m)
@@ -210,12 +214,9 @@ def main() -> int:
 def shortlist_tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
     """Rows ``[B, Hq, nQ]`` where SHORTLIST meets a near tie in float64: the C-th and (C+1)-th pre-scores,
     or the m-th and (m+1)-th exact scores inside the shortlist, within ``TIE_RTOL``."""
-    q, k = q.double().cpu(), k.double().cpu()
+    q, k, sinks, m, lo, n = _float64_contract(q, k, config, window)
     B, Hq, T, _ = q.shape
     S = k.shape[2]
-    sinks = forced_sinks(config, window)
-    m = config.top_k - sinks - config.local_blocks
-    lo, n = candidate_range(T, S, config, "cpu", window)
     j = torch.arange(math.ceil(S / config.block_k))
     middle = (j >= (lo + sinks)[:, None]) & (j < (n - config.local_blocks)[:, None])  # [nQ, nKB]
     sizes = shortlist_sizes(middle.sum(-1), m)  # [nQ]
