@@ -30,7 +30,7 @@ import torch
 
 from sparsetrace import BlockMask, MaskConfig, shortlist_mask, sparse_attention, stream_mask
 from sparsetrace.attention.dense import sparse_attention_reference
-from sparsetrace.selection.blocks import candidate_range, forced_sinks, query_blocks
+from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
 from sparsetrace.selection.oracle import block_scores
 from sparsetrace.selection.shortlist import Z, pre_scores, shortlist_sizes
 from sparsetrace.selection.stream import halves, split_into_groups
@@ -218,7 +218,7 @@ def shortlist_tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
     B, Hq, T, _ = q.shape
     S = k.shape[2]
     j = torch.arange(math.ceil(S / config.block_k))
-    middle = (j >= (lo + sinks)[:, None]) & (j < (n - config.local_blocks)[:, None])  # [nQ, nKB]
+    middle = in_middle(j[None, :], lo, n, sinks, config)  # [nQ, nKB]
     sizes = shortlist_sizes(middle.sum(-1), m)  # [nQ]
     q_used = query_blocks(q[:1, :1], config, S)[2]
     # step 1 in float64 (the library pools in float32, so it is written out here)

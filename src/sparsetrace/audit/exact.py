@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..config import MaskConfig
-from ..selection.blocks import candidate_range, forced_sinks, kept_blocks, key_blocks, may_attend
+from ..selection.blocks import candidate_range, forced_sinks, in_middle, kept_blocks, key_blocks, may_attend
 from ..selection.oracle import top_middle
 
 # --------------------------------------------------------------------------- which rows to audit
@@ -144,8 +144,7 @@ def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_bl
     lo, n = (x.index_select(0, rows) for x in candidate_range(T, S, config, q.device, window))
     sinks = forced_sinks(config, window)
     o = oracle.long()
-    searched = ((o >= lo[:, None] + sinks) & (o < (n - config.local_blocks)[:, None]) & (o >= 0)
-                & (n - lo > top_k)[:, None])  # [B, Hq, r, top_k]
+    searched = in_middle(o, lo, n, sinks, config) & (n - lo > top_k)[:, None]  # [B, Hq, r, top_k]
     hits = (kept.gather(-1, o.clamp(min=0)) & searched).sum(-1)
     picks = searched.sum(-1)
     recall = torch.where(picks > 0, hits / picks.clamp(min=1), math.nan)

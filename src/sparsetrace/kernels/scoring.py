@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..config import MaskConfig
-from ..selection.blocks import centre_blocks, key_blocks, query_blocks, tile_scores
+from ..selection.blocks import centre_blocks, chunked_tile_scores, key_blocks, query_blocks
 from .tiles import load_query_tile, logit_tile, program_row, reduce_tile, triton_supported
 
 
@@ -158,16 +158,10 @@ def score_halves_torch(q, k, half_starts, half_ends, config: MaskConfig, scale: 
                        window: int | None = None, *, max_elements: int = 2**28) -> torch.Tensor:
     """The same scores with ``selection.blocks.tile_scores`` (the CPU path), chunked over query blocks so the
     ``[B, Hq, chunk, bq, 2m * bk]`` float32 tile stays under ``max_elements``. Any device."""
-    B, Hq, nQ, R = half_starts.shape
     S = k.shape[2]
-    n_kb = math.ceil(S / config.block_k)
     q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
     k_blocks = key_blocks(k, config.block_k)  # [B, Hkv, nKB, bk, D]
-    centre = centre_blocks(half_starts, half_ends, n_kb)  # [B, Hq, nQ, R]
-    step = max(1, max_elements // (B * Hq * config.block_q * R * config.block_k * 2))
-    out = []
-    for i in range(0, nQ, step):
-        sl = slice(i, min(i + step, nQ))
-        out.append(tile_scores(q_blocks[:, :, sl], q_pos[sl], q_used[sl], k_blocks, centre[:, :, sl],
-                                config, scale, window))
-    return torch.cat(out, dim=2)  # [B, Hq, nQ, R]
+    centre = centre_blocks(half_starts, half_ends, math.ceil(S / config.block_k))  # [B, Hq, nQ, R]
+    # half the budget: the masked copy of each tile doubles it
+    return chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, centre, config, scale, window,
+                               max_elements=max_elements // 2)

@@ -168,6 +168,14 @@ def centre_blocks(half_starts: torch.Tensor, half_ends: torch.Tensor, num_key_bl
     return torch.clamp((half_starts + half_ends - 1) // 2, 0, num_key_blocks - 1)
 
 
+def in_middle(block_ids: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, sinks: int,
+              config: MaskConfig) -> torch.Tensor:
+    """Whether each key block of ``block_ids [..., nQ, w]`` is a middle candidate of its query block, i.e. in
+    ``[lo + sinks, n - local_blocks)`` with ``lo, n [nQ]``: the blocks a search chooses among (forced sinks
+    and locals, and -1 padding, are not)."""
+    return (block_ids >= (lo + sinks)[:, None]) & (block_ids < (n - config.local_blocks)[:, None])
+
+
 def tile_scores(q_blocks, q_pos, q_used, k_blocks, block_ids, config: MaskConfig, scale: float,
                  window: int | None = None, visible: bool = False):
     """Score key blocks ``block_ids [B, Hq, nQ, R]`` for every query block: ``[B, Hq, nQ, R]`` float32.
@@ -188,6 +196,19 @@ def tile_scores(q_blocks, q_pos, q_used, k_blocks, block_ids, config: MaskConfig
     if config.score == "max":
         return logits.amax(dim=-1).view(B, Hq, nQ, R, bk).amax(dim=-1)
     return logits.view(B, Hq, nQ, R, -1).logsumexp(dim=-1)  # [B, Hq, nQ, R]
+
+
+def chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, block_ids, config: MaskConfig, scale: float,
+                        window: int | None = None, visible: bool = False, *, max_elements: int) -> torch.Tensor:
+    """:func:`tile_scores` a few query blocks at a time, so each ``[B, Hq, c, R * bk, bq]`` logit tile stays
+    under ``max_elements`` floats; same arguments and result."""
+    B, Hq, nQ, R = block_ids.shape
+    step = max(1, max_elements // (B * Hq * R * config.block_k * config.block_q))
+    return torch.cat([
+        tile_scores(q_blocks[:, :, i:i + step], q_pos[i:i + step], q_used[i:i + step], k_blocks,
+                    block_ids[:, :, i:i + step], config, scale, window, visible)
+        for i in range(0, nQ, step)
+    ], dim=2)
 
 
 def forced_sinks(config: MaskConfig, window: int | None) -> int:

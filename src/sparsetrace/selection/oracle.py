@@ -13,7 +13,17 @@ import math
 import torch
 
 from ..config import MaskConfig
-from .blocks import BlockMask, assemble, candidate_range, check_qk, forced_sinks, key_blocks, query_blocks, tile_scores
+from .blocks import (
+    BlockMask,
+    assemble,
+    candidate_range,
+    check_qk,
+    chunked_tile_scores,
+    forced_sinks,
+    in_middle,
+    key_blocks,
+    query_blocks,
+)
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
@@ -29,14 +39,9 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale:
     q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D]
     k_blocks = key_blocks(k, config.block_k)  # [B, Hkv, nKB, bk, D]
     nQ, n_kb = q_blocks.shape[2], k_blocks.shape[2]
-    all_blocks = torch.arange(n_kb, device=q.device)
-    step = max(1, max_elements // (B * Hq * config.block_q * n_kb * config.block_k))
-    out = []
-    for i in range(0, nQ, step):  # chunks of query blocks bound the [bq, S] logit tiles
-        sl = slice(i, min(i + step, nQ))
-        ids = all_blocks.expand(B, Hq, sl.stop - sl.start, -1)  # [B, Hq, c, nKB]
-        out.append(tile_scores(q_blocks[:, :, sl], q_pos[sl], q_used[sl], k_blocks, ids, config, scale, window))
-    return torch.cat(out, dim=2)
+    every_block = torch.arange(n_kb, device=q.device).expand(B, Hq, nQ, -1)  # [B, Hq, nQ, nKB], a view
+    return chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, every_block, config, scale, window,
+                               max_elements=max_elements)
 
 
 def top_middle(scores: torch.Tensor, T: int, S: int, config: MaskConfig, window: int | None,
@@ -48,8 +53,7 @@ def top_middle(scores: torch.Tensor, T: int, S: int, config: MaskConfig, window:
     lo, n = candidate_range(T, S, config, scores.device, window)  # [nQ] each
     if rows is not None:
         lo, n = lo.index_select(0, rows), n.index_select(0, rows)
-    j = torch.arange(scores.shape[-1], device=scores.device)
-    middle = (j[None, :] >= (lo + sinks)[:, None]) & (j[None, :] < (n - config.local_blocks)[:, None])  # [nQ, nKB]
+    middle = in_middle(torch.arange(scores.shape[-1], device=scores.device)[None, :], lo, n, sinks, config)
     scores = scores.masked_fill(~middle, -math.inf)
     m = config.top_k - sinks - config.local_blocks
     if scores.shape[-1] < m:  # every row keeps everything; give assemble a well-shaped dummy

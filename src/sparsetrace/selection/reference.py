@@ -15,10 +15,15 @@ from ..config import MaskConfig
 from .blocks import BlockMask  # the container only: every number below is computed here
 
 
+def _used_rows(i, T, block_q, query_stride) -> list[int]:
+    """The queries of block i that score: every ``query_stride``-th row and the block's last real one."""
+    q_rows = list(range(i * block_q, min((i + 1) * block_q, T)))
+    return [t for r, t in enumerate(q_rows) if r % query_stride == 0 or t == q_rows[-1]]
+
+
 def _block_score(q, k, b, h, group, i, j, T, S, block_q, block_k, score, scale, query_stride, window):
     """Score of key block j for query block i (float64), over causally allowed (query, key) pairs."""
-    q_rows = list(range(i * block_q, min((i + 1) * block_q, T)))
-    used = [t for r, t in enumerate(q_rows) if r % query_stride == 0 or t == q_rows[-1]]
+    used = _used_rows(i, T, block_q, query_stride)
     qs = q[b, h, used].double()  # [u, D]
     keys = k[b, h // group, j * block_k : min((j + 1) * block_k, S)].double()  # [w, D]
     logits = qs @ keys.T  # [u, w]
@@ -36,9 +41,7 @@ def _block_score(q, k, b, h, group, i, j, T, S, block_q, block_k, score, scale, 
 def _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, query_stride, z):
     """SHORTLIST's pooled guess for key block j and query block i (float64): ``qsum . mean(keys)`` plus z
     times ``sqrt(qsum^2 . var(keys))``, qsum the sum of the block's used queries, var per dimension."""
-    q_rows = list(range(i * block_q, min((i + 1) * block_q, T)))
-    used = [t for r, t in enumerate(q_rows) if r % query_stride == 0 or t == q_rows[-1]]
-    q_sum = q[b, h, used].double().sum(0)  # [D]
+    q_sum = q[b, h, _used_rows(i, T, block_q, query_stride)].double().sum(0)  # [D]
     keys = k[b, h // group, j * block_k : min((j + 1) * block_k, S)].double()  # [w, D]
     mean = keys.mean(0)
     var = torch.clamp((keys * keys).mean(0) - mean * mean, min=0.0)

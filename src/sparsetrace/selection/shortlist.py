@@ -43,11 +43,12 @@ from .blocks import (
     assemble,
     candidate_range,
     check_qk,
+    chunked_tile_scores,
     forced_sinks,
+    in_middle,
     key_blocks,
     middle_is_visible,
     query_blocks,
-    tile_scores,
 )
 
 Z = 3.0  # step 2's weight of the pooled standard deviation
@@ -147,8 +148,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     _, q_pos, q_used = query_blocks(q[:1, :1, :, :1], config, S)  # [nQ, bq] each: they depend on T, S only
     k_mean, k_var = pool_keys(k, config.block_k)
     q_sum = pool_queries(q, q_used)
-    j = torch.arange(n_kb, device=q.device)
-    middle = (j >= (lo + sinks)[:, None]) & (j < (n - config.local_blocks)[:, None])  # [nQ, nKB]
+    middle = in_middle(torch.arange(n_kb, device=q.device)[None, :], lo, n, sinks, config)  # [nQ, nKB]
     step = max(1, max_elements // (B * Hq * n_kb))
     candidates = torch.cat([
         top_columns(pre_scores(q_sum[:, :, i:i + step], k_mean, k_var, z).masked_fill(~middle[i:i + step],
@@ -161,8 +161,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
         rescore = _torch_rescorer(q, k, config, scale, window, max_elements)
     exact = rescore(candidates)
     in_shortlist = torch.arange(width, device=q.device) < sizes[:, None]  # [nQ, width]
-    is_middle = middle[torch.arange(nQ, device=q.device)[:, None], candidates]  # [B, Hq, nQ, width]
-    exact = exact.masked_fill(~(in_shortlist & is_middle), -math.inf)
+    exact = exact.masked_fill(~(in_shortlist & in_middle(candidates, lo, n, sinks, config)), -math.inf)
     selected = keep_best(candidates, exact, m)  # [B, Hq, nQ, m]
     return BlockMask(assemble(selected, lo, n, sinks, config), config.block_q, config.block_k)
 
@@ -174,13 +173,5 @@ def _torch_rescorer(q, k, config: MaskConfig, scale: float, window: int | None, 
     k_blocks = key_blocks(k, config.block_k)
     visible = middle_is_visible(q.shape[2], S, config, window)
 
-    def rescore(candidates: torch.Tensor) -> torch.Tensor:
-        B, Hq, nQ, width = candidates.shape
-        step = max(1, max_elements // (B * Hq * width * config.block_k * config.block_q))
-        return torch.cat([
-            tile_scores(q_blocks[:, :, i:i + step], q_pos[i:i + step], q_used[i:i + step], k_blocks,
-                        candidates[:, :, i:i + step], config, scale, window, visible)
-            for i in range(0, nQ, step)
-        ], dim=2)
-
-    return rescore
+    return lambda candidates: chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, candidates, config, scale,
+                                                  window, visible, max_elements=max_elements)
