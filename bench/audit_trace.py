@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sparsetrace import TraceConfig, load_model
-from sparsetrace.analysis.audit import audit_summary
+from sparsetrace.analysis.audit import audit_summary, missed_by_layer, missed_by_position
 from sparsetrace.datasets.essays import haystack_text
 from sparsetrace.tracing.tracer import trace_text
 
@@ -32,18 +32,17 @@ MODES = {"unaudited": dict(audit_rate=0, missed_samples=0), "audit": dict(missed
 
 
 def tables(trace) -> dict:
-    """Audited missed mass and recall by layer and by position decile of the audited query blocks."""
-    audit = trace.audit()
-    missed, recall, rows = audit["missed"].double(), audit["recall"].double(), audit["query_block"]
-    decile = torch.clamp(rows * 10 // trace.num_query_blocks, max=9)
-    by_layer = [{"layer": layer, "missed": float(missed[layer].mean()), "recall": float(recall[layer].nanmean())}
-                for layer in range(trace.num_layers)]
-    by_decile = []
-    for d in range(10):
-        pick = decile == d
-        if pick.any():
-            by_decile.append({"decile": d, "rows": int(pick.sum()), "missed": float(missed[..., pick].mean()),
-                              "recall": float(recall[..., pick].nanmean())})
+    """Audited missed mass and recall by layer and by position decile of the audited query blocks (the
+    point values of ``analysis.audit.missed_by_layer`` / ``missed_by_position``, whose bootstrap intervals
+    the report plots)."""
+    layers, deciles = missed_by_layer(trace)["audited"], missed_by_position(trace, bins=10)["bins"]
+    def value(stat):  # JSON nulls (undefined recall) as NaN, as the tables print them
+        return math.nan if stat[0] is None else stat[0]
+
+    by_layer = [{"layer": layer, "missed": value(missed), "recall": value(recall)}
+                for layer, (missed, recall) in enumerate(zip(layers["mean"], layers["recall"], strict=True))]
+    by_decile = [{"decile": d["bin"], "rows": d["audited_blocks"], "missed": value(d["audited"]),
+                  "recall": value(d["recall"])} for d in deciles if d["audited_blocks"]]
     return {"by_layer": by_layer, "by_decile": by_decile, "summary": audit_summary(trace)}
 
 

@@ -37,6 +37,12 @@ def _mean(x: torch.Tensor) -> float:
     return float(torch.nanmean(x.double()))
 
 
+def _audited(trace) -> dict | None:
+    """``trace.audit()``, or None when the trace has no audit or audited no row."""
+    audit = trace.audit()
+    return None if audit is None or audit["query_block"].numel() == 0 else audit
+
+
 def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
     """JSON-able summary of a trace's audit, or None when it has none.
 
@@ -46,8 +52,8 @@ def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
     estimate, ``estimated_missed_mean`` over every row of the trace and ``interval_coverage``: how often
     the estimate's interval holds the exact value on the audited rows.
     """
-    audit = trace.audit()
-    if audit is None or audit["query_block"].numel() == 0:
+    audit = _audited(trace)
+    if audit is None:
         return None
     g = torch.Generator().manual_seed(seed)
     missed, recall = audit["missed"], audit["recall"]  # [L, H, r]
@@ -146,9 +152,7 @@ def missed_by_layer(trace, *, seed: int = 0) -> dict | None:
     (mean) ``[L, 3]`` over the exactly audited rows, ``[value, low, high]`` with a ``LEVEL`` bootstrap interval
     over the audited query blocks (None for what is undefined: the interval of a single audited block, the
     recall of rows that keep every candidate)."""
-    audit = trace.audit()
-    if audit is not None and audit["query_block"].numel() == 0:
-        audit = None
+    audit = _audited(trace)
     if audit is None and not trace.has_missed:
         return None
     out: dict = {"layers": trace.num_layers, "level": LEVEL, "estimate": None, "audited": None}
@@ -186,9 +190,7 @@ def missed_by_position(trace, *, bins: int = 10, seed: int = 0) -> dict | None:
     ``at_audited`` (the mean estimate on the bin's audited rows), ``audited_blocks``, ``audited`` and
     ``recall`` ``[mean, low, high]`` over the bin's audited rows with a ``LEVEL`` bootstrap interval over its
     audited query blocks (None where the bin has none; low and high None where it has one)."""
-    audit = trace.audit()
-    if audit is not None and audit["query_block"].numel() == 0:
-        audit = None
+    audit = _audited(trace)
     if audit is None and not trace.has_missed:
         return None
     nq, T = trace.num_query_blocks, trace.num_tokens
