@@ -18,6 +18,10 @@ What is compared, per case (ragged T and S, q_offset = S - T > 0, GQA, batch 2, 
   its plain-loop float64 reference (``impl="reference"``), float32 and bf16 inputs; rows may differ only
   where the float64 pre-scores tie at the shortlist's cut or the exact scores at the m-th pick
   (:func:`shortlist_tie_rows`). ``--shortlist-only`` runs this part alone.
+- audit: ``audit_rows`` with the fused Triton scan (``ops.audit_scanner``) against the torch scan in float64 on
+  the CPU, a few query blocks per case: missed mass within ``AUDIT_TOL`` and the oracle rows equal, except
+  where the float64 block scores tie at the m-th pick. ``--audit-only`` runs this part alone (``--cpu``: the
+  check's own dry run, torch scan against float64).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 
 from sparsetrace import BlockMask, MaskConfig, shortlist_mask, sparse_attention, stream_mask
 from sparsetrace.attention.dense import sparse_attention_reference
+from sparsetrace.audit.exact import audit_rows
+from sparsetrace.ops import audit_scanner
 from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
 from sparsetrace.selection.oracle import block_scores
 from sparsetrace.selection.shortlist import Z, pre_scores, shortlist_sizes
@@ -39,6 +45,7 @@ TIE_RTOL = 1e-4  # float32 scores of D <= 256 products differ by ~1e-6 relative;
 ATT_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}  # relative Frobenius error always accepted
 MASS_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}  # max abs mass error always accepted
 ROWSUM_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+AUDIT_TOL = 1e-4  # missed mass: float32 logits of the same (bf16-exact) inputs against float64
 
 # (name, B, Hq, Hkv, T, S, D, block_q, block_k, top_k, sink, local, score, query_stride, window)
 CASES = [
@@ -120,10 +127,11 @@ def max_err(got, want) -> float:
 
 
 def main() -> int:
-    if "--shortlist-only" in sys.argv and "--cpu" in sys.argv:  # the check's own dry run, torch path
-        failures = check_shortlist("cpu", torch.Generator().manual_seed(20261202))
-        print("FAIL\n  " + "\n  ".join(failures) if failures else "PASS")
-        return 1 if failures else 0
+    for flag, check in (("--shortlist-only", check_shortlist), ("--audit-only", check_audit)):
+        if flag in sys.argv and "--cpu" in sys.argv:  # the check's own dry run, torch path
+            failures = check("cpu", torch.Generator().manual_seed(20261202))
+            print("FAIL\n  " + "\n  ".join(failures) if failures else "PASS")
+            return 1 if failures else 0
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device.")
         return 2
@@ -142,6 +150,11 @@ def main() -> int:
         print("FAIL\n  " + "\n  ".join(shortlist_failures) if shortlist_failures else "PASS")
         return 1 if shortlist_failures else 0
     failures += shortlist_failures
+    audit_failures = check_audit("cuda", torch.Generator().manual_seed(20261203))
+    if "--audit-only" in sys.argv:
+        print("FAIL\n  " + "\n  ".join(audit_failures) if audit_failures else "PASS")
+        return 1 if audit_failures else 0
+    failures += audit_failures
     for case in CASES:
         name, B, Hq, Hkv, T, S, D, bq, bk, top_k, sink, local, score, stride, window = case
         config = MaskConfig(block_q=bq, block_k=bk, top_k=top_k, sink_blocks=sink, local_blocks=local,
@@ -268,6 +281,53 @@ def check_shortlist(device: str, gen: torch.Generator) -> list[str]:
             if bad:
                 failures.append(f"shortlist {name} {dtype}: {bad} index rows differ from the loop without a tie")
     return failures
+
+
+def check_audit(device: str, gen: torch.Generator) -> list[str]:
+    """The exact audit on ``device`` (the fused Triton scan on CUDA) against the torch scan in float64 on the
+    CPU, five query blocks a case; prints one line per case and dtype."""
+    failures = []
+    for case in CASES:
+        name, B, Hq, Hkv, T, S, D, bq, bk, top_k, sink, local, score, stride, window = case
+        config = MaskConfig(block_q=bq, block_k=bk, top_k=top_k, sink_blocks=sink, local_blocks=local,
+                            score=score, query_stride=stride)
+        q32, k32 = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen)
+        nQ = math.ceil(T / bq)
+        blocks = torch.unique(torch.linspace(0, nQ - 1, 5).round().long())
+        for dtype in (torch.float32, torch.bfloat16):
+            t0 = time.perf_counter()
+            q, k = q32.to(dtype), k32.to(dtype)
+            indices = stream_mask(q, k, config, window=window).indices
+            want_missed, want_recall, want_oracle = audit_rows(q.double(), k.double(), indices, blocks, config,
+                                                               window=window, return_oracle=True)
+            qd, kd = q.to(device), k.to(device)
+            got_missed, got_recall, got_oracle = audit_rows(
+                qd, kd, indices.to(device), blocks.to(device), config, window=window, return_oracle=True,
+                scan=audit_scanner(qd, config))
+            err = (got_missed.cpu().double() - want_missed.double()).abs().max().item()
+            differ = (got_oracle.cpu() != want_oracle).any(-1)  # [B, Hq, r]
+            ties = _oracle_tie_rows(q, k, config, window, D**-0.5, blocks)
+            bad = int((differ & ~ties).sum())
+            print(f"audit     {name:22s} {str(dtype)[6:]:8s} rows {differ.numel():4d} missed err {err:.1e} "
+                  f"oracle rows differ {int(differ.sum())} ties {int(ties.sum())} bad {bad} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            if not err <= AUDIT_TOL:
+                failures.append(f"audit {name} {dtype}: missed mass error {err:.2e} > {AUDIT_TOL:.0e}")
+            if bad:
+                failures.append(f"audit {name} {dtype}: {bad} oracle rows differ without a tie")
+    return failures
+
+
+def _oracle_tie_rows(q, k, config: MaskConfig, window, scale, rows) -> torch.Tensor:
+    """Audited rows ``[B, Hq, r]`` whose float64 middle block scores tie (within ``TIE_RTOL``) at the m-th pick."""
+    q, k, sinks, m, lo, n = _float64_contract(q, k, config, window)
+    exact = block_scores(q, k, config, scale=scale, window=window).double().index_select(2, rows)
+    middle = in_middle(torch.arange(exact.shape[-1])[None, :], lo[rows], n[rows], sinks, config)
+    top = torch.sort(exact.masked_fill(~middle, -math.inf), dim=-1, descending=True).values
+    if top.shape[-1] <= m:
+        return torch.zeros(top.shape[:-1], dtype=torch.bool)
+    kth, nxt = top[..., m - 1], top[..., m]
+    return torch.isfinite(nxt) & ((kth - nxt).abs() <= TIE_RTOL * kth.abs().clamp(min=1.0))
 
 
 def _reference_lse(q, k, dense, scale):

@@ -130,6 +130,20 @@ def _gpu_rescorer(q, k, config: MaskConfig, scale: float | None, window: int | N
     return lambda block_ids: scoring.score_blocks(q, k, block_ids, config, scale, window)
 
 
+def audit_scanner(q: torch.Tensor, config: MaskConfig, impl: str = "auto"):
+    """The dense pass of the exact audit (``audit.exact.audit_rows``'s ``scan``) for ``q``'s device: the fused
+    Triton scan on CUDA, or None (the torch scan) on the CPU and for tiles the kernel does not take."""
+    if resolve_impl(impl, q) != "triton" or _triton_unsupported(q, config) is not None:
+        return None
+    from .kernels import audit
+
+    def scan(q, k, rows, kept, config, scale, window):
+        with on_device(q):
+            return audit.audit_scan(q, k.to(q.dtype), rows, kept, config, scale, window)
+
+    return scan
+
+
 def _config(config: MaskConfig | None, options: dict, estimator: str) -> MaskConfig:
     if config is not None and options:
         raise UsageError(f"pass either config or options {sorted(options)}, not both.")

@@ -70,41 +70,19 @@ def _gather_query_blocks(q: torch.Tensor, rows: torch.Tensor, block_q: int) -> t
     return q_pad.view(B, Hq, nQ, block_q, D).index_select(2, rows)  # [B, Hq, r, bq, D]
 
 
-def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_blocks, config: MaskConfig, *,
-               scale: float | None = None, window: int | None = None, max_elements: int = 2**24,
-               return_oracle: bool = False):
-    """Exact missed mass and recall of the kept selection for the query blocks ``query_blocks``.
+def scan_torch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor, config: MaskConfig,
+               scale: float, window: int | None = None, *, max_elements: int = 2**24):
+    """The dense pass of :func:`audit_rows` for the query blocks ``rows [r]`` of q (any device): one pass
+    over the keys in chunks of whole key blocks, ``logits [B, Hq, r, bq, chunk]`` reduced at once to
+    per-key-block log-sum-exps and block scores; nothing of size ``[T, S]`` is kept.
 
-    Args:
-        q: post-RoPE queries ``[B, Hq, T, D]`` (the last T of S positions); k: keys ``[B, Hkv, S, D]``
-            (GQA: head h reads kv head ``h // (Hq // Hkv)``).
-        indices: the kept key blocks of every query block, int ``[B, Hq, nQ, top_k]`` (a BlockMask's).
-        query_blocks: the r query blocks to audit (ints in ``[0, nQ)``), the same for every head.
-        config: the selection's contract (block sizes, top_k, forced blocks, score), for the oracle row.
-        scale: logit scale (default ``D ** -0.5``); window: sliding window of the layer (None = global).
-        max_elements: bound on the logit tile of one key chunk (floats), which bounds memory.
-        return_oracle: also return the oracle's rows ``[B, Hq, r, top_k]`` int32.
-
-    Returns:
-        ``missed [B, Hq, r]`` float32: mean over the block's real queries of ``1 - sum_kept p``, with p
-        the softmax over every allowed key (causal, inside ``window``); kept keys are the allowed keys
-        of the kept blocks, as :func:`sparsetrace.sparse_attention` attends them.
-        ``recall [B, Hq, r]`` float32: ``|kept & O| / |O|`` with O the oracle's *searched* blocks (its row
-        minus the forced sinks and locals). Forced blocks are left out because every contract-abiding
-        selection keeps them, so counting them only pulls recall towards 1 by construction (this is
-        also bench/recall.py's "recall (searched blocks)"). NaN where the search does not run (the row
-        keeps every candidate, O is empty).
-
-    One pass over the keys in chunks of whole key blocks: ``logits [B, Hq, r, bq, chunk]``, reduced at
-    once to per-key-block log-sum-exps (for the running normalisers over all keys and over kept keys)
-    and block scores (for the oracle); nothing of size ``[T, S]`` is kept.
-    """
+    Returns ``lse_all, lse_kept [B, Hq, r, bq]`` (each query's log-sum-exp of its scaled logits over all
+    allowed keys / the allowed keys of the blocks ``kept [B, Hq, r, nKB]``; -inf where none) and the block
+    scores ``[B, Hq, r, nKB]`` (-inf where nothing is allowed), float64 for float64 inputs, else float32.
+    ``sparsetrace.kernels.audit.audit_scan`` is the same pass fused on the GPU."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    block_q, block_k, top_k, score = config.block_q, config.block_k, config.top_k, config.score
-    scale = D**-0.5 if scale is None else scale
-    bq, bk, g = block_q, block_k, Hq // Hkv
-    rows = torch.as_tensor(query_blocks, dtype=torch.long, device=q.device).flatten()
+    bq, bk, g = config.block_q, config.block_k, Hq // Hkv
     r, n_kb = rows.numel(), math.ceil(S / bk)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -113,7 +91,6 @@ def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_bl
     t = rows[:, None] * bq + torch.arange(bq, device=q.device)  # [r, bq] query index in q
     real = t < T  # [r, bq]
     q_pos = t + (S - T)  # [r, bq] absolute positions
-    kept = kept_blocks(indices.index_select(2, rows), n_kb)  # [B, Hq, r, nKB]
 
     lse_all = torch.full((B, Hq, r, bq), -math.inf, dtype=compute, device=q.device)
     lse_kept = lse_all.clone()
@@ -131,16 +108,57 @@ def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_bl
         lse_all = torch.logaddexp(lse_all, per_block.logsumexp(-1))
         chunk_kept = kept[:, :, :, None, j0:j1]  # [B, Hq, r, 1, w]
         lse_kept = torch.logaddexp(lse_kept, per_block.masked_fill(~chunk_kept, -math.inf).logsumexp(-1))
-        if score == "max":
+        if config.score == "max":
             scores.append(raw.masked_fill(~ok, -math.inf).amax(dim=(3, 5)))  # [B, Hq, r, w]
         else:
             scores.append(logits.transpose(3, 4).reshape(B, Hq, r, j1 - j0, bq * bk).logsumexp(-1))
+    return lse_all, lse_kept, torch.cat(scores, dim=-1)
 
+
+def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_blocks, config: MaskConfig, *,
+               scale: float | None = None, window: int | None = None, max_elements: int = 2**24,
+               return_oracle: bool = False, scan=None):
+    """Exact missed mass and recall of the kept selection for the query blocks ``query_blocks``.
+
+    Args:
+        q: post-RoPE queries ``[B, Hq, T, D]`` (the last T of S positions); k: keys ``[B, Hkv, S, D]``
+            (GQA: head h reads kv head ``h // (Hq // Hkv)``).
+        indices: the kept key blocks of every query block, int ``[B, Hq, nQ, top_k]`` (a BlockMask's).
+        query_blocks: the r query blocks to audit (ints in ``[0, nQ)``), the same for every head.
+        config: the selection's contract (block sizes, top_k, forced blocks, score), for the oracle row.
+        scale: logit scale (default ``D ** -0.5``); window: sliding window of the layer (None = global).
+        max_elements: bound on the logit tile of one key chunk (floats), which bounds memory.
+        return_oracle: also return the oracle's rows ``[B, Hq, r, top_k]`` int32.
+        scan: the dense pass, ``scan(q, k, rows, kept, config, scale, window)`` with :func:`scan_torch`'s
+            contract (default: :func:`scan_torch`; ``sparsetrace.ops.audit_scanner`` gives the GPU one).
+
+    Returns:
+        ``missed [B, Hq, r]`` float32: mean over the block's real queries of ``1 - sum_kept p``, with p
+        the softmax over every allowed key (causal, inside ``window``); kept keys are the allowed keys
+        of the kept blocks, as :func:`sparsetrace.sparse_attention` attends them.
+        ``recall [B, Hq, r]`` float32: ``|kept & O| / |O|`` with O the oracle's *searched* blocks (its row
+        minus the forced sinks and locals). Forced blocks are left out because every contract-abiding
+        selection keeps them, so counting them only pulls recall towards 1 by construction (this is
+        also bench/recall.py's "recall (searched blocks)"). NaN where the search does not run (the row
+        keeps every candidate, O is empty).
+    """
+    T, S = q.shape[2], k.shape[2]
+    top_k = config.top_k
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = torch.as_tensor(query_blocks, dtype=torch.long, device=q.device).flatten()
+    n_kb = math.ceil(S / config.block_k)
+    kept = kept_blocks(indices.index_select(2, rows), n_kb)  # [B, Hq, r, nKB]
+    if scan is None:
+        lse_all, lse_kept, scores = scan_torch(q, k, rows, kept, config, scale, window, max_elements=max_elements)
+    else:
+        lse_all, lse_kept, scores = scan(q, k, rows, kept, config, scale, window)
+
+    real = rows[:, None] * config.block_q + torch.arange(config.block_q, device=q.device) < T  # [r, bq]
     missed_q = -torch.expm1(lse_kept - lse_all)  # [B, Hq, r, bq]; no kept key -> 1
     missed_q = torch.where(real, missed_q, 0.0)
     missed = missed_q.sum(-1) / real.sum(-1).clamp(min=1)  # [B, Hq, r]
 
-    oracle = top_middle(torch.cat(scores, dim=-1).float(), T, S, config, window, rows)  # [B, Hq, r, top_k]
+    oracle = top_middle(scores.float(), T, S, config, window, rows)  # [B, Hq, r, top_k]
     lo, n = (x.index_select(0, rows) for x in candidate_range(T, S, config, q.device, window))
     sinks = forced_sinks(config, window)
     o = oracle.long()

@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..audit.estimate import estimate_missed
 from ..audit.exact import audit_query_blocks, audit_rows, droppable_query_blocks
 from ..config import TraceConfig
-from ..ops import select_blocks, sparse_attention
+from ..ops import audit_scanner, select_blocks, sparse_attention
 from ..selection.blocks import BlockMask
 
 ATTN_NAME = "sparsetrace"
@@ -88,7 +88,8 @@ class SparseSession:
             if len(rows):
                 big = 2**28 if query.is_cuda else 2**24  # logit tile of the dense pass, in floats
                 missed, recall = audit_rows(query, key, mask.indices, (rows - first).to(query.device),
-                                            config.mask, scale=scale, window=window, max_elements=big)
+                                            config.mask, scale=scale, window=window, max_elements=big,
+                                            scan=audit_scanner(query, config.mask))
                 record["audit"].update(missed=missed[0], recall=recall[0])
         self.layers[layer] = record
 
