@@ -239,9 +239,13 @@ def _census(pos, weight, unkept, r: int, bk: int):
     n_kb = unkept.shape[-1]
     count = unkept.sum(-1)  # [B, Hq, c]
     exact = count * bk <= r
-    ids = torch.sort(torch.where(unkept, torch.arange(n_kb, device=pos.device), n_kb), dim=-1).values
+    # The first ceil(r / bk) unkept blocks of each row, ascending (a census never needs more): a topk, not
+    # a sort of every row, which took 27 of 62 ms of the estimate's GPU time at 1M tokens (H200).
+    need = min(-(-r // bk), n_kb)
+    candidates = torch.where(unkept, torch.arange(n_kb, device=pos.device), n_kb)
+    ids = torch.topk(candidates, need, dim=-1, largest=False, sorted=True).values  # [B, Hq, c, need]
     slot = torch.arange(r, device=pos.device)
-    blk = ids.gather(-1, (slot // bk).clamp(max=n_kb - 1).expand(*ids.shape[:-1], r))  # [B, Hq, c, r]
+    blk = ids.gather(-1, (slot // bk).clamp(max=need - 1).expand(*ids.shape[:-1], r))  # [B, Hq, c, r]
     all_pos = blk.clamp(max=n_kb - 1) * bk + slot % bk
     pos = torch.where(exact[..., None], all_pos, pos)
     weight = torch.where(exact[..., None], (blk < n_kb).double(), weight)

@@ -76,8 +76,9 @@ class SparseSession:
         record = {"indices": mask.indices[0], "mass": mass[0]}
         if config.missed_samples:
             # The CPU default keeps slabs cache-sized; on a GPU that means thousands of tiny launches per
-            # layer (the 128k estimate took 45 s on an H200, 2026-12-02), so slabs are 16x larger there.
-            slab = 2**27 if query.is_cuda else 2**23
+            # layer (the 128k estimate took 45 s on an H200, 2026-12-02, and was still launch-bound with 16x
+            # larger slabs), so slabs are 64x larger there (a few GB of temporaries at most).
+            slab = 2**29 if query.is_cuda else 2**23
             record["missed"] = estimate_missed(query, key, mask.indices, config.mask, scale=scale, window=window,
                                                samples=config.missed_samples, kept_lse=lse,
                                                first_query_block=first, max_elements=slab)[0]
