@@ -38,7 +38,7 @@ from sparsetrace.audit.exact import audit_rows
 from sparsetrace.ops import audit_scanner
 from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
 from sparsetrace.selection.oracle import block_scores
-from sparsetrace.selection.shortlist import Z, pre_scores, query_groups, shortlist_sizes
+from sparsetrace.selection.shortlist import Z, pre_scores, shortlist_sizes
 from sparsetrace.selection.stream import halves, split_into_groups
 
 TIE_RTOL = 1e-4  # float32 scores of D <= 256 products differ by ~1e-6 relative; a margin under this is a tie
@@ -240,12 +240,9 @@ def shortlist_tie_rows(q, k, config: MaskConfig, window, scale) -> torch.Tensor:
     real = torch.clamp(S - j * config.block_k, max=config.block_k).double()[:, None]
     mean = blocks.sum(3) / real
     var = torch.clamp(blocks.square().sum(3) / real - mean.square(), min=0.0)
-    groups = query_groups(len(j), config.block_q)
-    member = torch.arange(config.block_q) * groups // config.block_q == torch.arange(groups)[:, None]
-    used = q_used[:, None, :] & member  # [nQ, G, bq]
-    q_blocks = torch.nn.functional.pad(q, (0, 0, 0, q_used.numel() - T)).view(B, Hq, *q_used.shape, -1)
-    q_sum = (q_blocks[:, :, :, None] * used[..., None]).sum(4)  # [B, Hq, nQ, G, D]
-    pre = pre_scores(q_sum, mean, var, Z, used.any(-1)).masked_fill(~middle, -math.inf)  # [B, Hq, nQ, nKB]
+    q_sum = (torch.nn.functional.pad(q, (0, 0, 0, q_used.numel() - T)).view(B, Hq, *q_used.shape, -1)
+             * q_used[:, :, None]).sum(3)
+    pre = pre_scores(q_sum, mean, var, Z).masked_fill(~middle, -math.inf)  # [B, Hq, nQ, nKB]
     exact = block_scores(q, k, config, scale=scale, window=window).double()
     ranked = torch.sort(pre, dim=-1, descending=True, stable=True)
     cut = (sizes.clamp(min=1) - 1)[None, None, :, None].expand(B, Hq, -1, 1)

@@ -155,39 +155,3 @@ def test_public_op_and_reference_impl():
     assert torch.equal(fast, sp.select_blocks(q, k, MaskConfig(estimator="shortlist", **kw)).indices)
     assert not torch.equal(fast, sp.stream_mask(q, k, **kw).indices)  # a different search, not an alias
     assert sp.TraceConfig.of(estimator="shortlist", top_k=4).mask.estimator == "shortlist"
-
-
-def test_query_groups_shrink_as_key_blocks_grow_so_the_pre_score_stays_bounded():
-    from sparsetrace.selection.shortlist import query_groups
-
-    assert [query_groups(n, 32) for n in (1, 128, 256, 257, 512, 1024, 1025, 2048, 16384)] == \
-        [8, 8, 8, 4, 4, 2, 1, 1, 1]
-    assert query_groups(10, 4) == 4 and query_groups(10, 6) == 4 and query_groups(10, 1) == 1  # <= block_q
-
-
-@pytest.mark.parametrize("stride", [1, 3])
-def test_grouped_pre_score_matches_loop_reference_where_groups_are_fewer_than_eight(stride):
-    # 600 key blocks: G = 2, so each query block's rows split in halves (stride 3 leaves uneven halves)
-    case = dict(B=1, Hkv=1, group=2, T=40, S=2400, D=8, block_q=16, block_k=4, top_k=6, sink=1, local=1, seed=21)
-    q, k = make_qkv(case)
-    got, want = _both(q, k, mask_kwargs(case, query_stride=stride))
-    assert torch.equal(got, want), _diff("G=2", got, want)
-
-
-def test_query_groups_keep_a_peak_that_one_pooled_query_averages_away():
-    # Every key block has the same spread on dimension 0 (keys alternate +-1.4) and mean 0, except block
-    # 17: zeros and one key of 8 (mean 0.25, about the same spread). One query of the last block points at
-    # it; the other 31 point the opposite way, so the block's pooled query (sum -11) scores block 17 below
-    # every other, while the group holding that query (sum 17) scores it first.
-    D, T = 16, 32 * 40
-    q = torch.zeros(1, 1, T, D)
-    k = torch.randn(1, 1, T, D, generator=torch.Generator().manual_seed(3)) * 0.1
-    k[0, 0, :, 0] = 1.4 * (1 - 2 * (torch.arange(T) % 2))
-    k[0, 0, 32 * 17:32 * 18, 0] = 0.0
-    k[0, 0, 32 * 17 + 5, 0] = 8.0
-    q[0, 0, -32:, 0] = -1.0
-    q[0, 0, -1, 0] = 20.0  # the last query alone
-    config = MaskConfig(estimator="shortlist", block_q=32, block_k=32, top_k=4)
-    got = shortlist_select(q, k, config, size=2).indices[0, 0, -1]
-    assert 17 in got.tolist()
-    assert torch.equal(shortlist_reference(q, k, config, size=2).indices[0, 0, -1], got)

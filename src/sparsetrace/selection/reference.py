@@ -38,31 +38,14 @@ def _block_score(q, k, b, h, group, i, j, T, S, block_q, block_k, score, scale, 
     return torch.logsumexp((logits * scale).flatten(), 0).item()
 
 
-def _query_groups(S, block_q, block_k) -> int:
-    """SHORTLIST's number of query groups: double from 1 while it stays <= 8 and <= block_q and
-    groups * (key blocks) <= 2048."""
-    n_kb = -(-S // block_k)
-    groups = 1
-    while groups * 2 <= 8 and groups * 2 <= block_q and groups * 2 * n_kb <= 2048:
-        groups = groups * 2
-    return groups
-
-
 def _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, query_stride, z):
-    """SHORTLIST's pooled guess for key block j and query block i (float64): over the query groups that hold
-    a used query (row r of the block in group ``r * G // block_q``), the largest ``qsum . mean(keys)`` plus
-    z times ``sqrt(qsum^2 . var(keys))``, qsum the sum of the group's used queries, var per dimension."""
+    """SHORTLIST's pooled guess for key block j and query block i (float64): ``qsum . mean(keys)`` plus z
+    times ``sqrt(qsum^2 . var(keys))``, qsum the sum of the block's used queries, var per dimension."""
+    q_sum = q[b, h, _used_rows(i, T, block_q, query_stride)].double().sum(0)  # [D]
     keys = k[b, h // group, j * block_k : min((j + 1) * block_k, S)].double()  # [w, D]
     mean = keys.mean(0)
     var = torch.clamp((keys * keys).mean(0) - mean * mean, min=0.0)
-    groups = _query_groups(S, block_q, block_k)
-    best = -math.inf
-    for g in range(groups):
-        rows = [t for t in _used_rows(i, T, block_q, query_stride) if (t - i * block_q) * groups // block_q == g]
-        if rows:
-            q_sum = q[b, h, rows].double().sum(0)  # [D]
-            best = max(best, (q_sum @ mean + z * torch.sqrt(q_sum * q_sum @ var)).item())
-    return best
+    return (q_sum @ mean + z * torch.sqrt(q_sum * q_sum @ var)).item()
 
 
 def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, window=None):

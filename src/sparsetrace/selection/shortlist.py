@@ -13,24 +13,17 @@ the last T of S positions. For every query block with more than ``top_k`` causal
 ``m = top_k - sinks - locals`` middle blocks are chosen among the candidates ``[lo + sinks, n - locals)``:
 
   1. pool: per key block j the mean ``kbar_j`` and per-dimension variance ``var_j`` of its real keys; per
-     query block i, G contiguous groups of its rows (row r in group ``r * G // block_q``) and the sum
-     ``qsum_ig`` of each group's used queries;
-  2. pre-score every candidate: ``max_g qsum_ig . kbar_j + z * sqrt(qsum_ig^2 . var_j)``, the block's mean
-     logit plus z standard deviations (a Gaussian guess at its top logit) for the best query group (groups
-     without a used query are skipped). z = 3: of 0, 2 and 3 it kept the most oracle picks and needles on
-     SmolLM2. G (:func:`query_groups`) is the largest power of two <= min(8, block_q) with
-     ``G * nKB <= 2048``: 8 up to 256 key blocks, 1 from 2048 on, so the pre-score's work per row stays
-     under 2048 D-dots where it is a visible share of the search (128k at block 64, 1M). Why groups: one
-     pooled query blurs the few queries of a block that look for a needle; on NIAH cases the best of 8
-     groups kept 0.91 of the oracle's needle blocks at k 4 where one pooled query kept 0.86
-     (bench/prescore_variants.py);
+     query block the sum ``qsum_i`` of its used queries (the mean times a constant of the row: same ranking);
+  2. pre-score every candidate: ``qsum_i . kbar_j + z * sqrt(qsum_i^2 . var_j)``, the block's mean logit plus
+     z standard deviations (a Gaussian guess at its top logit; one D-dot per block pair, 1/(bq*bk) of the
+     oracle's work). z = 3: of 0, 2 and 3 it kept the most oracle picks and needles on SmolLM2;
   3. shortlist the C best by pre-score (ties: the lower block), ``C = min(count, m * max(L, 2))`` with
      ``L = ceil(log2(ceil(count / m)))`` the levels STREAM runs over the same ``count`` candidates: half of
      STREAM's ``2m * L`` tiles;
   4. rescore the shortlist with the exact block score (one ``bq x bk`` tile per block, as the oracle);
   5. keep the m best exact scores (ties: the lower block).
 
-Cost per query block: ``2 * G * count * D`` multiply-adds for the pre-score plus C tiles (STREAM: ``2m * L``
+Cost per query block: ``2 * count * D`` multiply-adds for the pre-score plus C tiles (STREAM: ``2m * L``
 tiles); the ``[nQ, nKB]`` pre-scores are made a few query blocks at a time, so memory stays bounded. With
 ``size >= count`` every row is the oracle's. The GPU rescorer (``sparsetrace.kernels.scoring.score_blocks``)
 plugs into step 4 through ``rescore``; ``sparsetrace.ops`` chooses.
@@ -73,53 +66,25 @@ def pool_keys(k: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor
     return mean, var
 
 
-MAX_QUERY_GROUPS = 8
-GROUP_BUDGET = 2048  # pre-scored (query group, key block) pairs per query block, at most
-
-
-def query_groups(num_key_blocks: int, block_q: int) -> int:
-    """Step 1's G: the largest power of two <= min(8, block_q) with ``G * num_key_blocks <= 2048`` (at least 1)."""
-    groups = 1
-    while 2 * groups <= min(MAX_QUERY_GROUPS, block_q) and 2 * groups * num_key_blocks <= GROUP_BUDGET:
-        groups *= 2
-    return groups
-
-
-def pool_queries(q: torch.Tensor, q_used: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1, queries: per query block and group (row r in group ``r * groups // bq``), the sum of the used
-    rows ``q_used [nQ, bq]``: float32 ``[B, Hq, nQ, groups, D]`` (no float32 copy of q is made), and which
-    groups hold a used row, bool ``[nQ, groups]``."""
+def pool_queries(q: torch.Tensor, q_used: torch.Tensor) -> torch.Tensor:
+    """Step 1, queries: the sum of the used rows ``q_used [nQ, bq]`` of every query block, float32
+    ``[B, Hq, nQ, D]`` (no float32 copy of q is made)."""
     B, H, T, D = q.shape
     nQ, bq = q_used.shape
     blocks = torch.nn.functional.pad(q, (0, 0, 0, nQ * bq - T)).view(B, H, nQ, bq, D)
-    member = torch.arange(bq, device=q.device) * groups // bq == torch.arange(groups, device=q.device)[:, None]
-    weights = (q_used[:, None, :] & member).to(q.dtype)  # [nQ, groups, bq]
-    if groups == 1:
-        sums = (blocks * weights[:, 0, :, None]).sum(3, dtype=torch.float32)[:, :, :, None]
-    else:  # G > 1 only below 1024 key blocks (query_groups), where a float32 copy of q is small
-        sums = torch.einsum("bhnrd,ngr->bhngd", blocks.float(), weights.float())
-    return sums, (q_used[:, None, :] & member).any(-1)
+    return (blocks * q_used[:, :, None].to(q.dtype)).sum(3, dtype=torch.float32)
 
 
-def pre_scores(q_sum: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor, z: float,
-               present: torch.Tensor | None = None) -> torch.Tensor:
-    """Step 2 for a chunk of query blocks: ``q_sum [B, Hq, c, D]`` (or ``[B, Hq, c, G, D]``, query groups, with
-    ``present [c, G]`` saying which hold a used query: the best present group's score) against
-    ``[B, Hkv, nKB, D]`` -> ``[B, Hq, c, nKB]``. GQA without copying keys: the query heads of one kv head
-    are stacked into one matmul."""
-    grouped = q_sum.dim() == 5
-    if not grouped:
-        q_sum = q_sum[:, :, :, None]
-    B, Hq, c, G, D = q_sum.shape
+def pre_scores(q_sum: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor, z: float) -> torch.Tensor:
+    """Step 2 for a chunk of query blocks: ``[B, Hq, c, D]`` x ``[B, Hkv, nKB, D]`` -> ``[B, Hq, c, nKB]``.
+    GQA without copying keys: the query heads of one kv head are stacked into one matmul."""
+    B, Hq, c, D = q_sum.shape
     Hkv, n_kb = k_mean.shape[1], k_mean.shape[2]
-    qs = q_sum.reshape(B, Hkv, (Hq // Hkv) * c * G, D)
-    scores = qs @ k_mean.transpose(-1, -2)  # [B, Hkv, g*c*G, nKB]
+    qs = q_sum.reshape(B, Hkv, (Hq // Hkv) * c, D)
+    scores = qs @ k_mean.transpose(-1, -2)  # [B, Hkv, g*c, nKB]
     if z:
         scores = scores + z * (qs.square() @ k_var.transpose(-1, -2)).clamp(min=0.0).sqrt()
-    scores = scores.reshape(B, Hq, c, G, n_kb)
-    if grouped and present is not None:
-        scores = scores.masked_fill(~present[:, :, None], -math.inf)
-    return scores.amax(3)
+    return scores.reshape(B, Hq, c, n_kb)
 
 
 def shortlist_sizes(count: torch.Tensor, m: int, size: int | None = None) -> torch.Tensor:
@@ -187,13 +152,12 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     # Steps 1-3, a few query blocks at a time: [B, Hq, c, nKB] pre-scores -> the width best blocks.
     _, q_pos, q_used = query_blocks(q[:1, :1, :, :1], config, S)  # [nQ, bq] each: they depend on T, S only
     k_mean, k_var = pool_keys(k, config.block_k)
-    groups = query_groups(n_kb, config.block_q)
-    q_sum, present = pool_queries(q, q_used, groups)  # [B, Hq, nQ, G, D], [nQ, G]
+    q_sum = pool_queries(q, q_used)
     middle = in_middle(torch.arange(n_kb, device=q.device)[None, :], lo, n, sinks, config)  # [nQ, nKB]
-    step = max(1, max_elements // (B * Hq * n_kb * groups))
+    step = max(1, max_elements // (B * Hq * n_kb))
     candidates = torch.cat([
-        top_columns(pre_scores(q_sum[:, :, i:i + step], k_mean, k_var, z, present[i:i + step])
-                    .masked_fill(~middle[i:i + step], -math.inf), width)
+        top_columns(pre_scores(q_sum[:, :, i:i + step], k_mean, k_var, z).masked_fill(~middle[i:i + step],
+                                                                                     -math.inf), width)
         for i in range(0, nQ, step)
     ], dim=2)  # [B, Hq, nQ, width], best pre-score first
 
