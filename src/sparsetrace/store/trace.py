@@ -394,6 +394,29 @@ class Trace:
         return sparsity(kept, self.num_layers, self.num_heads, self.num_tokens)
 
     @property
+    def mean_kept_blocks(self) -> float:
+        """Kept key blocks per row (layer, head, query block), on average: ``top_k`` less the ``-1`` padding
+        of short rows (early rows; every row a coverage budget cut). Counted per shard when written."""
+        rows = self.num_layers * self.num_heads * self.num_query_blocks
+        shards = self.manifest["shards"]
+        if self._arrays is None and all("kept_blocks" in s for s in shards):
+            return sum(s["kept_blocks"] for s in shards) / rows
+        kept = sum(int((self._read("indices", li, slice(None), slice(None)) >= 0).sum())
+                   for li in range(self.num_layers))  # older traces: count them once
+        return kept / rows
+
+    @property
+    def capped_share(self) -> float | None:
+        """Under a coverage budget, the share of rows whose whole max-k selection held less than P by the
+        estimate (``capped``); None for a trace without a budget."""
+        if self.budget is None:
+            return None
+        rows = self.num_layers * self.num_heads * self.num_query_blocks
+        if self._arrays is not None:
+            return float(self._arrays["capped"].double().mean())
+        return sum(s["capped"] for s in self.manifest["shards"]) / rows
+
+    @property
     def model_name(self) -> str:
         """The model id the tracer recorded, else its architecture, else "?"."""
         model = self.meta.get("model_id") or self.meta.get("model") or "?"

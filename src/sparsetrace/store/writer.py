@@ -230,7 +230,8 @@ class TraceWriter:
         self.manifest["shards"].append({
             "file": name, "q_blocks": [q_block_start, q_block_start + n],
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "kept_pairs": kept,
-            "missed": missed is not None, "audit_rows": audited})
+            "kept_blocks": int((indices >= 0).sum()), "missed": missed is not None, "audit_rows": audited,
+            **({"capped": int(capped.sum())} if capped is not None else {})})
         self.manifest["completed_query_blocks"] = q_block_start + n
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
