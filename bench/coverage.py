@@ -11,7 +11,7 @@ sparse) and top-1 agreement over the last 64 positions at each k and P (``sparse
 Prints tables and ends with one JSON line; writes bench/results/coverage.json after every run.
 
     python bench/coverage.py [--tokens 2048] [--ps 0.9,0.95,0.99] [--max-k 32] [--fixed-ks 16,32]
-                             [--models smollm2-135m,gemma-3-270m] [--fidelity 1024,2048]
+                             [--models smollm2-135m,gemma-3-270m] [--fidelity 1024,2048] [--out FILE]
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--fixed-ks", default="16,32")
     ap.add_argument("--models", default="smollm2-135m,gemma-3-270m")
     ap.add_argument("--fidelity", default="", help="SmolLM2 lengths for the fidelity check, e.g. 1024,2048")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"JSON to write (default {OUT})")
     args = ap.parse_args()
     ps = [float(p) for p in args.ps.split(",") if p]
     ks = [int(k) for k in args.fixed_ks.split(",") if k]
@@ -86,8 +87,8 @@ def main() -> None:
                      "fidelity": [], "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     def save() -> None:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
     smollm = None
     for name in [m for m in args.models.split(",") if m]:
