@@ -65,7 +65,7 @@ class SparseSession:
         first = (key.shape[2] - query.shape[2]) // self.config.mask.block_q
         covered = cover(query, key, mask, self.config.mask, scale=scale, window=window,
                         samples=self.config.missed_samples, first_query_block=first,
-                        max_elements=2**27 if query.is_cuda else 2**23)  # slabs as record_layer's estimate
+                        max_elements=2**29 if query.is_cuda else 2**23)  # slabs as record_layer's estimate
         return covered.mask, covered
 
     def audited_query_blocks(self) -> torch.Tensor:
