@@ -53,6 +53,17 @@ def trace_row(model, ids, config: TraceConfig, name: str, P: float | None) -> di
         est = torch.stack([torch.stack([trace.missed(layer, h)[trace.audit()["query_block"], 0]
                                         for h in range(trace.num_heads)]) for layer in range(trace.num_layers)])
         row["estimated_kept_mean"] = float((1 - est.double()).mean())
+        # Sliding-window layers (Gemma 3: 15 of 18) keep every candidate of their window at a large max_k,
+        # so their audited rows meet P exactly; the full-attention layers alone are the real test.
+        types = trace.meta["model"].get("layer_types") or ["full_attention"] * trace.num_layers
+        full = [i for i, t in enumerate(types) if t != "sliding_attention"]
+        if len(full) < trace.num_layers:
+            capped = torch.stack([torch.stack([trace.capped(layer, h)[trace.audit()["query_block"]]
+                                               for h in range(trace.num_heads)]) for layer in full])
+            met = kept[full] >= P - COVERAGE_SLACK
+            row.update(full_layers=full, met_share_full_layers=float(met.double().mean()),
+                       met_share_full_layers_not_capped=float(met[~capped].double().mean()),
+                       true_kept_mean_full_layers=float(kept[full].mean()))
     return row
 
 
