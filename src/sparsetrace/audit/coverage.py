@@ -68,12 +68,13 @@ def cover(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, config: MaskConfig,
         config: a :class:`MaskConfig` with a coverage budget (``coverage``, ``min_k``, ``max_k``).
         samples, first_query_block: as :func:`~sparsetrace.audit.estimate.estimate_missed` (the draws
             depend on the absolute query block, so a chunked prefill cuts rows the same at any chunk size).
+        max_elements: the largest temporary tile, in floats, of the log-sum-exp pass and of the estimate.
     """
     assert config.coverage is not None, "cover() needs a MaskConfig with a coverage budget"
     search = config.search()
     T, S = q.shape[2], k.shape[2]
     lse = kept_block_logsumexp(q, k, mask.indices, search, scale=scale, window=window,
-                               max_elements=max_elements * 2)  # [B, Hq, T, W]
+                               max_elements=max_elements)  # [B, Hq, T, W]
     log_k = lse.logsumexp(-1)  # [B, Hq, T]
     share = torch.exp(lse - log_k[..., None]).nan_to_num_(0.0)  # [B, Hq, T, W]; a query seeing nothing: 0
     missed_q = estimate_missed(q, k, mask.indices, search, scale=scale, window=window, samples=samples,
