@@ -2,8 +2,8 @@
 sparsity beside fixed-k rows, and fidelity against the dense run.
 
 For each model (default SmolLM2-135M and Gemma 3 270M) the demo text (``haystack_text(12000)``, as `make
-demo`; about 2.85k tokens) is traced in memory at ``--tokens`` at most with every fixed ``--fixed-ks`` and every coverage budget
-``--ps`` (at most ``--max-k`` blocks a row, block 32, 1 sink + 1 local, STREAM, 32 audited query blocks
+demo`; about 2.85k tokens) is traced in memory (at most ``--tokens``) with every fixed ``--fixed-ks`` and
+every coverage budget ``--ps`` (at most ``--max-k`` blocks a row, block 32, 1 sink + 1 local, STREAM, 32 audited query blocks
 per layer, 64 samples a row). For each: mean kept blocks per row, block sparsity, capped rows, and on the
 audited rows the mean true kept mass (1 - exact missed) and the share of rows with true kept mass
 >= P - 0.02 (all audited rows, and those not capped). With ``--fidelity`` lengths, SmolLM2's KL(dense ||
@@ -42,7 +42,8 @@ def trace_row(model, ids, config: TraceConfig, name: str, P: float | None) -> di
     trace = trace_ids(model, ids, config)
     seconds = time.perf_counter() - start
     kept = audited_kept(trace)
-    row = {"run": name, "P": P, "tokens": trace.num_tokens, "width": config.mask.width, "mean_kept_blocks": trace.mean_kept_blocks,
+    row = {"run": name, "P": P, "tokens": trace.num_tokens, "width": config.mask.width,
+           "mean_kept_blocks": trace.mean_kept_blocks,
            "sparsity": trace.sparsity, "true_kept_mean": float(kept.mean()), "true_kept_p10": float(kept.quantile(0.1)),
            "audited_rows": int(kept.numel()), "seconds": seconds}
     if P is not None:
