@@ -4,10 +4,11 @@ sparsity beside fixed-k rows, and fidelity against the dense run.
 For each model (default SmolLM2-135M and Gemma 3 270M) the demo text (``haystack_text(12000)``, as `make
 demo`; about 2.85k tokens) is traced in memory (at most ``--tokens``) with every fixed ``--fixed-ks`` and
 every coverage budget ``--ps`` (at most ``--max-k`` blocks a row, block 32, 1 sink + 1 local, STREAM, 32
-audited query blocks per layer, 64 samples a row). For each: mean kept blocks per row, block sparsity, capped rows, and on the
-audited rows the mean true kept mass (1 - exact missed) and the share of rows with true kept mass
->= P - 0.02 (all audited rows, and those not capped). With ``--fidelity`` lengths, SmolLM2's KL(dense ||
-sparse) and top-1 agreement over the last 64 positions at each k and P (``sparsetrace fidelity``'s check).
+audited query blocks per layer, 64 samples a row). For each: mean kept blocks per row, block sparsity,
+capped rows, and on the audited rows the mean true kept mass (1 - exact missed) and the share of rows with
+true kept mass >= P - 0.02 (all audited rows, and those not capped). With ``--fidelity`` lengths, SmolLM2's
+KL(dense || sparse) and top-1 agreement over the last 64 positions at each k and P (``sparsetrace
+fidelity``'s check).
 Prints tables and ends with one JSON line; writes bench/results/coverage.json after every run.
 
     python bench/coverage.py [--tokens 2048] [--ps 0.9,0.95,0.99] [--max-k 32] [--fixed-ks 16,32]
