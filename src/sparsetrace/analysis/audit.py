@@ -18,6 +18,9 @@ import torch
 
 BOOTSTRAP = 1000
 LEVEL = 0.9
+# A coverage budget P is met on a row when its true kept mass is >= P - COVERAGE_SLACK (issue 17's criterion:
+# the estimate behind the cut has an interval of about this width at 64 samples a row).
+COVERAGE_SLACK = 0.02
 
 
 def _bootstrap(values: torch.Tensor, statistic, generator: torch.Generator) -> tuple[float, float, float]:
@@ -50,7 +53,8 @@ def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
     ``recall_mean``: the same for recall against the exact block top-k (rows that keep every candidate
     have none); ``worst_heads`` / ``worst_layers``: the largest mean audited missed mass; with a per-row
     estimate, ``estimated_missed_mean`` over every row of the trace and ``interval_coverage``: how often
-    the estimate's interval holds the exact value on the audited rows.
+    the estimate's interval holds the exact value on the audited rows. Under a coverage budget,
+    ``coverage`` (:func:`coverage_summary`).
     """
     audit = _audited(trace)
     if audit is None:
@@ -78,6 +82,34 @@ def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
         out["estimated_missed_mean"] = float(estimate[..., 0].double().mean())
         out["interval_coverage"] = float(inside.double().mean())
         out["median_abs_error"] = float((at[..., 0] - missed).abs().median())
+    if trace.budget is not None:
+        out["coverage"] = coverage_summary(trace, audit)
+    return out
+
+
+def coverage_summary(trace, audit: dict | None = None) -> dict | None:
+    """How a trace cut to a coverage budget P did, JSON-able (None without a budget): ``P``, ``min_k``,
+    ``max_k``, ``mean_kept_blocks`` (every row), ``capped_share`` (rows whose whole max-k selection held less
+    than P by the estimate), and on the exactly audited rows: ``true_kept_mean`` (1 - exact missed),
+    ``met_share`` (share of audited rows with true kept mass >= P - ``slack``), ``met_share_not_capped`` (the
+    same over the audited rows that were not capped; None when all were), ``capped_audited`` (share capped)
+    and ``rows`` (how many); those are None for a trace without an audited row."""
+    budget = trace.budget
+    if budget is None:
+        return None
+    audit = _audited(trace) if audit is None else audit
+    out = {"P": budget["coverage"], "min_k": budget["min_k"], "max_k": budget["max_k"], "slack": COVERAGE_SLACK,
+           "mean_kept_blocks": trace.mean_kept_blocks, "capped_share": trace.capped_share, "rows": 0,
+           "true_kept_mean": None, "met_share": None, "met_share_not_capped": None, "capped_audited": None}
+    if audit is None:
+        return out
+    kept = 1 - audit["missed"].double()  # [L, H, r]
+    capped = torch.stack([torch.stack([trace.capped(layer, h)[audit["query_block"]] for h in range(trace.num_heads)])
+                          for layer in range(trace.num_layers)])  # [L, H, r]
+    met = kept >= budget["coverage"] - COVERAGE_SLACK
+    out.update(rows=int(kept.numel()), true_kept_mean=float(kept.mean()), met_share=float(met.double().mean()),
+               met_share_not_capped=float(met[~capped].double().mean()) if bool((~capped).any()) else None,
+               capped_audited=float(capped.double().mean()))
     return out
 
 
@@ -93,10 +125,28 @@ def format_summary(summary: dict) -> list[str]:
         lines.append(f"recall          {ci(summary['recall_mean'])} of the exact block top-k's picks")
     heads = ", ".join(f"L{h['layer']}H{h['head']} {h['missed']:.2f}" for h in summary["worst_heads"])
     lines.append(f"worst heads     {heads}")
+    if summary.get("coverage") is not None:
+        lines += format_coverage(summary["coverage"])
     if "estimated_missed_mean" in summary:
         lines.append(f"estimate        mean missed {summary['estimated_missed_mean']:.3f} over every row; "
                      f"interval holds the exact value on {summary['interval_coverage']:.1%} of audited rows "
                      f"(median |error| {summary['median_abs_error']:.4f})")
+    return lines
+
+
+def format_coverage(c: dict) -> list[str]:
+    """The lines ``sparsetrace trace`` prints about a coverage budget (:func:`coverage_summary`)."""
+    lines = [f"coverage        budget P={c['P']:g} (min_k {c['min_k']}, max_k {c['max_k']}): "
+             f"{c['mean_kept_blocks']:.1f} blocks kept per row on average, {c['capped_share']:.1%} of rows "
+             "capped at max_k"]
+    if c["met_share"] is not None:
+        share = c["met_share_not_capped"]
+        not_capped = "" if share is None else f" ({share:.1%} of those not capped)"
+        lines.append(f"true coverage   kept mass >= P - {c['slack']:g} on {c['met_share']:.1%} of audited rows"
+                     f"{not_capped}; mean kept mass {c['true_kept_mean']:.3f}")
+    else:
+        lines.append("true coverage   no audited row (no row must drop blocks at max_k, so every row's kept "
+                     "mass is known exactly and is >= P)")
     return lines
 
 

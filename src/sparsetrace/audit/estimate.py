@@ -24,13 +24,14 @@ PROPOSALS = ("auto", "key", "block")
 KEY_PROPOSAL_MAX_BLOCKS = 256
 
 
-def kept_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
-                   scale: float | None = None, window: int | None = None,
-                   max_elements: int = 2**24) -> torch.Tensor:
-    """``log K_t``: the log-sum-exp of every query's scaled logits over its kept, allowed keys, float32
-    ``[B, Hq, T]`` (-inf where a query sees no kept key). The sparse attention forms the same logits on
-    its way to the softmax (``sparse_attention(..., return_lse=True)``); this recomputes it (``top_k * block_k``
-    logits a query, about the cost of the attention's ``q @ k`` step)."""
+def kept_block_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
+                         scale: float | None = None, window: int | None = None,
+                         max_elements: int = 2**24) -> torch.Tensor:
+    """The log-sum-exp of every query's scaled logits over the allowed keys of each kept block, float32
+    ``[B, Hq, T, top_k]`` (-inf for padding and for a block with no key the query may attend). Its
+    log-sum-exp over the last axis is :func:`kept_logsumexp`; ``exp`` of it over ``exp(kept_logsumexp)``
+    is the share of the sparse attention each kept block receives, per query (``top_k * block_k`` logits
+    a query, about the cost of the attention's ``q @ k`` step)."""
     B, Hq, T, D = q.shape
     S = k.shape[2]
     nQ, top_k, bq, bk = indices.shape[2], indices.shape[3], config.block_q, config.block_k
@@ -48,17 +49,30 @@ def kept_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, conf
         q_pos = torch.arange(i0 * bq, i1 * bq, device=q.device).view(i1 - i0, bq) + (S - T)  # [c, bq]
         ok = may_attend(k_pos[..., None, :], q_pos[:, :, None], window)
         ok &= (ids >= 0).repeat_interleave(bk, dim=-1)[..., None, :]  # [B, Hq, c, bq, top_k*bk]
-        out.append(logits.masked_fill(~ok, -math.inf).logsumexp(-1))  # [B, Hq, c, bq]
-    return torch.cat(out, dim=2).flatten(2)[:, :, :T]
+        logits = logits.masked_fill(~ok, -math.inf).unflatten(-1, (top_k, bk))  # [B, Hq, c, bq, top_k, bk]
+        out.append(logits.logsumexp(-1))  # [B, Hq, c, bq, top_k]
+    return torch.cat(out, dim=2).flatten(2, 3)[:, :, :T]
+
+
+def kept_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
+                   scale: float | None = None, window: int | None = None,
+                   max_elements: int = 2**24) -> torch.Tensor:
+    """``log K_t``: the log-sum-exp of every query's scaled logits over its kept, allowed keys, float32
+    ``[B, Hq, T]`` (-inf where a query sees no kept key). The sparse attention forms the same logits on
+    its way to the softmax (``sparse_attention(..., return_lse=True)``); this recomputes it (``top_k * block_k``
+    logits a query, about the cost of the attention's ``q @ k`` step)."""
+    return kept_block_logsumexp(q, k, indices, config, scale=scale, window=window,
+                                max_elements=max_elements).logsumexp(-1)
 
 
 def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
                     scale: float | None = None, window: int | None = None, samples: int = 64,
                     level: float = 0.9, mix: float = 0.25, proposal: str = "auto", seed: int = 0,
                     kept_lse: torch.Tensor | None = None, first_query_block: int = 0,
-                    max_elements: int = 2**23) -> torch.Tensor:
+                    max_elements: int = 2**23, per_query: bool = False) -> torch.Tensor:
     """Estimated missed mass of every row, with a confidence interval: float32 ``[B, Hq, nQ, 3]``
-    = (estimate, low, high).
+    = (estimate, low, high); with ``per_query``, the same for every query, ``[B, Hq, T, 3]`` (the row's
+    values are the means of its real queries' ones).
 
     Estimator. Row i (one query block, one head) has the unkept keys U_i (every key of the causal
     candidate blocks ``[lo, n)`` that the row does not keep). All queries of the row share one sample of
@@ -137,7 +151,7 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
                ) * (1 << 32) + first_query_block + torch.arange(nQ, device=q.device)  # [B, Hq, nQ]
     row_ids = row_ids * 1_000_003 + seed
 
-    out = torch.empty(B, Hq, nQ, 3, device=q.device)
+    out = torch.empty(B, Hq, nQ, bq if per_query else 1, 3, device=q.device)
     per_row = n_kb * bk if proposal == "key" else r // 4 * bk * D
     step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * r)))
     for i0 in range(0, nQ, step):
@@ -163,8 +177,11 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
         no_kept = torch.isinf(lam[:, :, sl])  # such a query's missed mass is 1
         for slot, value in enumerate((R, (R - z * sd).clamp(min=0), R + z * sd)):
             missed = torch.where(no_kept, 1.0, 1 / (1 + 1 / value))  # M = R / (1 + R), also at R = 0, inf
-            out[:, :, sl, slot] = ((missed * real[sl]).sum(-1) / real[sl].sum(-1).clamp(min=1)).float()
-    return out
+            if per_query:
+                out[:, :, sl, :, slot] = missed.float()
+            else:
+                out[:, :, sl, 0, slot] = ((missed * real[sl]).sum(-1) / real[sl].sum(-1).clamp(min=1)).float()
+    return out.flatten(2, 3)[:, :, :T] if per_query else out[:, :, :, 0]
 
 
 def counter_uniform(keys: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,8 @@ def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_bl
         minus the forced sinks and locals). Forced blocks are left out because every contract-abiding
         selection keeps them, so counting them only pulls recall towards 1 by construction (this is
         also bench/recall.py's "recall (searched blocks)"). NaN where the search does not run (the row
-        keeps every candidate, O is empty).
+        keeps every candidate, O is empty). O has as many blocks as the row kept middle blocks: ``m`` under
+        a fixed ``top_k``, fewer in a row cut to a coverage budget (then O is the exact top of that size).
     """
     T, S = q.shape[2], k.shape[2]
     top_k = config.top_k
@@ -158,13 +159,17 @@ def audit_rows(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, query_bl
     missed_q = torch.where(real, missed_q, 0.0)
     missed = missed_q.sum(-1) / real.sum(-1).clamp(min=1)  # [B, Hq, r]
 
-    oracle = top_middle(scores.float(), T, S, config, window, rows)  # [B, Hq, r, top_k]
+    scores = scores.float()  # [B, Hq, r, nKB]
+    oracle = top_middle(scores, T, S, config, window, rows)  # [B, Hq, r, top_k]
     lo, n = (x.index_select(0, rows) for x in candidate_range(T, S, config, q.device, window))
     sinks = forced_sinks(config, window)
-    o = oracle.long()
-    searched = in_middle(o, lo, n, sinks, config) & (n - lo > top_k)[:, None]  # [B, Hq, r, top_k]
-    hits = (kept.gather(-1, o.clamp(min=0)) & searched).sum(-1)
-    picks = searched.sum(-1)
+    middle = in_middle(torch.arange(n_kb, device=q.device)[None, :], lo, n, sinks, config)  # [r, nKB]
+    # O: the exact top-c middle blocks (top_middle's order: score descending, ties to the lower block), c the
+    # row's own count of kept middle blocks (m under a fixed top_k, so O is then the oracle's searched blocks).
+    order = torch.sort(scores.masked_fill(~middle, -math.inf), dim=-1, descending=True, stable=True).indices
+    picks = (kept & middle).sum(-1) * (n - lo > top_k)  # [B, Hq, r]; 0 where the search does not run
+    in_o = torch.arange(n_kb, device=q.device) < picks[..., None]  # [B, Hq, r, nKB] in the sorted order
+    hits = (kept.gather(-1, order) & in_o).sum(-1)
     recall = torch.where(picks > 0, hits / picks.clamp(min=1), math.nan)
     out = (missed.float(), recall.float())
     return (*out, oracle) if return_oracle else out

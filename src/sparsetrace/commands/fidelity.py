@@ -82,6 +82,13 @@ def _token_text(tokenizer, tokens) -> str:
     return " ".join(repr(tokenizer.decode([t])) for t in tokens)
 
 
+def _budget(result) -> str:
+    mask = result.trace_config.get("mask", {})
+    if mask.get("coverage") is None:
+        return ""
+    return f" at most (coverage budget {mask['coverage']}, min_k {mask['min_k']}; rows cut by estimated mass)"
+
+
 def summarize(result, tokenizer) -> str:
     """The lines ``fidelity`` prints for one check."""
     verdict = "PASS" if result.criterion_passed else "FAIL"
@@ -90,7 +97,7 @@ def summarize(result, tokenizer) -> str:
     return "\n".join([
         f"model            {result.model_id or '?'}",
         f"tokens           {result.n_tokens} (top-1 and KL over the last {result.last_n} positions)",
-        f"blocks           {result.block_size} tokens, top_k {result.top_k}",
+        f"blocks           {result.block_size} tokens, top_k {result.top_k}" + _budget(result),
         f"sparsity         {result.sparsity:.4f} of causal (query, key) pairs pruned{full}",
         (f"criterion        {verdict}: next two greedy tokens dense "
          f"{_token_text(tokenizer, result.dense_tokens)}, sparse "

@@ -38,6 +38,14 @@ def _int(text: str, minimum: int) -> int:
     return value
 
 
+def number(text: str) -> float:
+    """argparse type: a float (its range is checked by the configuration, in one sentence)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def _config_fields():
     """(field, default) of every configurable field: the mask's, then the trace's own."""
     mask_defaults, trace_defaults = MaskConfig(), TraceConfig()
@@ -66,9 +74,15 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         if f.name in skip or flag in seen:
             continue
         seen.add(flag)
-        kwargs = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {
-            "type": nonnegative_int if f.metadata.get("minimum") == 0 else positive_int}
-        help_text = f.metadata["help"].replace("%", "%%") + f" (default {default})"
+        if "choices" in f.metadata:
+            kwargs = {"choices": f.metadata["choices"]}
+        elif f.metadata.get("kind") == "fraction":
+            kwargs = {"type": number, "metavar": "P"}
+        else:
+            kwargs = {"type": nonnegative_int if f.metadata.get("minimum") == 0 else positive_int}
+        shown = "off" if default is None and f.name == "coverage" else default
+        help_text = f.metadata["help"].replace("%", "%%") + ("" if default is None and f.name != "coverage"
+                                                             else f" (default {shown})")
         group.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, help=help_text, **kwargs)
 
 

@@ -26,7 +26,9 @@ def summarize(trace, seconds: float | None = None) -> str:
     lines = [
         f"tokens          {trace.num_tokens}",
         f"layers x heads  {trace.num_layers} x {trace.num_heads}",
-        f"blocks          {trace.block_q} tokens, top_k {trace.top_k} of up to {trace.num_key_blocks}",
+        f"blocks          {trace.block_q} tokens, top_k {trace.top_k} of up to {trace.num_key_blocks}"
+        + ("" if trace.budget is None else f" (at most: coverage budget {trace.budget['coverage']:g}, "
+                                           f"{trace.mean_kept_blocks:.1f} kept per row on average)"),
         f"sparsity        {trace.sparsity:.4f} of causal (query, key) pairs pruned",
         f"trace bytes     {human_bytes(trace.nbytes)}",
         f"dense fp16      {human_bytes(trace.dense_bytes)} (T(T+1)/2 entries per layer and head)",
@@ -34,10 +36,17 @@ def summarize(trace, seconds: float | None = None) -> str:
     ]
     if seconds is not None:
         lines.append(f"wall time       {seconds:.1f} s")
-    from ..analysis.audit import audit_summary, format_summary
+    from ..analysis.audit import audit_summary, coverage_summary, format_coverage, format_summary
 
     audit = audit_summary(trace)
-    lines += format_summary(audit) if audit is not None else ["audit           none (--audit-rate 0)"]
+    if audit is not None:
+        lines += format_summary(audit)
+    else:
+        config = trace.trace_config
+        lines.append("audit           none (--audit-rate 0)" if config is None or not config.audit_rate
+                     else "audit           none (no row had to drop blocks)")
+        if trace.budget is not None:
+            lines += format_coverage(coverage_summary(trace))
     return "\n".join(lines)
 
 

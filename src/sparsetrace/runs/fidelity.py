@@ -244,8 +244,10 @@ def check(
         raise UsageError(f"the dense reference covers {dense.n_tokens} tokens and {dense.last_n} "
                          f"positions; this check needs {T} and {last_n}. Recompute it.")
 
-    # The comparison reads only the kept blocks: no audit or missed-mass estimate (they change no output).
-    with sparse_model(model, config.replace(audit_rate=0, missed_samples=0)) as session:
+    # The comparison reads only the kept blocks: no audit or missed-mass estimate (they change no output),
+    # except under a coverage budget, whose cut of every row is made with the estimate.
+    quiet = config.replace(audit_rate=0, missed_samples=config.missed_samples if mask.coverage else 0)
+    with sparse_model(model, quiet) as session:
         logits, tokens, chunks = _greedy_two(model, input_ids, config.chunk_size, last_n, session)
     indices = join_chunks(chunks)["indices"]  # [L, H, nQ, top_k]
     sparsity = block_sparsity(indices, mask.block_q, mask.block_k, T)
@@ -254,7 +256,7 @@ def check(
     full_sparsity = block_sparsity(indices[full], mask.block_q, mask.block_k, T) if full else None
     agree, kl, kl_max = _compare(dense.logits[-last_n:], logits[-last_n:])
     result = FidelityResult(
-        criterion_passed=tokens == dense.tokens, top_k=mask.top_k, block_size=mask.block_q,
+        criterion_passed=tokens == dense.tokens, top_k=mask.width, block_size=mask.block_q,
         sparsity=sparsity, top1_agreement=agree, kl=kl, kl_max=kl_max, dense_tokens=dense.tokens,
         sparse_tokens=tokens, n_tokens=T, last_n=last_n, model_id=model_id,
         trace_config=asdict(config), sparsity_full_layers=full_sparsity,
@@ -314,6 +316,9 @@ def search_k(
     """
     base_config = TraceConfig() if base_config is None else base_config
     base = base_config.mask
+    if base.coverage is not None:
+        raise UsageError(f"the k search varies a fixed top_k, but the config has a coverage budget "
+                         f"(coverage={base.coverage}); drop --coverage, or check one budget without --search-k.")
     floor = base.sink_blocks + base.local_blocks + 1
     input_ids, last_n = _prepare(input_ids, base.block_q, last_n)
     n_blocks = math.ceil(input_ids.shape[0] / base.block_k)

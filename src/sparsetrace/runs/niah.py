@@ -71,7 +71,7 @@ def run_case(model, tokenizer, case: NiahCase, config=None, *, max_new: int | No
                                               session=session, stop=found_all)
         meta = {**trace_meta(model, config, model_id), "niah_case": case.id}
         trace = Trace.from_arrays(**join_chunks(chunks), block_q=config.mask.block_q,
-                                  block_k=config.mask.block_k, meta=meta, tokens=ids)
+                                  block_k=config.mask.block_k, meta=meta, tokens=ids, budget=config.mask.budget())
     output = tokenizer.decode(tokens, skip_special_tokens=True)
     return CaseRun(tokens, output, string_match_all(output, case.answers), trace,
                    time.perf_counter() - start)

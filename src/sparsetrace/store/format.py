@@ -9,6 +9,11 @@ A trace directory (format version 1) holds::
     text.txt                 the traced text, utf-8 (only when given)
     shard-00000.safetensors  indices [L, H, n, k] (int16, or int32 past 32767 key blocks) and
     shard-00001.safetensors  mass [L, H, n, k] (float16, or uint8 "log8") for query blocks [a, a+n)
+
+Rows are ``-1``-padded at the end to the width k (``row_layout``). A trace made under a coverage budget
+(manifest ``budget``: ``{"coverage": P, "min_k", "max_k"}``, with ``k = max_k``) has rows of different
+lengths at that width, and its shards add ``capped`` bool [L, H, n]: rows whose whole max-k selection held
+less than P by the estimate. Traces without ``budget`` (all older ones) keep k blocks wherever k are causal.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ VOLATILE_META_KEYS = frozenset({
 SHAPE_KEYS = ("num_layers", "num_heads", "top_k", "num_tokens", "num_query_blocks",
               "num_key_blocks", "block_q", "block_k")
 # Manifest keys the store manages; everything else is free for finish(extra) / update_manifest.
-RESERVED = frozenset({"format", "format_version", "fingerprint", "meta", "index_dtype",
-                       "mass_encoding", "complete", "completed_query_blocks", "shards", "files",
+# How rows are stored: every row -1-padded at the end to the manifest's top_k (the one layout so far; the
+# manifest names it so that a reader can refuse a layout it does not know).
+ROW_LAYOUT = "padded"
+RESERVED = frozenset({"format", "format_version", "fingerprint", "meta", "index_dtype", "row_layout",
+                       "budget", "mass_encoding", "complete", "completed_query_blocks", "shards", "files",
                        *SHAPE_KEYS})
 
 
@@ -61,4 +69,7 @@ def read_manifest(path: Path) -> dict:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise TraceError(f"{path} has trace format {manifest['format_version']}, newer than this "
                          f"sparsetrace reads ({FORMAT_VERSION}); upgrade sparsetrace.")
+    if manifest.get("row_layout", ROW_LAYOUT) != ROW_LAYOUT:
+        raise TraceError(f"{path} stores rows as {manifest['row_layout']!r}, a layout this sparsetrace does not "
+                         f"read (it reads {ROW_LAYOUT!r}); upgrade sparsetrace.")
     return manifest

@@ -18,6 +18,7 @@ from .format import (
     FORMAT_VERSION,
     MANIFEST,
     RESERVED,
+    ROW_LAYOUT,
     SHAPE_KEYS,
     TEXT_FILE,
     TOKENS_FILE,
@@ -47,7 +48,9 @@ class Trace:
     `trace[layer, head]` -> `(indices, mass)`, both `[nQ, top_k]`, for one layer and QUERY head:
       - `indices` int32: KEY-BLOCK indices (not token indices) kept for each query block; key block
         j covers tokens `[j*block_k, (j+1)*block_k)`. Rows are sorted ascending, unique, padded
-        with -1 at the END (short rows only where fewer than top_k key blocks are causal).
+        with -1 at the END: short rows where fewer than top_k key blocks are causal, and, in a trace
+        made under a coverage budget (`trace.budget`), wherever the row reached the budget's mass with
+        fewer blocks (top_k is then the budget's max_k; count a row's blocks as `(idx >= 0).sum(-1)`).
       - `mass` float32: for each kept block, the softmax probability that the model, running with
         this sparse mask, put on the block's keys, averaged over the block's queries. Rows sum to
         1; 0 at the -1 padding.
@@ -57,6 +60,7 @@ class Trace:
 
     Footguns:
       - -1 is a valid torch index (the LAST block): mask it (`idx[idx >= 0]`) before indexing.
+      - Row lengths vary under a coverage budget: `top_k` is the width, not the count of kept blocks.
       - Indices are blocks: tokens of block j are `j*block_k ...`; block_q may differ from block_k,
         and the last query and key blocks are ragged when T is not a multiple of the block size.
       - The diagonal block is listed whole, but attention inside it is causal (see `sparsity`).
@@ -71,7 +75,8 @@ class Trace:
     Other attributes: `tokens` int64 [T]; `token_offsets` int64 [T, 2] character spans into
     `text`, or None; `text`; `meta` (the tracer's meta plus shapes); `trace_config` (the
     TraceConfig it was made with, or None); `manifest`;
-    `fidelity`; `path` (None in memory); `num_layers`, `num_heads`, `num_tokens`,
+    `fidelity`; `budget` (`{"coverage", "min_k", "max_k"}` or None) and `capped(layer, head)`;
+    `path` (None in memory); `num_layers`, `num_heads`, `num_tokens`,
     `num_query_blocks`, `num_key_blocks`, `top_k`, `block_q`, `block_k`; `sparsity`, `nbytes`,
     `dense_bytes`.
     """
@@ -82,8 +87,9 @@ class Trace:
         self.manifest, self.path = manifest, path
         self.tokens, self.token_offsets, self.text = tokens, token_offsets, text
         # For a trace on disk: [{"file": safe_open handle, "q": (start, end), "path", "sha256",
-        # "verified", "missed", "audit_rows"}]; in memory, {"indices" int32, "mass" float32 [L, H, nQ, k],
-        # optional "missed" [L, H, nQ, 3], optional "audit": {"query_block" [R], "missed", "recall" [L, H, R]}}.
+        # "verified", "missed", "audit_rows", "capped"}]; in memory, {"indices" int32, "mass" float32
+        # [L, H, nQ, k], optional "missed" [L, H, nQ, 3], optional "capped" bool [L, H, nQ], optional
+        # "audit": {"query_block" [R], "missed", "recall" [L, H, R]}}.
         self._shards = list(shards)
         self._arrays = arrays
         for key in SHAPE_KEYS:
@@ -135,7 +141,7 @@ class Trace:
                                  f"{shapes}); {fix}")
             shards.append({"file": f, "q": (a, b), "path": p, "sha256": s["sha256"],
                            "verified": verify, "missed": s.get("missed", False),
-                           "audit_rows": s.get("audit_rows", 0)})
+                           "audit_rows": s.get("audit_rows", 0), "capped": s.get("capped", False)})
             pos = b
         if pos != m["num_query_blocks"]:
             raise TraceError(f"{path / MANIFEST} covers {pos} of {m['num_query_blocks']} query "
@@ -149,9 +155,11 @@ class Trace:
     def from_arrays(cls, indices: torch.Tensor, mass: torch.Tensor, *, block_q: int, block_k: int,
                     tokens: torch.Tensor, meta: dict | None = None,
                     token_offsets: torch.Tensor | None = None, text: str | None = None,
-                    missed: torch.Tensor | None = None, audit: dict | None = None) -> Trace:
+                    missed: torch.Tensor | None = None, audit: dict | None = None,
+                    capped: torch.Tensor | None = None, budget: dict | None = None) -> Trace:
         """An in-memory trace from whole `[L, H, nQ, k]` arrays (and optionally the per-row missed
-        mass `[L, H, nQ, 3]` and the audit, as `TraceWriter.write` takes them); `save` writes it."""
+        mass `[L, H, nQ, 3]`, the audit, and under a coverage ``budget`` the ``capped`` rows
+        `[L, H, nQ]`, as `TraceWriter` takes them); `save` writes it."""
         tokens = torch.as_tensor(tokens).reshape(-1).long().cpu()
         bq, bk, T = block_q, block_k, tokens.numel()
         meta = {} if meta is None else meta
@@ -165,11 +173,15 @@ class Trace:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "meta": json.loads(to_json(meta, "meta")),
                     **dict(zip(SHAPE_KEYS, shapes, strict=True)), "mass_encoding": "float32",
-                    "complete": True, "shards": []}
+                    "row_layout": ROW_LAYOUT, "budget": budget, "complete": True, "shards": []}
+        if (capped is None) != (budget is None):
+            raise ValueError("capped rows go with a coverage budget: pass both or neither")
         offsets = None if token_offsets is None else token_offsets.long().cpu()
         arrays = {"indices": indices.detach().cpu().to(torch.int32), "mass": mass.detach().cpu().float()}
         if missed is not None:
             arrays["missed"] = missed.detach().cpu().float()
+        if capped is not None:
+            arrays["capped"] = capped.detach().cpu().bool()
         if audit is not None:
             arrays["audit"] = {"query_block": torch.as_tensor(audit["query_block"]).long().cpu(),
                                "missed": audit["missed"].detach().cpu().float(),
@@ -183,7 +195,7 @@ class Trace:
                              token_offsets=self.token_offsets, text=self.text,
                              num_layers=self.num_layers, num_heads=self.num_heads,
                              top_k=self.top_k, block_q=self.block_q, block_k=self.block_k,
-                             mass_encoding=mass_encoding)
+                             mass_encoding=mass_encoding, budget=self.budget)
         every = slice(None)
         audit = self.audit()
         for a in range(writer.completed_query_blocks, self.num_query_blocks, chunk_query_blocks):
@@ -194,14 +206,16 @@ class Trace:
                 inside = (audit["query_block"] >= q.start) & (audit["query_block"] < q.stop)
                 rows = {"query_block": audit["query_block"][inside], "missed": audit["missed"][..., inside],
                         "recall": audit["recall"][..., inside]}
+            capped = self._read("capped", every, every, q) if self.budget is not None else None
             writer.write(a, self._read("indices", every, every, q), self._read("mass", every, every, q),
-                         missed=missed, audit=rows)
+                         missed=missed, audit=rows, capped=capped)
         writer.finish({k: v for k, v in self.manifest.items() if k not in RESERVED})
 
     # -- reading
 
     def _read(self, name: str, layers, heads, q: slice) -> torch.Tensor:
-        """`name[layers, heads, q]` as int32 / float32; the query-block axis is -2 of the result."""
+        """`name[layers, heads, q]` as int32 / float32 (bool for "capped"); the query-block axis is -2 of
+        the result (-1 for "capped", one flag per row)."""
         if self._arrays is not None:  # clone: callers may modify what they get
             return self._arrays[name][layers, heads, q].clone()
         a, b, _ = q.indices(self.num_query_blocks)
@@ -211,7 +225,10 @@ class Trace:
         parts = [sh["file"].get_slice(name)[layers, heads, max(a, sh["q"][0]) - sh["q"][0]:
                                             min(b, sh["q"][1]) - sh["q"][0]]
                  for sh in shards]  # memory-mapped reads
-        out = torch.cat(parts, dim=-2)  # the query-block axis, for every stored array
+        # the query-block axis: -2 of every stored array but the per-row flags
+        out = torch.cat(parts, dim=-1 if name == "capped" else -2)
+        if name == "capped":
+            return out.bool()
         if name == "indices":
             return out.to(torch.int32)
         return out.float() if name == "missed" else decode_mass(out)
@@ -247,6 +264,20 @@ class Trace:
             found = self._arrays.get("audit")
             return found is not None and found["query_block"].numel() > 0
         return any(sh["audit_rows"] for sh in self._shards)
+
+    @property
+    def budget(self) -> dict | None:
+        """The coverage budget the rows were cut to, ``{"coverage": P, "min_k", "max_k"}`` (``max_k`` is
+        ``top_k``, the rows' width), or None for a trace with ``top_k`` blocks wherever that many are causal."""
+        return self.manifest.get("budget")
+
+    def capped(self, layer: int, head: int) -> torch.Tensor | None:
+        """bool ``[nQ]``: under a coverage budget, the rows that kept all ``max_k`` blocks and still held less
+        than P of the attention by the estimate; None for a trace without a budget."""
+        if self.budget is None:
+            return None
+        layer, head = self.head_index(layer, head)
+        return self._read("capped", layer, head, slice(None))
 
     def missed(self, layer: int, head: int) -> torch.Tensor | None:
         """float32 ``[nQ, 3]``: per query block, the estimated share of the model's attention the kept
@@ -361,6 +392,29 @@ class Trace:
             return block_sparsity(self._arrays["indices"], self.block_q, self.block_k, self.num_tokens)
         kept = sum(s["kept_pairs"] for s in self.manifest["shards"])  # counted per shard when written
         return sparsity(kept, self.num_layers, self.num_heads, self.num_tokens)
+
+    @property
+    def mean_kept_blocks(self) -> float:
+        """Kept key blocks per row (layer, head, query block), on average: ``top_k`` less the ``-1`` padding
+        of short rows (early rows; every row a coverage budget cut). Counted per shard when written."""
+        rows = self.num_layers * self.num_heads * self.num_query_blocks
+        shards = self.manifest["shards"]
+        if self._arrays is None and all("kept_blocks" in s for s in shards):
+            return sum(s["kept_blocks"] for s in shards) / rows
+        kept = sum(int((self._read("indices", li, slice(None), slice(None)) >= 0).sum())
+                   for li in range(self.num_layers))  # older traces: count them once
+        return kept / rows
+
+    @property
+    def capped_share(self) -> float | None:
+        """Under a coverage budget, the share of rows whose whole max-k selection held less than P by the
+        estimate (``capped``); None for a trace without a budget."""
+        if self.budget is None:
+            return None
+        rows = self.num_layers * self.num_heads * self.num_query_blocks
+        if self._arrays is not None:
+            return float(self._arrays["capped"].double().mean())
+        return sum(s["capped"] for s in self.manifest["shards"]) / rows
 
     @property
     def model_name(self) -> str:

@@ -16,6 +16,7 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    ROW_LAYOUT,
     SHAPE_KEYS,
     TEXT_FILE,
     TMP_PREFIX,
@@ -45,16 +46,20 @@ class TraceWriter:
     """Writes a trace directory, one shard per `write`, and resumes an interrupted one.
 
     If `path` holds a manifest with the same fingerprint (tokens, offsets, text, meta without
-    `VOLATILE_META_KEYS`, shapes, mass encoding), the listed shards that still verify (size,
+    `VOLATILE_META_KEYS`, shapes, mass encoding, budget), the listed shards that still verify (size,
     sha256, contiguous) are kept, everything after the first bad one and any stray shard or temp
     file is deleted, and `completed_query_blocks` says where to continue. Any other non-empty
     directory raises TraceError before anything is touched. One writer per directory at a time.
+
+    ``budget`` (``MaskConfig.budget()``: ``{"coverage", "min_k", "max_k"}``) marks a trace whose rows were
+    cut to a coverage budget: ``top_k`` is then ``max_k``, rows have different lengths (-1-padded), and every
+    ``write`` takes ``capped``.
     """
 
     def __init__(self, path, *, meta: dict, tokens: torch.Tensor,
                  token_offsets: torch.Tensor | None = None, text: str | None = None,
                  num_layers: int, num_heads: int, top_k: int, block_q: int, block_k: int,
-                 mass_encoding: str = "float16"):
+                 mass_encoding: str = "float16", budget: dict | None = None):
         self.path = Path(path)
         meta = json.loads(to_json(meta, "meta"))  # a private copy, exactly as it will read back
         tokens = torch.as_tensor(tokens).reshape(-1).cpu()
@@ -73,8 +78,15 @@ class TraceWriter:
         self.shapes = dict(zip(SHAPE_KEYS, (num_layers, num_heads, top_k, T, num_query_blocks,
                                             num_key_blocks, bq, bk), strict=True))
         self.index_dtype, self.mass_encoding = index_dtype(num_key_blocks), mass_encoding
-        fingerprint = _fingerprint(meta, {**self.shapes, "mass_encoding": mass_encoding},
-                                   tokens, token_offsets, text)
+        if budget is not None:
+            budget = json.loads(to_json(budget, "budget"))
+            if budget.get("max_k") != top_k:
+                raise ValueError(f"a budget's max_k is the rows' width: got max_k={budget.get('max_k')}, "
+                                 f"top_k={top_k}")
+        self.budget = budget
+        # The budget joins the fingerprint only when there is one, so traces without one keep theirs.
+        defining = {**self.shapes, "mass_encoding": mass_encoding, **({"budget": budget} if budget else {})}
+        fingerprint = _fingerprint(meta, defining, tokens, token_offsets, text)
         # Side files derive from the inputs alone, so a resume can always rewrite them.
         tok = {"tokens": tokens.to(torch.int32).contiguous()}
         if token_offsets is not None:
@@ -91,8 +103,8 @@ class TraceWriter:
         self.manifest = old or {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
             "meta": meta, **self.shapes, "index_dtype": str(self.index_dtype).split(".")[-1],
-            "mass_encoding": mass_encoding, "complete": False, "completed_query_blocks": 0,
-            "shards": []}
+            "mass_encoding": mass_encoding, "row_layout": ROW_LAYOUT, "budget": budget, "complete": False,
+            "completed_query_blocks": 0, "shards": []}
         self.manifest["files"] = {name: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)}
                                   for name, d in self._side.items()}
         if old is not None:
@@ -147,13 +159,16 @@ class TraceWriter:
         return self.manifest["completed_query_blocks"]
 
     def write(self, q_block_start: int, indices: torch.Tensor, mass: torch.Tensor, *,
-              missed: torch.Tensor | None = None, audit: dict | None = None) -> None:
+              missed: torch.Tensor | None = None, audit: dict | None = None,
+              capped: torch.Tensor | None = None) -> None:
         """Append query blocks [q_block_start, q_block_start + n) of every layer and head:
         indices [L, H, n, k] any int dtype (-1 padded), mass [L, H, n, k] float (0 at padding).
 
         Optional, per row: ``missed [L, H, n, 3]`` (estimated missed mass, low, high; stored float16).
         Optional, for audited rows of this chunk: ``audit = {"query_block": [r] absolute query-block
-        ids inside the chunk, "missed": [L, H, r], "recall": [L, H, r]}`` (stored float32)."""
+        ids inside the chunk, "missed": [L, H, r], "recall": [L, H, r]}`` (stored float32).
+        With a budget, required: ``capped`` bool ``[L, H, n]`` (rows whose whole selection held less than the
+        budget's P by the estimate; stored as bool, one byte a row)."""
         L, H, k, nQ, nK = (self.shapes[x] for x in ("num_layers", "num_heads", "top_k",
                                                    "num_query_blocks", "num_key_blocks"))
         if q_block_start != self.completed_query_blocks:
@@ -183,6 +198,13 @@ class TraceWriter:
             if tuple(missed.shape) != (L, H, n, 3) or not bool(torch.isfinite(missed).all()):
                 raise ValueError(f"missed must be finite [L={L}, H={H}, n={n}, 3]; got {list(missed.shape)}")
             tensors["missed"] = missed.detach().cpu().to(torch.float16).contiguous()
+        if (capped is None) != (self.budget is None):
+            raise ValueError("capped rows go with a coverage budget: pass capped exactly when the writer has "
+                             "a budget")
+        if capped is not None:
+            if tuple(capped.shape) != (L, H, n):
+                raise ValueError(f"capped must be [L={L}, H={H}, n={n}]; got {list(capped.shape)}")
+            tensors["capped"] = capped.detach().cpu().to(torch.bool).contiguous()
         audited = 0
         if audit is not None and len(audit["query_block"]):
             rows = torch.as_tensor(audit["query_block"]).cpu()
@@ -208,7 +230,8 @@ class TraceWriter:
         self.manifest["shards"].append({
             "file": name, "q_blocks": [q_block_start, q_block_start + n],
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "kept_pairs": kept,
-            "missed": missed is not None, "audit_rows": audited})
+            "kept_blocks": int((indices >= 0).sum()), "missed": missed is not None, "audit_rows": audited,
+            **({"capped": int(capped.sum())} if capped is not None else {})})
         self.manifest["completed_query_blocks"] = q_block_start + n
         atomic_write_json(self.path / MANIFEST, self.manifest)
 

@@ -19,6 +19,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..audit.coverage import Covered, cover
 from ..audit.estimate import estimate_missed
 from ..audit.exact import audit_query_blocks, audit_rows, droppable_query_blocks
 from ..config import TraceConfig
@@ -36,11 +37,14 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, BlockMask, "float | None",
 class SparseSession:
     """What the registered attention does while active: select, (optionally) edit, attend, record.
 
-    ``edit(layer, mask) -> mask`` may change the selection before attention runs (e.g. suppress a
-    sentence's key blocks); ``record`` collects per layer, for the current chunk, the kept blocks and their
-    masses and, as ``config`` asks, the estimated missed mass of every row and the exact audit of the
-    chunk's audited rows. ``num_tokens`` (the whole input's length, set by the tracer) fixes which query
-    blocks are audited: ``config.audit_rate`` of them, stratified over the input, the same for every layer.
+    The selection runs at ``config.mask.width``; under a coverage budget (``config.mask.coverage``) its rows
+    are then cut to the budget (:func:`sparsetrace.audit.coverage.cover`) whether or not anything is
+    recorded, so a traced run and an unrecorded one attend the same blocks. ``edit(layer, mask) -> mask``
+    may change the selection before attention runs (e.g. suppress a sentence's key blocks); ``record``
+    collects per layer, for the current chunk, the kept blocks and their masses and, as ``config`` asks,
+    the estimated missed mass of every row and the exact audit of the chunk's audited rows.
+    ``num_tokens`` (the whole input's length, set by the tracer) fixes which query blocks are audited:
+    ``config.audit_rate`` of them, stratified over the input, the same for every layer.
     """
 
     config: TraceConfig
@@ -51,13 +55,23 @@ class SparseSession:
     layers: dict[int, dict] = field(default_factory=dict)
     _audited: torch.Tensor | None = None
 
-    def select(self, query: torch.Tensor, key: torch.Tensor, window: int | None) -> BlockMask:
-        return select_blocks(query, key, self.config.mask, window=window)
+    def select(self, query: torch.Tensor, key: torch.Tensor, window: int | None,
+               scale: float | None = None) -> tuple[BlockMask, Covered | None]:
+        """The selection of one layer's chunk, and under a coverage budget the cut rows (``Covered``,
+        whose ``mask`` is the selection then)."""
+        mask = select_blocks(query, key, self.config.mask.search(), window=window)
+        if self.config.mask.coverage is None:
+            return mask, None
+        first = (key.shape[2] - query.shape[2]) // self.config.mask.block_q
+        covered = cover(query, key, mask, self.config.mask, scale=scale, window=window,
+                        samples=self.config.missed_samples, first_query_block=first,
+                        max_elements=2**29 if query.is_cuda else 2**23)  # slabs as record_layer's estimate
+        return covered.mask, covered
 
     def audited_query_blocks(self) -> torch.Tensor:
         """The absolute query blocks of the input audited in every layer (empty without ``num_tokens``)."""
         if self._audited is None:
-            T, mask = self.num_tokens, self.config.mask
+            T, mask = self.num_tokens, self.config.mask.search()  # rows droppable at the selection's width
             if not T or not self.config.audit_rate:
                 self._audited = torch.zeros(0, dtype=torch.long)
             else:  # rows that keep every candidate have nothing to miss: start at the first that must drop
@@ -69,12 +83,17 @@ class SparseSession:
 
     def record_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: BlockMask,
                      mass: torch.Tensor, lse: torch.Tensor | None, scale: float | None,
-                     window: int | None) -> None:
-        """Keep what the trace holds of one layer's chunk (batch 0): rows, masses, the estimate, the audit."""
+                     window: int | None, covered: Covered | None = None) -> None:
+        """Keep what the trace holds of one layer's chunk (batch 0): rows, masses, the estimate, the audit
+        (and under a coverage budget, ``covered``: which rows are capped; its estimate is the cut rows')."""
         config, (_, H, T, _), S = self.config, query.shape, key.shape[2]
         first = (S - T) // config.mask.block_q  # the chunk's first query block in the input
         record = {"indices": mask.indices[0], "mass": mass[0]}
-        if config.missed_samples:
+        if covered is not None:
+            record["capped"] = covered.capped[0]
+        if covered is not None and covered.missed is not None:
+            record["missed"] = covered.missed[0]
+        elif config.missed_samples:
             # The CPU default keeps slabs cache-sized; on a GPU that means thousands of tiny launches per
             # layer (the 128k estimate took 45 s on an H200, 2026-12-02, and was still launch-bound with 16x
             # larger slabs), so slabs are 64x larger there (a few GB of temporaries at most).
@@ -88,15 +107,17 @@ class SparseSession:
             record["audit"] = {"query_block": rows, "missed": torch.zeros(H, 0), "recall": torch.zeros(H, 0)}
             if len(rows):
                 big = 2**28 if query.is_cuda else 2**24  # logit tile of the dense pass, in floats
+                search = config.mask.search()  # the selection's contract at its width (the oracle row's)
                 missed, recall = audit_rows(query, key, mask.indices, (rows - first).to(query.device),
-                                            config.mask, scale=scale, window=window, max_elements=big,
-                                            scan=audit_scanner(query, config.mask))
+                                            search, scale=scale, window=window, max_elements=big,
+                                            scan=audit_scanner(query, search))
                 record["audit"].update(missed=missed[0], recall=recall[0])
         self.layers[layer] = record
 
     def take_chunk(self) -> dict:
         """The chunk's records of every layer, stacked on the CPU, and reset: ``indices`` int32 and ``mass``
-        float32 ``[L, H, nQ_chunk, top_k]``, and as recorded ``missed`` ``[L, H, nQ_chunk, 3]`` and
+        float32 ``[L, H, nQ_chunk, top_k]``, and as recorded ``missed`` ``[L, H, nQ_chunk, 3]``, ``capped``
+        bool ``[L, H, nQ_chunk]`` (under a coverage budget) and
         ``audit`` ``{"query_block" [r], "missed" [L, H, r], "recall" [L, H, r]}``. Each layer's records sit
         on that layer's device (a model spread over GPUs by a device map), so each is brought to the CPU
         before the layers are stacked."""
@@ -104,7 +125,7 @@ class SparseSession:
         assert order == list(range(len(order))), f"layers recorded out of order: {order}"
         records = [self.layers[i] for i in order]
         chunk = {name: torch.stack([r[name].cpu() for r in records])
-                 for name in ("indices", "mass", "missed") if name in records[0]}
+                 for name in ("indices", "mass", "missed", "capped") if name in records[0]}
         if "audit" in records[0]:
             chunk["audit"] = {"query_block": records[0]["audit"]["query_block"].cpu(),
                               **{key: torch.stack([r["audit"][key].cpu() for r in records])
@@ -134,16 +155,19 @@ def stream_attention_forward(
             "the 'sparsetrace' attention runs only inside `with sparsetrace.sparse_model(model, config):`."
         )
     window = kwargs.get("sliding_window") or None
-    mask = session.select(query, key, window)
+    mask, covered = session.select(query, key, window, scaling)
     if session.edit is not None:
         mask = session.edit(module.layer_idx, mask)
+        if covered is not None:  # the cut rows' estimate no longer describes the edited selection
+            covered = covered._replace(missed=None)
     if session.observe is not None:
         session.observe(module.layer_idx, query, key, mask, scaling, window)
     estimate = session.record and session.config.missed_samples > 0
     out, mass, *lse = sparse_attention(query, key, value, mask, scale=scaling, return_mass=True,
                                        return_lse=estimate, window=window)
     if session.record:
-        session.record_layer(module.layer_idx, query, key, mask, mass, lse[0] if lse else None, scaling, window)
+        session.record_layer(module.layer_idx, query, key, mask, mass, lse[0] if lse else None, scaling, window,
+                             covered)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -65,9 +65,9 @@ def trace_meta(model, config: TraceConfig, model_id: str = "") -> dict:
 
 def join_chunks(chunks: list[dict]) -> dict:
     """The records of ``SparseSession.take_chunk`` calls joined along query blocks: the keyword arguments
-    of ``Trace.from_arrays`` (``indices``, ``mass`` and, when recorded, ``missed`` and ``audit``)."""
+    of ``Trace.from_arrays`` (``indices``, ``mass`` and, when recorded, ``missed``, ``capped`` and ``audit``)."""
     joined = {name: torch.cat([c[name] for c in chunks], dim=2)
-              for name in ("indices", "mass", "missed") if name in chunks[0]}
+              for name in ("indices", "mass", "missed", "capped") if name in chunks[0]}
     if "audit" in chunks[0]:
         joined["audit"] = {"query_block": torch.cat([c["audit"]["query_block"] for c in chunks]),
                            **{key: torch.cat([c["audit"][key] for c in chunks], dim=-1)
@@ -115,8 +115,9 @@ def trace_ids(
     if out is not None:
         writer = TraceWriter(
             out, meta=meta, tokens=input_ids, token_offsets=token_offsets, text=text,
-            num_layers=summary["num_layers"], num_heads=summary["num_heads"], top_k=mask.top_k,
+            num_layers=summary["num_layers"], num_heads=summary["num_heads"], top_k=mask.width,
             block_q=mask.block_q, block_k=mask.block_k, mass_encoding=config.mass_encoding,
+            budget=mask.budget(),
         )
         if writer.completed_query_blocks >= n_query_blocks and keep_logits == 0:
             writer.finish()
@@ -144,7 +145,8 @@ def trace_ids(
         trace = Trace.load(out, verify=False)  # the writer hashed every shard it wrote
     else:
         trace = Trace.from_arrays(**join_chunks(chunks), block_q=mask.block_q, block_k=mask.block_k,
-                                  meta=meta, tokens=input_ids, token_offsets=token_offsets, text=text)
+                                  meta=meta, tokens=input_ids, token_offsets=token_offsets, text=text,
+                                  budget=mask.budget())
     return (trace, logits) if keep_logits else trace
 
 

@@ -60,7 +60,9 @@ def plot_block_map(trace, layer: int, head: int, out=None, *, max_cells: int = 1
     cells = (f", cells of {g.q_step}x{g.k_step} blocks" if g.q_step > 1 or g.k_step > 1 else "")
     fig.colorbar(im, ax=ax, label=f"{label} (log)")
     model = views.describe(trace)["model"]
-    ax.set_title(f"{model}: layer {layer}, head {head}, k={trace.top_k} "
+    k = (f"k={trace.top_k}" if trace.budget is None
+         else f"coverage {trace.budget['coverage']:g}, k<={trace.top_k}")
+    ax.set_title(f"{model}: layer {layer}, head {head}, {k} "
                  f"({T:,} tokens, blocks {bq}x{bk}{cells})", fontsize=9)
     fig.tight_layout()
     if out is not None:

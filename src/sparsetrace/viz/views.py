@@ -394,7 +394,9 @@ def describe(trace) -> dict:
             "num_key_blocks": trace.num_key_blocks, "block_q": trace.block_q,
             "block_k": trace.block_k, "top_k": trace.top_k, "sparsity": trace.sparsity,
             "has_text": trace.text is not None and trace.token_offsets is not None,
-            "mass_encoding": meta.get("mass_encoding"), "fidelity": trace.fidelity}
+            "mass_encoding": meta.get("mass_encoding"), "fidelity": trace.fidelity, "budget": trace.budget,
+            # counted per shard when written; only a budget's rows vary enough in length to say it
+            "mean_kept_blocks": None if trace.budget is None else trace.mean_kept_blocks}
 
 
 # --------------------------------------------------------------------------- sources of a span

@@ -268,6 +268,12 @@ const ST = (() => {
     return typeof d === "string" && d ? ` · traced on ${d}` : "";
   }
 
+  function kText(m) { // "top_k 16", or under a coverage budget (rows of different lengths) what it kept
+    if (!m.budget) return `top_k ${m.top_k}`;
+    return `coverage ${m.budget.coverage}: ${fmt(m.mean_kept_blocks, 3)} blocks kept per row on average ` +
+      `(${m.budget.min_k}..${m.top_k})`;
+  }
+
   return { BlockMap, drawOverview, drawSourcesChart, sourcesLabel, legend, fmt, int, esc, level, fidelityText,
-    deviceText, METRIC_HELP };
+    deviceText, kText, METRIC_HELP };
 })();

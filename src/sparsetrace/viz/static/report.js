@@ -11,7 +11,7 @@
   document.title = `sparsetrace report: ${m.model}`;
   $("title").textContent = `sparsetrace report · ${m.model}`;
   $("facts").textContent = `${ST.int(m.num_tokens)} tokens · ${m.num_layers} layers × ${m.num_heads} heads · ` +
-    `blocks ${m.block_q}×${m.block_k} · top_k ${m.top_k} · sparsity ${ST.fmt(m.sparsity, 4)}` +
+    `blocks ${m.block_q}×${m.block_k} · ${ST.kText(m)} · sparsity ${ST.fmt(m.sparsity, 4)}` +
     ST.fidelityText(m.fidelity) + ST.deviceText(m.device);
   $("metric").innerHTML = m.metrics.map((k) => `<option value="${k}">${k}</option>`).join("");
   $("metric").value = metric;

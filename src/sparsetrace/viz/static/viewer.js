@@ -260,7 +260,7 @@
     document.title = `sparsetrace: ${m.model}`;
     $("title").textContent = `sparsetrace · ${m.model}`;
     $("facts").textContent = `${ST.int(m.num_tokens)} tokens · ${m.num_layers} layers × ${m.num_heads} heads · ` +
-      `blocks ${m.block_q}×${m.block_k} · top_k ${m.top_k} of up to ${ST.int(m.num_key_blocks)} key blocks · ` +
+      `blocks ${m.block_q}×${m.block_k} · ${ST.kText(m)} of up to ${ST.int(m.num_key_blocks)} key blocks · ` +
       `sparsity ${ST.fmt(m.sparsity, 4)}` + ST.fidelityText(m.fidelity) + ST.deviceText(m.device);
     $("layer").max = m.num_layers - 1; $("head").max = m.num_heads - 1;
     $("metric").innerHTML = m.metrics.map((k) => `<option value="${k}">${k}</option>`).join("");
