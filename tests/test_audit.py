@@ -219,3 +219,63 @@ def test_bad_arguments():
         estimate_missed(q, k, indices, config, proposal="uniform")
     with pytest.raises(ValueError, match="samples"):
         estimate_missed(q, k, indices, config, samples=12, proposal="block")
+
+
+def _synthetic_trace(r: int, seed: int = 0) -> sp.Trace:
+    """An in-memory trace with an audit of r query blocks (random exact values, some NaN recall) and a
+    per-row estimate."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, nQ, k = 3, 4, 12, 2
+    indices = torch.arange(k, dtype=torch.int32).expand(L, H, nQ, k).contiguous()
+    missed = torch.rand(L, H, r, generator=g) ** 2
+    recall = torch.rand(L, H, r, generator=g).masked_fill(torch.rand(L, H, r, generator=g) < 0.2, math.nan)
+    est = torch.rand(L, H, nQ, 1, generator=g).expand(L, H, nQ, 3) + torch.tensor([0.0, -0.1, 0.1])
+    return sp.Trace.from_arrays(indices, torch.ones(L, H, nQ, k), block_q=4, block_k=4,
+                                tokens=torch.zeros(nQ * 4, dtype=torch.long), missed=est.clamp(0, 1),
+                                audit={"query_block": torch.arange(nQ - r, nQ), "missed": missed,
+                                       "recall": recall})
+
+
+def test_summary_bootstrap_resamples_whole_query_blocks(monkeypatch):
+    """audit_summary's intervals equal a plain loop over the bootstrap draws (every draw resamples the r
+    audited query blocks, all layers and heads of a block together), however the draws are sliced; with a
+    single audited block the interval is NaN (nothing to resample) and the printed summary says so."""
+    from sparsetrace.analysis import audit as analysis
+
+    def loop(values, statistic, g):  # the reference: one draw at a time, float64
+        r = values.shape[-1]
+        draws = torch.randint(0, r, (analysis.BOOTSTRAP, r), generator=g)
+        stats = torch.tensor([statistic(values[..., d]) for d in draws], dtype=torch.float64)
+        tail = (1 - analysis.LEVEL) / 2
+        return [statistic(values), torch.quantile(stats, tail).item(), torch.quantile(stats, 1 - tail).item()]
+
+    def mean(x):
+        return torch.nanmean(x.double()).item()
+
+    def p90(x):
+        return torch.quantile(x.double().flatten(), 0.9).item()
+
+    trace = _synthetic_trace(r=7)
+    audit = trace.audit()
+    g = torch.Generator().manual_seed(0)
+    want = {"missed_mean": loop(audit["missed"], mean, g), "missed_p90": loop(audit["missed"], p90, g),
+            "recall_mean": loop(audit["recall"], mean, g)}
+    summary = analysis.audit_summary(trace)
+    monkeypatch.setattr(analysis, "_BOOTSTRAP_ELEMENTS", 1000)  # a few draws per slice
+    sliced = analysis.audit_summary(trace)
+    for key, value in want.items():
+        print(key, value, summary[key])
+        assert summary[key] == pytest.approx(value, abs=1e-12) and sliced[key] == pytest.approx(value, abs=1e-12)
+        assert value[1] < value[0] < value[2]
+    assert "90% CI" in analysis.format_summary(summary)[1]
+
+    one = analysis.audit_summary(_synthetic_trace(r=1))
+    exact = _synthetic_trace(r=1).audit()["missed"].double()
+    assert one["missed_mean"][0] == pytest.approx(exact.mean().item(), abs=1e-12)
+    assert one["missed_p90"][0] == pytest.approx(torch.quantile(exact.flatten(), 0.9).item(), abs=1e-12)
+    for key in ("missed_mean", "missed_p90", "recall_mean"):
+        assert math.isnan(one[key][1]) and math.isnan(one[key][2])
+    lines = analysis.format_summary(one)
+    print("\n".join(lines))
+    assert "nan" not in " ".join(lines) and "no CI: one audited query block" in lines[1]
+
