@@ -219,3 +219,110 @@ def test_bad_arguments():
         estimate_missed(q, k, indices, config, proposal="uniform")
     with pytest.raises(ValueError, match="samples"):
         estimate_missed(q, k, indices, config, samples=12, proposal="block")
+
+
+def _synthetic_trace(r: int, seed: int = 0) -> sp.Trace:
+    """An in-memory trace with an audit of r query blocks (random exact values, some NaN recall) and a
+    per-row estimate."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, nQ, k = 3, 4, 12, 2
+    indices = torch.arange(k, dtype=torch.int32).expand(L, H, nQ, k).contiguous()
+    missed = torch.rand(L, H, r, generator=g) ** 2
+    recall = torch.rand(L, H, r, generator=g).masked_fill(torch.rand(L, H, r, generator=g) < 0.2, math.nan)
+    est = torch.rand(L, H, nQ, 1, generator=g).expand(L, H, nQ, 3) + torch.tensor([0.0, -0.1, 0.1])
+    return sp.Trace.from_arrays(indices, torch.ones(L, H, nQ, k), block_q=4, block_k=4,
+                                tokens=torch.zeros(nQ * 4, dtype=torch.long), missed=est.clamp(0, 1),
+                                audit={"query_block": torch.arange(nQ - r, nQ), "missed": missed,
+                                       "recall": recall})
+
+
+def test_summary_bootstrap_resamples_whole_query_blocks(monkeypatch):
+    """audit_summary's intervals equal a plain loop over the bootstrap draws (every draw resamples the r
+    audited query blocks, all layers and heads of a block together), however the draws are sliced; with a
+    single audited block the interval is NaN (nothing to resample) and the printed summary says so."""
+    from sparsetrace.analysis import audit as analysis
+
+    def loop(values, statistic, g):  # the reference: one draw at a time, float64
+        r = values.shape[-1]
+        draws = torch.randint(0, r, (analysis.BOOTSTRAP, r), generator=g)
+        stats = torch.tensor([statistic(values[..., d]) for d in draws], dtype=torch.float64)
+        tail = (1 - analysis.LEVEL) / 2
+        return [statistic(values), torch.quantile(stats, tail).item(), torch.quantile(stats, 1 - tail).item()]
+
+    def mean(x):
+        return torch.nanmean(x.double()).item()
+
+    def p90(x):
+        return torch.quantile(x.double().flatten(), 0.9).item()
+
+    trace = _synthetic_trace(r=7)
+    audit = trace.audit()
+    g = torch.Generator().manual_seed(0)
+    want = {"missed_mean": loop(audit["missed"], mean, g), "missed_p90": loop(audit["missed"], p90, g),
+            "recall_mean": loop(audit["recall"], mean, g)}
+    summary = analysis.audit_summary(trace)
+    monkeypatch.setattr(analysis, "_BOOTSTRAP_ELEMENTS", 1000)  # a few draws per slice
+    sliced = analysis.audit_summary(trace)
+    for key, value in want.items():
+        print(key, value, summary[key])
+        assert summary[key] == pytest.approx(value, abs=1e-12) and sliced[key] == pytest.approx(value, abs=1e-12)
+        assert value[1] < value[0] < value[2]
+    assert "90% CI" in analysis.format_summary(summary)[1]
+
+    one = analysis.audit_summary(_synthetic_trace(r=1))
+    exact = _synthetic_trace(r=1).audit()["missed"].double()
+    assert one["missed_mean"][0] == pytest.approx(exact.mean().item(), abs=1e-12)
+    assert one["missed_p90"][0] == pytest.approx(torch.quantile(exact.flatten(), 0.9).item(), abs=1e-12)
+    for key in ("missed_mean", "missed_p90", "recall_mean"):
+        assert math.isnan(one[key][1]) and math.isnan(one[key][2])
+    lines = analysis.format_summary(one)
+    print("\n".join(lines))
+    assert "nan" not in " ".join(lines) and "no CI: one audited query block" in lines[1]
+
+
+def _hidden_heavy_key(heads: int = 32, seed: int = 0):
+    """One query block (8 queries near 4 e_0) over 100 key blocks of 8 that keeps the sink and local
+    blocks (keys ~3 e_0). Among the unkept keys (~-2 e_0), each head hides one heavy key (5.5 e_0) in a
+    block whose other keys are -4 e_0: that block's mean key ranks it below every other block, yet the
+    heavy key holds about 2/3 of the unkept mass. Returns q, k, indices, config."""
+    g = torch.Generator().manual_seed(seed)
+    T, S, D, bk = 8, 800, 16, 8
+    q = 0.1 * torch.randn(1, heads, T, D, generator=g)
+    q[..., 0] += 4.0
+    k = 0.3 * torch.randn(1, heads, S, D, generator=g)
+    k[..., 0] += -2.0
+    k[:, :, :bk, 0] += 5.0  # the sink block and the local (last) block: kept
+    k[:, :, S - bk:, 0] += 5.0
+    hide = torch.randint(2, S // bk - 2, (heads,), generator=g)
+    for h, b in enumerate(hide.tolist()):
+        k[0, h, b * bk:(b + 1) * bk, 0] = -4.0
+        k[0, h, b * bk + 3, 0] = 5.5
+    config = MaskConfig(block_q=8, block_k=bk, top_k=3, sink_blocks=1, local_blocks=1)
+    indices = torch.tensor([0, S // bk - 1, -1], dtype=torch.int32).expand(1, heads, 1, 3).contiguous()
+    return q, k, indices, config
+
+
+def test_block_proposal_finds_a_heavy_key_in_a_block_of_weak_ones(monkeypatch):
+    """The block proposal's first stage scores a block by its pooled mean key plus BLOCK_Z standard
+    deviations, so a block with one heavy key among weak ones is drawn and the interval holds the exact
+    (float64) missed mass; scored by the mean key alone (the earlier rule) the block is rarely drawn and
+    the interval misses on most rows."""
+    from sparsetrace.audit import estimate as est_module
+
+    q, k, indices, config = _hidden_heavy_key()
+    want = dense_missed_f64(q, k, indices, 8, 8)[0, :, 0]  # [heads]
+
+    def coverage(seed):
+        est = estimate_missed(q, k, indices, config, samples=64, proposal="block", seed=seed)[0, :, 0].double()
+        return ((est[:, 1] <= want + 1e-6) & (want <= est[:, 2] + 1e-6)).double().mean().item(), est
+
+    covers = [coverage(seed) for seed in range(3)]
+    print(f"truth mean {want.mean():.3f}; coverage {[round(c, 3) for c, _ in covers]}, "
+          f"median |err| {(covers[0][1][:, 0] - want).abs().median():.4f}")
+    assert all(c >= 0.9 for c, _ in covers)
+    assert (covers[0][1][:, 0] - want).abs().median() < 0.05
+    monkeypatch.setattr(est_module, "BLOCK_Z", 0.0)
+    monkeypatch.setattr(est_module, "BLOCK_MIX", 0.25)
+    old = [coverage(seed)[0] for seed in range(3)]
+    print(f"mean key alone: coverage {[round(c, 3) for c in old]}")
+    assert max(old) < 0.5

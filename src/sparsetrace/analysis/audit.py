@@ -23,23 +23,6 @@ LEVEL = 0.9
 COVERAGE_SLACK = 0.02
 
 
-def _bootstrap(values: torch.Tensor, statistic, generator: torch.Generator) -> tuple[float, float, float]:
-    """``statistic`` of ``values [L, H, r]`` and its ``LEVEL`` interval, resampling the r query blocks."""
-    r = values.shape[-1]
-    draws = torch.randint(0, r, (BOOTSTRAP, r), generator=generator)
-    stats = torch.tensor([statistic(values[..., d]) for d in draws])
-    tail = (1 - LEVEL) / 2
-    return statistic(values), float(torch.quantile(stats, tail)), float(torch.quantile(stats, 1 - tail))
-
-
-def _p90(x: torch.Tensor) -> float:
-    return float(torch.quantile(x.flatten().double(), 0.9))
-
-
-def _mean(x: torch.Tensor) -> float:
-    return float(torch.nanmean(x.double()))
-
-
 def _audited(trace) -> dict | None:
     """``trace.audit()``, or None when the trace has no audit or audited no row."""
     audit = trace.audit()
@@ -49,7 +32,9 @@ def _audited(trace) -> dict | None:
 def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
     """JSON-able summary of a trace's audit, or None when it has none.
 
-    ``missed_mean`` / ``missed_p90``: ``[value, low, high]`` over every audited (layer, head, query block);
+    ``missed_mean`` / ``missed_p90``: ``[value, low, high]`` over every audited (layer, head, query block),
+    low/high a ``LEVEL`` bootstrap interval over the audited query blocks (NaN with a single audited block:
+    resampling one block says nothing about the spread);
     ``recall_mean``: the same for recall against the exact block top-k (rows that keep every candidate
     have none); ``worst_heads`` / ``worst_layers``: the largest mean audited missed mass; with a per-row
     estimate, ``estimated_missed_mean`` over every row of the trace and ``interval_coverage``: how often
@@ -62,14 +47,18 @@ def audit_summary(trace, *, worst: int = 5, seed: int = 0) -> dict | None:
     g = torch.Generator().manual_seed(seed)
     missed, recall = audit["missed"], audit["recall"]  # [L, H, r]
     L, H, r = missed.shape
+
+    def pooled(values, statistic) -> list[float]:  # one group: every (layer, head) of the r query blocks
+        return _grouped_bootstrap(values.double().reshape(1, L * H, r), statistic, g)[0].tolist()
+
     per_head = missed.double().mean(-1)  # [L, H]
     order = torch.argsort(per_head.flatten(), descending=True)[:worst]
     per_layer = per_head.mean(-1)  # [L]
     out = {
         "rows": int(L * H * r), "query_blocks": audit["query_block"].tolist(), "level": LEVEL,
-        "missed_mean": list(_bootstrap(missed, _mean, g)),
-        "missed_p90": list(_bootstrap(missed, _p90, g)),
-        "recall_mean": list(_bootstrap(recall, _mean, g)) if bool((~recall.isnan()).any()) else None,
+        "missed_mean": pooled(missed, _nanmean),
+        "missed_p90": pooled(missed, _nanp90),
+        "recall_mean": pooled(recall, _nanmean) if bool((~recall.isnan()).any()) else None,
         "worst_heads": [{"layer": int(i) // H, "head": int(i) % H, "missed": float(per_head.flatten()[i])}
                         for i in order],
         "worst_layers": [{"layer": int(i), "missed": float(per_layer[i])}
@@ -116,9 +105,12 @@ def coverage_summary(trace, audit: dict | None = None) -> dict | None:
 def format_summary(summary: dict) -> list[str]:
     """The lines ``sparsetrace trace`` prints about the audit."""
     def ci(v):
+        if math.isnan(v[1]) or math.isnan(v[2]):
+            return f"{v[0]:.3f} (no CI: one audited query block)"
         return f"{v[0]:.3f} ({LEVEL:.0%} CI {v[1]:.3f}..{v[2]:.3f})"
 
-    lines = [f"audit           {len(summary['query_blocks'])} query blocks x every layer and head "
+    blocks = len(summary["query_blocks"])
+    lines = [f"audit           {blocks} query block{'s' * (blocks != 1)} x every layer and head "
              f"({summary['rows']} rows, exact)",
              f"missed mass     mean {ci(summary['missed_mean'])}, p90 {ci(summary['missed_p90'])}"]
     if summary["recall_mean"] is not None:
@@ -162,7 +154,11 @@ def estimates(trace, layer: int | None = None) -> torch.Tensor | None:
     return out if layer is None else out[0]
 
 
-_BOOTSTRAP_ELEMENTS = 1 << 23
+_BOOTSTRAP_ELEMENTS = 1 << 23  # values a statistic reduces at once (torch.quantile takes at most 2**24)
+
+
+def _nanmean(x: torch.Tensor) -> torch.Tensor:
+    return torch.nanmean(x, dim=-1)
 
 
 def _nanp90(x: torch.Tensor) -> torch.Tensor:
@@ -171,14 +167,19 @@ def _nanp90(x: torch.Tensor) -> torch.Tensor:
 
 def _grouped_bootstrap(values: torch.Tensor, statistic, generator: torch.Generator) -> torch.Tensor:
     """``[G, 3]``: ``statistic`` of each group's values ``[G, n, r]`` (pooled over n and r) and its ``LEVEL``
-    interval, resampling the r audited query blocks with the same draws for every group (as
-    :func:`_bootstrap`, for all groups at once). ``statistic`` reduces the last axis."""
+    interval, resampling the r audited query blocks (whole blocks: every layer and head of a block shares
+    it) with the same ``BOOTSTRAP`` draws for every group; NaN bounds where r < 2. ``statistic`` reduces the
+    last axis. The draws are taken from ``generator`` first, so a call's numbers do not depend on how the
+    work is sliced: groups at once, and draws at once, within ``_BOOTSTRAP_ELEMENTS``."""
     G, n, r = values.shape
-    draws = torch.randint(0, r, (BOOTSTRAP, r), generator=generator)            # [B, r]
+    draws = torch.randint(0, r, (BOOTSTRAP, r), generator=generator)            # [Bt, r]
     point = statistic(values.reshape(G, n * r))                                  # [G]
-    step = max(1, _BOOTSTRAP_ELEMENTS // (BOOTSTRAP * n * r))  # groups at once (quantile's input limit)
-    boot = torch.cat([statistic(values[a:a + step, :, draws].permute(2, 0, 1, 3).reshape(BOOTSTRAP, -1, n * r))
-                      for a in range(0, G, step)], dim=1)                        # [B, G]
+    groups = max(1, _BOOTSTRAP_ELEMENTS // (BOOTSTRAP * n * r))
+    at_once = max(1, _BOOTSTRAP_ELEMENTS // (groups * n * r))                    # draws per slice
+    boot = torch.cat([torch.cat([statistic(values[a:a + groups][:, :, draws[d:d + at_once]]  # [g, n, d, r]
+                                           .permute(2, 0, 1, 3).flatten(-2))                # [d, g, n*r] -> [d, g]
+                                 for d in range(0, BOOTSTRAP, at_once)])
+                      for a in range(0, G, groups)], dim=1)                      # [Bt, G]
     tail = (1 - LEVEL) / 2
     low, high = torch.nanquantile(boot, torch.tensor([tail, 1 - tail], dtype=boot.dtype), dim=0)  # [G] each
     if r < 2:  # one audited block: resampling it says nothing about the spread
@@ -220,9 +221,9 @@ def missed_by_layer(trace, *, seed: int = 0) -> dict | None:
     if audit is not None:
         g = torch.Generator().manual_seed(seed)
         missed, recall = audit["missed"].double(), audit["recall"].double()     # [L, H, r]
-        out["audited"] = {"mean": _rows(_grouped_bootstrap(missed, lambda x: x.mean(-1), g)),
+        out["audited"] = {"mean": _rows(_grouped_bootstrap(missed, _nanmean, g)),
                           "p90": _rows(_grouped_bootstrap(missed, _nanp90, g)),
-                          "recall": _rows(_grouped_bootstrap(recall, lambda x: torch.nanmean(x, -1), g))}
+                          "recall": _rows(_grouped_bootstrap(recall, _nanmean, g))}
     return out
 
 
@@ -267,8 +268,8 @@ def missed_by_position(trace, *, bins: int = 10, seed: int = 0) -> dict | None:
             if pick.any():
                 missed = audit["missed"][..., pick].double().reshape(1, -1, int(pick.sum()))   # [1, L*H, r_b]
                 recall = audit["recall"][..., pick].double().reshape(1, -1, int(pick.sum()))
-                entry["audited"] = _rows(_grouped_bootstrap(missed, lambda x: x.mean(-1), g))[0]
-                entry["recall"] = _rows(_grouped_bootstrap(recall, lambda x: torch.nanmean(x, -1), g))[0]
+                entry["audited"] = _rows(_grouped_bootstrap(missed, _nanmean, g))[0]
+                entry["recall"] = _rows(_grouped_bootstrap(recall, _nanmean, g))[0]
                 if trace.has_missed:
                     entry["at_audited"] = float(per_row[audit["query_block"][pick], 0].mean())
         out.append(entry)
