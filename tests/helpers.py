@@ -188,9 +188,11 @@ def mask_kwargs(case, **extra):
     return kw
 
 
-def random_block_rows(L: int, H: int, T: int, block_q: int, block_k: int, k: int, seed: int = 0):
+def random_block_rows(L: int, H: int, T: int, block_q: int, block_k: int, k: int, seed: int = 0, *,
+                      ragged: bool = False):
     """Random valid trace rows for ``T`` tokens: ``indices`` int32 ``[L, H, nQ, k]`` (each row up to k
-    unique causal key blocks, sorted, -1 padded) and ``mass`` float32 (skewed, summing to 1 per row)."""
+    unique causal key blocks, sorted, -1 padded; ``ragged``: a random count of them, as a coverage budget
+    leaves) and ``mass`` float32 (skewed, summing to 1 per row)."""
     g = torch.Generator().manual_seed(seed)
     nQ = math.ceil(T / block_q)
     indices = torch.full((L, H, nQ, k), -1, dtype=torch.int32)
@@ -199,7 +201,8 @@ def random_block_rows(L: int, H: int, T: int, block_q: int, block_k: int, k: int
         for h in range(H):
             for i in range(nQ):
                 n = (min((i + 1) * block_q, T) - 1) // block_k + 1  # causal key blocks of row i
-                pick = torch.randperm(n, generator=g)[:k].sort().values
+                width = int(torch.randint(1, min(n, k) + 1, (1,), generator=g)) if ragged else k
+                pick = torch.randperm(n, generator=g)[:width].sort().values
                 indices[layer, h, i, :len(pick)] = pick.int()
                 w = torch.rand(len(pick), generator=g) ** 3
                 mass[layer, h, i, :len(pick)] = w / w.sum()

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, causal_counts, make_qkv, mask_cases, mask_kwargs
+from helpers import assert_close, causal_counts, make_qkv, mask_cases, mask_kwargs, random_block_rows
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
@@ -259,18 +259,8 @@ def test_a_coverage_that_is_not_a_number_is_refused_by_the_parser(tmp_path, caps
 
 def _budget_arrays(L=2, H=3, T=200, bq=16, W=6, seed=0):
     """Rows of different lengths at width W (ascending, -1-padded), masses summing to 1, capped flags."""
-    g = torch.Generator().manual_seed(seed)
-    nQ = math.ceil(T / bq)
-    indices = torch.full((L, H, nQ, W), -1, dtype=torch.int32)
-    mass = torch.zeros(L, H, nQ, W)
-    for li in range(L):
-        for h in range(H):
-            for i, n in enumerate(causal_counts(T, T, bq, bq)):
-                c = int(torch.randint(1, min(n, W) + 1, (1,), generator=g))
-                indices[li, h, i, :c] = torch.randperm(n, generator=g)[:c].sort().values.int()
-                m = torch.rand(c, generator=g)
-                mass[li, h, i, :c] = m / m.sum()
-    capped = torch.rand(L, H, nQ, generator=g) < 0.2
+    indices, mass = random_block_rows(L, H, T, bq, bq, W, seed, ragged=True)
+    capped = torch.rand(L, H, indices.shape[2], generator=torch.Generator().manual_seed(seed + 1)) < 0.2
     return indices, mass, capped
 
 
