@@ -33,7 +33,7 @@ browser:
 demo: $(STAMP)
 	@mkdir -p $(OUT)
 	$(PY) -c "from sparsetrace.datasets.essays import haystack_text; print(haystack_text(12000))" > $(OUT)/demo.txt
-	$(VENV)/bin/sparsetrace trace --text-file $(OUT)/demo.txt --out $(OUT)/demo-trace --top-k 16
+	$(VENV)/bin/sparsetrace trace --text-file $(OUT)/demo.txt --out $(OUT)/demo-trace --coverage 0.95 --max-k 64
 
 # The import contracts of pyproject.toml (the layers the data flows through), then the test suite.
 test: $(STAMP) browser
