@@ -200,10 +200,11 @@ def report(args, target: int, texts: list[dict], cov: float | None = None) -> di
           "rho k vs 2k | rho_recv")
     n = args.top_heads
     for s in summary:
+        stable = "-" if s["overlap_k_vs_2k"] is None else f"{s['overlap_k_vs_2k']}/{n}"  # coverage: no 2k trace
         print(f"{s['drop_first']},{s['drop_last']} | {s['overlap']}/{n} | "
               f"{s['overlap_spread_vs_dense']}/{n} | {s['dense_split_half']}/{n} | "
-              f"{s['overlap_k_vs_2k']}/{n} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
-              f"{s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
+              f"{stable} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
+              f"{'-' if s['rho_heads_k_vs_2k'] is None else s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
     return {tag: summary}
 
 
