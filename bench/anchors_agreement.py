@@ -24,6 +24,12 @@ averaged over all texts (targets: Spearman >= 0.9, overlap >= 16/20):
               own receiver heads
 
     python bench/anchors_agreement.py --tokens 1024 2048 --texts 6 --block 4
+
+With ``--coverage P [P ...] --max-k K`` each text is traced under each coverage budget (docs/coverage.md:
+every row keeps the fewest of its max-k selected blocks whose estimated mass reaches P) instead of at the
+k of the search, and one row per P is reported (tag ``..._covP_maxK``), with the sparsity reached, the
+mean kept blocks per row and the share of capped rows; no k-vs-2k trace is made there (its columns are
+None), and no fidelity check.
 Prints a table, ends with one JSON line, and merges its rows into bench/results/anchors.json. While a run
 lasts each finished text is kept in bench/results/anchors.parts/, so a killed run resumes; under
 ``torchrun --standalone --nproc-per-node N bench/anchors_agreement.py ...`` the N processes share the texts.
@@ -63,6 +69,8 @@ def one_text(model, tokenizer, target: int, seed: int, args) -> dict:
     text, regions, n_problems = gsm_text(tokenizer, min_tokens=target, seed=seed)
     ids, offsets = tokenize(tokenizer, text, target)
     base = TraceConfig.of(block_size=args.block, score=args.score, chunk_size=1024)
+    if args.coverage:
+        return budget_text(model, ids, text, offsets, regions, n_problems, base, seed, args)
     if args.top_k:
         dense_ref = dense_reference(model, ids, chunk_size=1024, block_size=args.block)
         for top_k in args.top_k:
@@ -91,6 +99,35 @@ def one_text(model, tokenizer, target: int, seed: int, args) -> dict:
             "spread": A.vertical_scores(spread)}
 
 
+def budget_text(model, ids, text, offsets, regions, n_problems, base, seed, args) -> dict:
+    """Trace one text under each coverage budget ``args.coverage`` (at ``args.max_k``): the verticals
+    of each budget's trace, the dense and block-spread ones, and one row per budget."""
+    traces, budgets = {}, {}
+    for cov in args.coverage:
+        t0 = time.perf_counter()
+        trace = trace_ids(model, ids, base.replace(coverage=cov, top_k=args.max_k, max_k=args.max_k),
+                          text=text, token_offsets=offsets)
+        traces[cov] = (trace, time.perf_counter() - t0)
+    sentences = S.trace_sentences(traces[args.coverage[0]][0], regions, check_resolution=False)
+    t0 = time.perf_counter()
+    dense, spread = dense_sentence_matrices(model, ids, sentences, block=(args.block, args.block))
+    dense_s = time.perf_counter() - t0
+    lengths = sorted(s.num_tokens for s in sentences)
+    for cov, (trace, trace_s) in traces.items():
+        row = {"tokens": int(ids.numel()), "seed": seed, "problems": n_problems, "budget": trace.budget,
+               "top_k": args.max_k, "sparsity": round(trace.sparsity, 4),
+               "mean_kept_blocks": round(trace.mean_kept_blocks, 2),
+               "capped_share": round(trace.capped_share, 4), "sentences": len(sentences),
+               "median_sentence_tokens": lengths[len(lengths) // 2], "trace_s": round(trace_s, 1),
+               "dense_s": round(dense_s, 1)}
+        budgets[budget_key(cov)] = {"row": row, "sparse": A.trace_vertical(trace, sentences)}
+    return {"budgets": budgets, "dense": A.vertical_scores(dense), "spread": A.vertical_scores(spread)}
+
+
+def budget_key(cov: float) -> str:
+    return f"cov{cov:g}"
+
+
 def agreement(texts: list[dict], drop: tuple[int, int], top: int) -> dict:
     """Receiver-head overlaps and Spearman correlations over ``texts`` for one kurtosis setting."""
     def verticals(kind):
@@ -101,7 +138,8 @@ def agreement(texts: list[dict], drop: tuple[int, int], top: int) -> dict:
                          drop_last=drop[1])
 
     sparse, spread = compare("sparse", "dense"), compare("spread", "dense")
-    stability = compare("sparse", "double")
+    none = {"overlap": None, "rho_heads": None}  # a coverage row has no trace at 2k
+    stability = compare("sparse", "double") if texts[0]["double"] is not None else none
 
     def dense_heads(chosen):
         return set(A.receiver_heads([A.head_kurtosis(t["dense"], *drop) for t in chosen], top))
@@ -116,7 +154,7 @@ def agreement(texts: list[dict], drop: tuple[int, int], top: int) -> dict:
         "overlap_k_vs_2k": stability["overlap"],
         "rho_heads": round(sparse["rho_heads"], 4),
         "rho_heads_spread_vs_dense": round(spread["rho_heads"], 4),
-        "rho_heads_k_vs_2k": round(stability["rho_heads"], 4),
+        "rho_heads_k_vs_2k": None if stability["rho_heads"] is None else round(stability["rho_heads"], 4),
         "rho_recv": round(sparse["rho_receiver"], 4),
         "receiver_heads_sparse": sparse["heads"], "receiver_heads_dense": sparse["reference_heads"],
     }
@@ -134,12 +172,18 @@ def from_json(d: dict) -> torch.Tensor:
     return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"]))
 
 
-def report(args, target: int, texts: list[dict]) -> dict:
-    """The agreement over the texts of one length: merged into bench/results/anchors.json and printed."""
+def report(args, target: int, texts: list[dict], cov: float | None = None) -> dict:
+    """The agreement over the texts of one length (and coverage budget ``cov``): merged into
+    bench/results/anchors.json and printed."""
     stored = json.loads(args.out.read_text()) if args.out.exists() else {}
     tag = args.tag or f"{args.model}_block{args.block}_{args.score}_{target}"
+    budget = None
+    if cov is not None:
+        tag += f"_{budget_key(cov)}_max{args.max_k}"
+        budget = {"coverage": cov, "min_k": 1, "max_k": args.max_k}
     result = {"tag": tag, "model": args.model, "block": args.block, "score": args.score, "tokens": target,
-              "top_k_candidates": args.top_k or "search_k", "top_heads": args.top_heads,
+              "top_k_candidates": "coverage" if budget else args.top_k or "search_k", "budget": budget,
+              "top_heads": args.top_heads,
               "settings": [agreement(texts, drop, args.top_heads) for drop in args.drop],
               "texts": [t["row"] for t in texts]}
     stored[tag] = result
@@ -147,16 +191,20 @@ def report(args, target: int, texts: list[dict]) -> dict:
     args.out.write_text(json.dumps(stored, indent=2) + "\n")
     summary = [{k: v for k, v in s.items() if not k.startswith("receiver_heads")} for s in result["settings"]]
     sparsity = sum(t["row"]["sparsity"] for t in texts) / len(texts)
-    print(f"\n{tag}: {len(texts)} texts, mean sparsity {sparsity:.3f}, "
+    kept = "" if budget is None else (
+        f", mean kept blocks {sum(t['row']['mean_kept_blocks'] for t in texts) / len(texts):.1f}, "
+        f"capped {sum(t['row']['capped_share'] for t in texts) / len(texts):.3f}")
+    print(f"\n{tag}: {len(texts)} texts, mean sparsity {sparsity:.3f}{kept}, "
           f"k {[t['row']['top_k'] for t in texts]}")
     print("drop first,last | overlap | spread | dense split-half | k vs 2k | rho_heads | rho spread | "
           "rho k vs 2k | rho_recv")
     n = args.top_heads
     for s in summary:
+        stable = "-" if s["overlap_k_vs_2k"] is None else f"{s['overlap_k_vs_2k']}/{n}"  # coverage: no 2k trace
         print(f"{s['drop_first']},{s['drop_last']} | {s['overlap']}/{n} | "
               f"{s['overlap_spread_vs_dense']}/{n} | {s['dense_split_half']}/{n} | "
-              f"{s['overlap_k_vs_2k']}/{n} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
-              f"{s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
+              f"{stable} | {s['rho_heads']} | {s['rho_heads_spread_vs_dense']} | "
+              f"{'-' if s['rho_heads_k_vs_2k'] is None else s['rho_heads_k_vs_2k']} | {s['rho_recv']}", flush=True)
     return {tag: summary}
 
 
@@ -169,6 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, nargs="+", default=None,
                    help="candidates, smallest first: the first passing fidelity.check is used "
                         "(default: fidelity.search_k's binary search over every k)")
+    p.add_argument("--coverage", type=float, nargs="+", default=None, metavar="P",
+                   help="trace each text under these coverage budgets instead of at a searched k "
+                        "(one row each; needs --max-k)")
+    p.add_argument("--max-k", type=int, default=None, help="with --coverage: key blocks a row keeps at most")
     p.add_argument("--score", choices=("max", "lse"), default="max")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-heads", type=int, default=20)
@@ -177,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None, help="row name in the JSON (default from the settings)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     args = p.parse_args(argv)
+    if (args.coverage is None) != (args.max_k is None):
+        p.error("--coverage and --max-k go together")
     with Ranks.from_env() as ranks:
         grid = [(target, i) for target in args.tokens for i in range(args.texts)]
         loaded = []
@@ -188,6 +242,12 @@ def main(argv=None) -> int:
             model, tokenizer = loaded[0]
             torch.manual_seed(0)  # per text: the same whichever rank runs it, after whatever it ran before
             result = one_text(model, tokenizer, target, args.seed + 1000 * target + i, args)
+            if args.coverage:
+                for b in result["budgets"].values():
+                    print(f"{ranks.tag}{target} tokens, text {i}: {b['row']}", flush=True)
+                return {"target": target, "dense": to_json(result["dense"]), "spread": to_json(result["spread"]),
+                        "budgets": {k: {"row": b["row"], "sparse": to_json(b["sparse"])}
+                                    for k, b in result["budgets"].items()}}
             print(f"{ranks.tag}{target} tokens, text {i}: {result['row']}", flush=True)
             return {"target": target, "row": result["row"],
                     **{kind: to_json(result[kind]) for kind in VERTICALS}}
@@ -195,6 +255,15 @@ def main(argv=None) -> int:
         summary = {}
 
         def merge(results: list[dict]) -> None:
+            if args.coverage:
+                for cov in args.coverage:  # one row per budget, the dense verticals shared
+                    texts = [{"target": r["target"], "row": r["budgets"][budget_key(cov)]["row"],
+                              "sparse": from_json(r["budgets"][budget_key(cov)]["sparse"]), "double": None,
+                              "dense": from_json(r["dense"]), "spread": from_json(r["spread"])}
+                             for r in results]
+                    for target in args.tokens:
+                        summary.update(report(args, target, [t for t in texts if t["target"] == target], cov))
+                return
             texts = [{"target": r["target"], "row": r["row"], **{kind: from_json(r[kind]) for kind in VERTICALS}}
                      for r in results]
             for target in args.tokens:  # the texts of each length, in order, whichever rank ran them
@@ -202,8 +271,14 @@ def main(argv=None) -> int:
 
         # one part file per text while the sweep runs: a killed run (any number of ranks) resumes
         keys = [f"{args.model}|{target}|text{i}|seed{args.seed}" for target, i in grid]
+        parts = args.out.with_suffix(".parts")
+        if args.coverage:  # the parts of a coverage run apart from a k run's
+            budgets = "_".join(f"{c:g}" for c in args.coverage)
+            parts = parts.with_name(f"{parts.stem}.cov{budgets}_max{args.max_k}.parts")
         settings = {k: str(getattr(args, k)) for k in ("block", "top_k", "score")}
-        ranks.sweep(keys, run_one, args.out.with_suffix(".parts"), merge=merge, settings=settings, log=print)
+        if args.coverage:
+            settings.update(coverage=str(args.coverage), max_k=str(args.max_k))
+        ranks.sweep(keys, run_one, parts, merge=merge, settings=settings, log=print)
         if not ranks.main:
             return 0
     print(json.dumps(summary))
