@@ -33,6 +33,14 @@ MaskEdit = Callable[[int, BlockMask], BlockMask]
 Observer = Callable[[int, torch.Tensor, torch.Tensor, BlockMask, "float | None", "int | None"], None]
 
 
+def _estimate_slab(query: torch.Tensor) -> int:
+    """Largest temporary of the per-row estimate (and a budget's cut), in floats. The CPU size keeps slabs
+    cache-sized; on a GPU that means thousands of tiny launches per layer (the 128k estimate took 45 s on an
+    H200, 2026-12-02, and was still launch-bound with 16x larger slabs), so slabs are 64x larger there (a few
+    GB of temporaries at most)."""
+    return 2**29 if query.is_cuda else 2**23
+
+
 @dataclass
 class SparseSession:
     """What the registered attention does while active: select, (optionally) edit, attend, record.
@@ -65,7 +73,7 @@ class SparseSession:
         first = (key.shape[2] - query.shape[2]) // self.config.mask.block_q
         covered = cover(query, key, mask, self.config.mask, scale=scale, window=window,
                         samples=self.config.missed_samples, first_query_block=first,
-                        max_elements=2**29 if query.is_cuda else 2**23)  # slabs as record_layer's estimate
+                        max_elements=_estimate_slab(query))
         return covered.mask, covered
 
     def audited_query_blocks(self) -> torch.Tensor:
@@ -94,13 +102,9 @@ class SparseSession:
         if covered is not None and covered.missed is not None:
             record["missed"] = covered.missed[0]
         elif config.missed_samples:
-            # The CPU default keeps slabs cache-sized; on a GPU that means thousands of tiny launches per
-            # layer (the 128k estimate took 45 s on an H200, 2026-12-02, and was still launch-bound with 16x
-            # larger slabs), so slabs are 64x larger there (a few GB of temporaries at most).
-            slab = 2**29 if query.is_cuda else 2**23
             record["missed"] = estimate_missed(query, key, mask.indices, config.mask, scale=scale, window=window,
                                                samples=config.missed_samples, kept_lse=lse,
-                                               first_query_block=first, max_elements=slab)[0]
+                                               first_query_block=first, max_elements=_estimate_slab(query))[0]
         rows = self.audited_query_blocks()
         rows = rows[(rows >= first) & (rows < first + mask.indices.shape[2])]
         if config.audit_rate:
