@@ -22,6 +22,12 @@ What is compared, per case (ragged T and S, q_offset = S - T > 0, GQA, batch 2, 
   the CPU, a few query blocks per case: missed mass within ``AUDIT_TOL`` and the oracle rows equal, except
   where the float64 block scores tie at the m-th pick. ``--audit-only`` runs this part alone (``--cpu``: the
   check's own dry run, torch scan against float64).
+- block draw: the per-row estimate's first stage with the fused Triton pass (``ops.estimate_pieces``) against
+  ``draw_blocks_torch`` on the CPU, random pre-scores and kept rows: counts and first unkept blocks equal,
+  drawn blocks equal except where a point lies within ``DRAW_TIE`` of a CDF step, probabilities within
+  ``DRAW_RTOL``; the fused sample step (``ops.estimate_pieces``) against ``sample_rows_torch`` in float64 on
+  random draws (GQA, windows, per query and per row), within ``SAMPLE_TOL``; and ``estimate_missed`` (block
+  proposal) with both fused steps against torch in float64 on the CPU. ``--draw-only`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import torch
 
 from sparsetrace import BlockMask, MaskConfig, shortlist_mask, sparse_attention, stream_mask
 from sparsetrace.attention.dense import sparse_attention_reference
+from sparsetrace.audit.estimate import _mixture, _strata, draw_blocks_torch, estimate_missed, sample_rows_torch
 from sparsetrace.audit.exact import audit_rows
-from sparsetrace.ops import audit_scanner
-from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
+from sparsetrace.ops import audit_scanner, estimate_pieces
+from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, kept_blocks, query_blocks
 from sparsetrace.selection.oracle import block_scores
 from sparsetrace.selection.shortlist import Z, pre_scores, shortlist_sizes
 from sparsetrace.selection.stream import halves, split_into_groups
@@ -127,7 +134,8 @@ def max_err(got, want) -> float:
 
 
 def main() -> int:
-    for flag, check in (("--shortlist-only", check_shortlist), ("--audit-only", check_audit)):
+    for flag, check in (("--shortlist-only", check_shortlist), ("--audit-only", check_audit),
+                        ("--draw-only", check_block_draw)):
         if flag in sys.argv and "--cpu" in sys.argv:  # the check's own dry run, torch path
             failures = check("cpu", torch.Generator().manual_seed(20261202))
             print("FAIL\n  " + "\n  ".join(failures) if failures else "PASS")
@@ -150,6 +158,11 @@ def main() -> int:
         print("FAIL\n  " + "\n  ".join(shortlist_failures) if shortlist_failures else "PASS")
         return 1 if shortlist_failures else 0
     failures += shortlist_failures
+    draw_failures = check_block_draw("cuda", torch.Generator().manual_seed(20261204))
+    if "--draw-only" in sys.argv:
+        print("FAIL\n  " + "\n  ".join(draw_failures) if draw_failures else "PASS")
+        return 1 if draw_failures else 0
+    failures += draw_failures
     audit_failures = check_audit("cuda", torch.Generator().manual_seed(20261203))
     if "--audit-only" in sys.argv:
         print("FAIL\n  " + "\n  ".join(audit_failures) if audit_failures else "PASS")
@@ -315,6 +328,78 @@ def check_audit(device: str, gen: torch.Generator) -> list[str]:
                 failures.append(f"audit {name} {dtype}: missed mass error {err:.2e} > {AUDIT_TOL:.0e}")
             if bad:
                 failures.append(f"audit {name} {dtype}: {bad} oracle rows differ without a tie")
+    return failures
+
+
+DRAW_RTOL, DRAW_TIE, SAMPLE_TOL = 1e-5, 1e-6, 1e-5
+SAMPLE_CASES = (  # B, Hq, Hkv, T, S, D, block_q, r, draws per unit, window, per query
+    (1, 4, 2, 100, 300, 32, 32, 16, 4, None, False), (2, 2, 1, 64, 64, 16, 16, 32, 1, 40, True),
+    (1, 12, 2, 700, 5000, 128, 64, 64, 4, None, False), (1, 2, 2, 90, 200, 64, 32, 64, 4, 77, True))
+DRAW_CASES = (  # B, H, c, key blocks, kept width, points, census need
+    (1, 12, 64, 16384, 16, 16, 2), (2, 3, 37, 700, 5, 16, 4), (1, 2, 9, 9, 8, 16, 2), (1, 4, 33, 2048, 64, 8, 1))
+
+
+def check_block_draw(device: str, gen: torch.Generator) -> list[str]:
+    """The fused block draw (or, with ``--cpu``, the torch one) against ``draw_blocks_torch`` on the CPU."""
+    failures = []
+    for B, H, c, n_kb, width, m, need in DRAW_CASES:
+        name = f"{B}x{H}x{c} nKB {n_kb} w {width}"
+        scores = torch.randn(B, H, c, n_kb, generator=gen) * 4
+        n = torch.randint(1, n_kb + 1, (c,), generator=gen)
+        lo = torch.minimum(torch.randint(0, n_kb, (c,), generator=gen) // 2, n - 1)
+        indices = torch.randint(-1, n_kb, (B, H, c, width), generator=gen).int()
+        u = _strata(torch.randint(0, 2**40, (B, H, c), generator=gen), m)
+        want = draw_blocks_torch(scores.clone(), lo, n, indices, u, 0.5, need)
+        draw = (estimate_pieces(scores.to(device), 32, 64) or [draw_blocks_torch])[0]
+        got = [x.cpu() for x in draw(scores.to(device), lo.to(device), n.to(device), indices.to(device),
+                                     u.to(device), 0.5, need)]
+        # a point within DRAW_TIE of a CDF step may land either side of it in float32 vs float64 exps
+        j = torch.arange(n_kb)
+        unkept = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, n_kb)
+        w = _mixture(scores.clone()[..., None, :], unkept[..., None, :], 0.5).flatten(-2).double()
+        cdf = w.cumsum(-1) / w.sum(-1, keepdim=True).clamp(min=1e-300)
+        near = ((cdf[..., None, :] - u[..., None]).abs() < DRAW_TIE).any(-1)  # [B, H, c, m]
+        valid = want[2][..., None].expand_as(want[1]) > 0  # a row with nothing unkept draws nothing used
+        differ = (got[0] != want[0]) & valid
+        bad = int((differ & ~near).sum())
+        err = ((got[1] / want[1] - 1).abs()[valid & ~differ]).max().item() if valid.any() else 0.0
+        print(f"draw      {name:26s} points {differ.numel():6d} differ {int(differ.sum())} near {int(near.sum())} "
+              f"bad {bad} prob rel err {err:.1e} counts {torch.equal(got[2], want[2])} "
+              f"first {torch.equal(got[3], want[3])}", flush=True)
+        if bad or not err <= DRAW_RTOL or not torch.equal(got[2], want[2]) or not torch.equal(got[3], want[3]):
+            failures.append(f"draw {name}: {bad} draws differ off a tie, prob err {err:.1e}, counts/first equal "
+                            f"{torch.equal(got[2], want[2])}/{torch.equal(got[3], want[3])}")
+    # The sample step alone: GQA, a window, per query and per row, a census row, queries that keep nothing.
+    for B, Hq, Hkv, T, S, D, bq, r, m, window, per_query in SAMPLE_CASES:
+        name = f"{B}x{Hq}/{Hkv} T {T} S {S} D {D} bq {bq} r {r}/{m} w {window} {'query' if per_query else 'row'}"
+        q, k = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen)
+        first, c = 1, math.ceil(T / bq) - 1
+        pos = torch.randint(0, S, (B, Hq, c, r), generator=gen)
+        weight = torch.rand(B, Hq, c, r, generator=gen, dtype=torch.float64) * 3
+        exact = torch.rand(B, Hq, c, generator=gen) < 0.3
+        lam = torch.randn(B, Hq, c, bq, generator=gen) + 2
+        lam[0, 0, 0, :3] = -math.inf
+        args = (first, D**-0.5, window, 1.64, m, per_query)
+        want = sample_rows_torch(q.double(), k.double(), pos, weight, exact, lam.double(), *args)
+        sample = (estimate_pieces(q.to(device), bq, r) or [None, None])[1] or sample_rows_torch
+        got = sample(q.to(device), k.to(device), pos.to(device), weight.to(device), exact.to(device),
+                     lam.to(device), *args).cpu()
+        err = (got.double() - want.double()).abs().max().item()
+        print(f"sample    {name:56s} max err {err:.1e}", flush=True)
+        if not err <= SAMPLE_TOL:
+            failures.append(f"sample {name}: error {err:.1e} > {SAMPLE_TOL:.0e}")
+    # The whole estimate, block proposal, with both fused steps: the same draws, so the same values.
+    config = MaskConfig(block_q=32, block_k=32, top_k=8, sink_blocks=1, local_blocks=1)
+    q, k = torch.randn(1, 4, 1024, 64, generator=gen), torch.randn(1, 2, 9000, 64, generator=gen)
+    indices = stream_mask(q, k, config).indices
+    want = estimate_missed(q.double(), k.double(), indices, config, proposal="block").double()
+    qd, kd = q.to(device), k.to(device)
+    got = estimate_missed(qd, kd, indices.to(device), config, proposal="block",
+                          pieces=estimate_pieces(qd, config.block_q, 64)).cpu().double()
+    err = ((got - want).abs() / want.abs().clamp(min=1e-6)).max().item()
+    print(f"draw      estimate_missed, block proposal     max rel err {err:.1e} (float32 against float64)", flush=True)
+    if not err <= 1e-3:
+        failures.append(f"draw: estimate_missed with the fused draw differs by {err:.1e} (relative)")
     return failures
 
 

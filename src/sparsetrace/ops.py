@@ -144,6 +144,29 @@ def audit_scanner(q: torch.Tensor, config: MaskConfig, impl: str = "auto"):
     return scan
 
 
+def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, impl: str = "auto"):
+    """The per-row estimate's heavy steps for ``q``'s device, as ``(draw_blocks, sample_rows)``
+    (``audit.estimate.Pieces``; None for a step that runs in torch): the fused Triton ones on CUDA, None
+    elsewhere. The sample step runs in torch, with one warning, for shapes its kernel does not take."""
+    if resolve_impl(impl, q) != "triton":
+        return None
+    from .kernels import estimate
+
+    def draw_blocks(scores, lo, n, indices, u, mix, need):
+        with on_device(scores):
+            return estimate.block_draw(scores, lo, n, indices, u, mix, need)
+
+    def sample_rows(q, k, pos, weight, exact, lam, first, scale, window, z, m, per_query):
+        with on_device(q):
+            return estimate.sample_rows(q, k.to(q.dtype), pos, weight, exact, lam, first, scale, window, z, m,
+                                        per_query)
+
+    reason = estimate.sample_supported(q, samples, block_q)
+    if reason is not None:
+        warn_once(f"sparsetrace: the estimate's fused sample step not used ({reason}); sampling in torch.")
+    return draw_blocks, sample_rows if reason is None else None
+
+
 def _config(config: MaskConfig | None, options: dict, estimator: str) -> MaskConfig:
     if config is not None and options:
         raise UsageError(f"pass either config or options {sorted(options)}, not both.")

@@ -58,7 +58,7 @@ def row_mean(x: torch.Tensor, T: int, block_q: int) -> torch.Tensor:
 
 def cover(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, config: MaskConfig, *, scale: float | None = None,
           window: int | None = None, samples: int = 64, first_query_block: int = 0,
-          max_elements: int = 2**23) -> Covered:
+          max_elements: int = 2**23, pieces: tuple | None = None) -> Covered:
     """Cut ``mask`` (the selection at ``config.width``, e.g. ``select_blocks(q, k, config.search())``) to the
     coverage budget ``config.coverage``: see the module docstring for the estimate.
 
@@ -69,6 +69,7 @@ def cover(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, config: MaskConfig,
         samples, first_query_block: as :func:`~sparsetrace.audit.estimate.estimate_missed` (the draws
             depend on the absolute query block, so a chunked prefill cuts rows the same at any chunk size).
         max_elements: the largest temporary tile, in floats, of the log-sum-exp pass and of the estimate.
+        pieces: the estimate's heavy steps (``sparsetrace.ops.estimate_pieces``; None: torch).
     """
     assert config.coverage is not None, "cover() needs a MaskConfig with a coverage budget"
     search = config.search()
@@ -79,7 +80,7 @@ def cover(q: torch.Tensor, k: torch.Tensor, mask: BlockMask, config: MaskConfig,
     share = torch.exp(lse - log_k[..., None]).nan_to_num_(0.0)  # [B, Hq, T, W]; a query seeing nothing: 0
     missed_q = estimate_missed(q, k, mask.indices, search, scale=scale, window=window, samples=samples,
                                kept_lse=log_k, first_query_block=first_query_block, max_elements=max_elements,
-                               per_query=True)  # [B, Hq, T, 3]
+                               per_query=True, pieces=pieces)  # [B, Hq, T, 3]
     held = 1 - missed_q.double()  # [B, Hq, T, 3]: share of the model's attention the selection holds
     block_mass = row_mean(share.double() * held[..., :1], T, config.block_q)  # [B, Hq, nQ, W]
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from ..config import MaskConfig
 from ..errors import UsageError
 from ..selection.blocks import candidate_range, gather_blocks, kept_blocks, key_blocks, may_attend
-from ..selection.shortlist import pool_keys, pre_scores
+from ..selection.shortlist import pool_keys, pool_queries, pre_scores
 
 # --------------------------------------------------------------------------- estimate for every row
 
@@ -77,7 +79,8 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
                     scale: float | None = None, window: int | None = None, samples: int = 64,
                     level: float = 0.9, mix: float = 0.25, proposal: str = "auto", seed: int = 0,
                     kept_lse: torch.Tensor | None = None, first_query_block: int = 0,
-                    max_elements: int = 2**23, per_query: bool = False) -> torch.Tensor:
+                    max_elements: int = 2**23, per_query: bool = False,
+                    pieces: tuple | None = None) -> torch.Tensor:
     """Estimated missed mass of every row, with a confidence interval: float32 ``[B, Hq, nQ, 3]``
     = (estimate, low, high); with ``per_query``, the same for every query, ``[B, Hq, T, 3]`` (the row's
     values are the means of its real queries' ones).
@@ -142,6 +145,8 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
             so a chunked prefill draws the same keys whatever its chunk size.
         first_query_block: the absolute index of q's first query block (chunked prefill).
         kept_lse: ``log K_t`` ``[B, Hq, T]`` if the attention has it; recomputed otherwise.
+        pieces: ``(draw_blocks, sample_rows)`` (:class:`Pieces`; None or a None step: torch);
+            ``sparsetrace.ops.estimate_pieces`` gives the fused GPU ones.
     """
     if proposal not in PROPOSALS:
         raise UsageError(f"proposal={proposal!r} is not one of {PROPOSALS}.")
@@ -159,11 +164,11 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     if kept_lse is None:
         kept_lse = kept_logsumexp(q, k, indices, config, scale=scale, window=window)
     lam = torch.nn.functional.pad(kept_lse.float(), (0, nQ * bq - T)).view(B, Hq, nQ, bq)
-    q_blocks = torch.nn.functional.pad(q, (0, 0, 0, nQ * bq - T)).view(B, Hq, nQ, bq, D).float()
-    t = torch.arange(nQ * bq, device=q.device).view(nQ, bq)
-    real, q_pos = t < T, t + (S - T)  # [nQ, bq] each
-    q_mean = (q_blocks * real[..., None]).sum(3) / real.sum(1)[:, None].clamp(min=1)  # [B, Hq, nQ, D]
-    k_blocks = key_blocks(k, bk).float()  # [B, Hkv, nKB, bk, D]
+    real = torch.arange(nQ * bq, device=q.device).view(nQ, bq) < T  # [nQ, bq]
+    q_mean = pool_queries(q, real) / real.sum(1)[:, None].clamp(min=1)  # [B, Hq, nQ, D] float32
+    # Keys stay in their dtype: the sample's gathers read them once and convert only what they took (a
+    # float32 copy of every key, then of every drawn block, was a fifth of the estimate's GPU time at 1M).
+    k_blocks = key_blocks(k, bk)  # [B, Hkv, nKB, bk, D]
     if proposal == "block":
         pooled = pool_keys(k, bk)  # mean and per-dimension variance of every block's keys, [B, Hkv, nKB, D] each
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
@@ -175,38 +180,66 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
 
     out = torch.empty(B, Hq, nQ, bq if per_query else 1, 3, device=q.device)
     m = 1 if proposal == "key" else PER_BLOCK  # draws per sampled unit (the block, for "block")
+    need = min(-(-r // bk), n_kb)  # a census never needs more than the first ceil(r / bk) unkept blocks
+    draw_blocks, sample_rows = pieces or (None, None)
+    draw_blocks, sample_rows = draw_blocks or draw_blocks_torch, sample_rows or sample_rows_torch
     per_row = n_kb * bk if proposal == "key" else r // m * bk * D
     step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * r)))
     for i0 in range(0, nQ, step):
         sl = slice(i0, min(i0 + step, nQ))
-        candidate = (j >= lo[sl, None]) & (j < n[sl, None])  # [c, nKB]
-        unkept = candidate & ~kept_blocks(indices[:, :, sl], n_kb)  # [B, Hq, c, nKB]
         if proposal == "key":
+            candidate = (j >= lo[sl, None]) & (j < n[sl, None])  # [c, nKB]
+            unkept = candidate & ~kept_blocks(indices[:, :, sl], n_kb)  # [B, Hq, c, nKB]
+            count, first = _unkept_census(unkept, need)
             pos, prob = _draw_keys(q_mean[:, :, sl], k_blocks, unkept, S, scale, mix, r, row_ids[:, :, sl])
-        else:
-            pos, prob = _draw_in_blocks(q_mean[:, :, sl], k_blocks, pooled, unkept, S, scale, mix, r,
+        else:  # first stage: blocks by the pooled top-logit score; second: keys inside them
+            proxy = pre_scores(q_mean[:, :, sl] * scale, *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
+            blk, p_block, count, first = draw_blocks(proxy, lo[sl], n[sl], indices[:, :, sl],
+                                                     _strata(row_ids[:, :, sl], r // m), BLOCK_MIX, need)
+            pos, prob = _keys_in_blocks(q_mean[:, :, sl], k_blocks, blk, p_block, S, scale, mix,
                                         row_ids[:, :, sl], m)  # [B, Hq, c, r] each
-        pos, weight, exact = _census(pos, 1.0 / (r * prob), unkept, r, bk)
-        keys = _gather_keys(k_blocks, pos)  # [B, Hq, c, r, D]
-        logits = torch.matmul(q_blocks[:, :, sl], keys.transpose(-1, -2)) * scale  # [B, Hq, c, bq, r]
-        ok = may_attend(pos[..., None, :], q_pos[sl, :, None], window) & real[sl, :, None]
-        # y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass means M = 1 anyway)
-        terms = torch.exp((logits - lam[:, :, sl, :, None]).clamp(max=60)).masked_fill_(~ok, 0.0)
-        terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, r]
-        R = terms.sum(-1)  # [B, Hq, c, bq]
-        n_units = r // m
-        units = terms.unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
-        rel = units * n_units / R[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
-        sd = R * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
-        sd = torch.where(exact[..., None] | (R == 0), 0.0, sd)
-        no_kept = torch.isinf(lam[:, :, sl])  # such a query's missed mass is 1
-        for slot, value in enumerate((R, (R - z * sd).clamp(min=0), R + z * sd)):
-            missed = torch.where(no_kept, 1.0, 1 / (1 + 1 / value))  # M = R / (1 + R), also at R = 0, inf
-            if per_query:
-                out[:, :, sl, :, slot] = missed.float()
-            else:
-                out[:, :, sl, 0, slot] = ((missed * real[sl]).sum(-1) / real[sl].sum(-1).clamp(min=1)).float()
+        pos, weight, exact = _census(pos, 1.0 / (r * prob), count, first, r, bk, n_kb)
+        out[:, :, sl] = sample_rows(q, k, pos, weight, exact, lam[:, :, sl], sl.start, scale, window, z, m,
+                                           per_query)
     return out.flatten(2, 3)[:, :, :T] if per_query else out[:, :, :, 0]
+
+
+def sample_rows_torch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor,
+                      exact: torch.Tensor, lam: torch.Tensor, first: int, scale: float, window: int | None,
+                      z: float, m: int, per_query: bool) -> torch.Tensor:
+    """The estimate's sample step for the slab of c query blocks from ``first``: every query's Hansen-Hurwitz
+    estimate of ``R_t`` from the drawn keys, its sd from the r/m units, and the missed mass with its interval
+    (:func:`estimate_missed`). ``pos``, ``weight`` (float64, ``1 / (r p)`` or a census's 1/0) ``[B, Hq, c, r]``;
+    ``exact [B, Hq, c]``; ``lam`` = ``log K_t`` ``[B, Hq, c, bq]``. Returns float32 ``[B, Hq, c, bq or 1, 3]``
+    (per query, or the means over each row's real queries). ``kernels.estimate.sample_rows`` is the same
+    step fused on the GPU."""
+    B, Hq, T, D = q.shape
+    S, c, r, bq = k.shape[2], pos.shape[2], pos.shape[3], lam.shape[-1]
+    t = torch.arange(first * bq, (first + c) * bq, device=q.device).view(c, bq)
+    real, q_pos = t < T, t + (S - T)  # [c, bq] each
+    q_rows = q[:, :, first * bq:(first + c) * bq]
+    q_rows = torch.nn.functional.pad(q_rows, (0, 0, 0, c * bq - q_rows.shape[2]))  # [B, Hq, c * bq, D]
+    keys = _gather_keys(k, pos)  # [B, Hq, c, r, D] float32
+    logits = torch.matmul(q_rows.view(B, Hq, c, bq, D).float(), keys.transpose(-1, -2)) * scale  # [B,Hq,c,bq,r]
+    ok = may_attend(pos[..., None, :], q_pos[:, :, None], window) & real[:, :, None]
+    # y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass means M = 1 anyway)
+    terms = torch.exp((logits - lam[..., None]).clamp(max=60)).masked_fill_(~ok, 0.0)
+    terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, r]
+    R = terms.sum(-1)  # [B, Hq, c, bq]
+    n_units = r // m
+    units = terms.unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
+    rel = units * n_units / R[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
+    sd = R * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
+    sd = torch.where(exact[..., None] | (R == 0), 0.0, sd)
+    no_kept = torch.isinf(lam)  # such a query's missed mass is 1
+    out = torch.empty(B, Hq, c, bq if per_query else 1, 3, device=q.device)
+    for slot, value in enumerate((R, (R - z * sd).clamp(min=0), R + z * sd)):
+        missed = torch.where(no_kept, 1.0, 1 / (1 + 1 / value))  # M = R / (1 + R), also at R = 0, inf
+        if per_query:
+            out[..., slot] = missed.float()
+        else:
+            out[..., 0, slot] = ((missed * real).sum(-1) / real.sum(-1).clamp(min=1)).float()
+    return out
 
 
 def counter_uniform(keys: torch.Tensor) -> torch.Tensor:
@@ -219,14 +252,19 @@ def counter_uniform(keys: torch.Tensor) -> torch.Tensor:
     return ((z >> 11) & ((1 << 53) - 1)).double() / 2.0**53
 
 
-def _inverse_cdf(w: torch.Tensor, r: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """r stratified draws from the weights ``w [..., N]`` (float64, not normalised): the s-th inverts the
-    CDF at ``(s + V_s) / r``, ``V_s`` the counter uniform of ``(keys [...], s)``. Returns indices ``[..., r]``
-    and their probabilities ``w / sum(w)``."""
+def _strata(keys: torch.Tensor, r: int) -> torch.Tensor:
+    """r stratified points in [0, 1), ascending: the s-th is ``(s + V_s) / r``, ``V_s`` the counter uniform of
+    ``(keys [...], s)``; float64 ``[..., r]``."""
+    slot = torch.arange(r, device=keys.device)
+    return (slot + counter_uniform(keys[..., None] * 1024 + slot)) / r
+
+
+def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws from the weights ``w [..., N]`` (float64, not normalised) at the points ``u [..., r]`` of
+    :func:`_strata`: the CDF inverted at each. Returns indices ``[..., r]`` and their probabilities
+    ``w / sum(w)``."""
     cdf = w.cumsum(-1)
     total = cdf[..., -1:]
-    slot = torch.arange(r, device=w.device)
-    u = (slot + counter_uniform(keys[..., None] * 1024 + slot)) / r
     u = torch.minimum(u * total, total * (1 - 1e-12))  # never past the last positive weight
     idx = torch.searchsorted(cdf, u, right=True).clamp(max=w.shape[-1] - 1)
     return idx, w.gather(-1, idx) / total
@@ -250,57 +288,83 @@ def _draw_keys(q_mean, k_blocks, unkept, S, scale, mix, r, rows):
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c = q_mean.shape[1], q_mean.shape[2]
     q_scaled = (q_mean * scale).reshape(B, Hkv, Hq // Hkv * c, D)
-    proxy = torch.matmul(q_scaled, k_blocks.view(B, Hkv, n_kb * bk, D).mT).view(B, Hq, c, n_kb, bk)
+    proxy = torch.matmul(q_scaled, k_blocks.view(B, Hkv, n_kb * bk, D).float().mT).view(B, Hq, c, n_kb, bk)
     in_range = (torch.arange(n_kb * bk, device=proxy.device) < S).view(n_kb, bk)
     support = unkept[..., None] & in_range  # [B, Hq, c, nKB, bk]
-    return _inverse_cdf(_mixture(proxy, support, mix).flatten(-2).double(), r, rows)
+    return _inverse_cdf(_mixture(proxy, support, mix).flatten(-2).double(), _strata(rows, r))
 
 
-def _draw_in_blocks(q_mean, k_blocks, pooled, unkept, S, scale, mix, r, rows, per_block: int):
-    """proposal="block": ``r / per_block`` blocks by ``scale * (qbar . kbar + BLOCK_Z * sqrt(qbar^2 . var))``
-    (``pooled`` = (kbar, var) of every block, :func:`pool_keys`) mixed with BLOCK_MIX uniform, then
-    ``per_block`` keys inside each by ``qbar . k`` mixed with ``mix`` uniform (two-stage sampling; draws
-    ``[.., b*per_block : (b+1)*per_block]`` share block b)."""
+def draw_blocks_torch(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices: torch.Tensor,
+                      u: torch.Tensor, mix: float, need: int):
+    """The block proposal's first stage: blocks drawn from ``(1 - mix) * softmax(scores) + mix * uniform``
+    over every row's unkept candidate blocks, at the points ``u`` (:func:`_strata`).
+
+    Args: scores float32 ``[B, H, c, nKB]`` (overwritten); lo, n ``[c]`` candidate ranges; indices kept blocks
+    ``[B, H, c, width]``; u float64 ``[B, H, c, m]``; need: how many of the first unkept blocks to return.
+    Returns ``(blocks, prob)`` ``[B, H, c, m]`` and :func:`_unkept_census`'s ``(count, first)``;
+    ``kernels.proposal.block_draw`` is the same in one fused pass pair on the GPU."""
+    j = torch.arange(scores.shape[-1], device=scores.device)
+    unkept = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, scores.shape[-1])
+    blk, p_block = _inverse_cdf(_mixture(scores[..., None, :], unkept[..., None, :], mix).flatten(-2).double(), u)
+    return (blk, p_block, *_unkept_census(unkept, need))
+
+
+def _keys_in_blocks(q_mean, k_blocks, blk, p_block, S, scale, mix, rows, per_block: int):
+    """The block proposal's second stage: ``per_block`` keys inside each drawn block ``blk [B, Hq, c, r/m]``
+    by ``qbar . k`` mixed with ``mix`` uniform (two-stage sampling; draws ``[.., b*per_block :
+    (b+1)*per_block]`` share block b). Returns positions and probabilities ``[B, Hq, c, r]``."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
-    Hq, c = q_mean.shape[1], q_mean.shape[2]
-    proxy = pre_scores(q_mean * scale, *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
-    w_block = _mixture(proxy[..., None, :], unkept[..., None, :], BLOCK_MIX).flatten(-2).double()
-    blk, p_block = _inverse_cdf(w_block, r // per_block, rows)  # [B, Hq, c, r/m]
-    keys = gather_blocks(k_blocks, blk).view(B, Hq, c, r // per_block, bk, D)  # the drawn blocks' keys
-    inner = torch.matmul(keys, q_mean[:, :, :, None, :, None]).squeeze(-1) * scale  # [B, Hq, c, r/m, bk]
+    Hq, c, units = q_mean.shape[1], q_mean.shape[2], blk.shape[-1]
+    keys = gather_blocks(k_blocks, blk).view(B, Hq, c, units, bk, D)  # the drawn blocks' keys
+    # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight
+    inner = torch.matmul(keys, q_mean.to(keys.dtype)[:, :, :, None, :, None]).squeeze(-1).float() * scale
     inside = (blk[..., None] * bk + torch.arange(bk, device=blk.device)) < S  # [B, Hq, c, r/m, bk]
     w_key = _mixture(inner[..., None, :], inside[..., None, :], mix).flatten(-2).double()
-    inner_rows = (rows[..., None] * 1024 + torch.arange(r // per_block, device=rows.device)) * 7 + 1
-    offset, p_key = _inverse_cdf(w_key, per_block, inner_rows)  # [B, Hq, c, r/m, m]
+    inner_rows = (rows[..., None] * 1024 + torch.arange(units, device=rows.device)) * 7 + 1
+    offset, p_key = _inverse_cdf(w_key, _strata(inner_rows, per_block))  # [B, Hq, c, r/m, m]
     pos = blk[..., None] * bk + offset  # [B, Hq, c, r/m, m]
     return pos.flatten(-2), (p_block[..., None] * p_key).flatten(-2)
 
 
-def _census(pos, weight, unkept, r: int, bk: int):
-    """Rows whose unkept blocks fit in r slots take every unkept key once (weight 1, exact); rows with
-    nothing unkept get weight 0. Returns ``(pos, weight) [B, Hq, c, r]`` and ``exact [B, Hq, c]``."""
+def _unkept_census(unkept: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many blocks each row leaves unkept, ``[B, Hq, c]``, and its first ``need`` unkept blocks, ascending
+    (``nKB`` past the last), ``[B, Hq, c, need]``: all a census needs."""
     n_kb = unkept.shape[-1]
-    count = unkept.sum(-1)  # [B, Hq, c]
+    # A topk, not a sort of every row, which took 27 of 62 ms of the estimate's GPU time at 1M tokens (H200).
+    candidates = torch.where(unkept, torch.arange(n_kb, device=unkept.device), n_kb)
+    first = torch.topk(candidates, need, dim=-1, largest=False, sorted=True).values
+    return unkept.sum(-1), first
+
+
+def _census(pos, weight, count, first, r: int, bk: int, n_kb: int):
+    """Rows whose unkept blocks fit in r slots take every unkept key once (weight 1, exact); rows with
+    nothing unkept get weight 0 (``count``, ``first``: :func:`_unkept_census`). Returns ``(pos, weight)
+    [B, Hq, c, r]`` and ``exact [B, Hq, c]``."""
     exact = count * bk <= r
-    # The first ceil(r / bk) unkept blocks of each row, ascending (a census never needs more): a topk, not
-    # a sort of every row, which took 27 of 62 ms of the estimate's GPU time at 1M tokens (H200).
-    need = min(-(-r // bk), n_kb)
-    candidates = torch.where(unkept, torch.arange(n_kb, device=pos.device), n_kb)
-    ids = torch.topk(candidates, need, dim=-1, largest=False, sorted=True).values  # [B, Hq, c, need]
     slot = torch.arange(r, device=pos.device)
-    blk = ids.gather(-1, (slot // bk).clamp(max=need - 1).expand(*ids.shape[:-1], r))  # [B, Hq, c, r]
+    need = first.shape[-1]
+    blk = first.gather(-1, (slot // bk).clamp(max=need - 1).expand(*first.shape[:-1], r))  # [B, Hq, c, r]
     all_pos = blk.clamp(max=n_kb - 1) * bk + slot % bk
     pos = torch.where(exact[..., None], all_pos, pos)
     weight = torch.where(exact[..., None], (blk < n_kb).double(), weight)
     return pos, weight.masked_fill(count[..., None] == 0, 0.0), exact
 
 
-def _gather_keys(k_blocks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Keys at token positions ``pos [B, Hq, c, r]`` (GQA: head h reads kv head ``h // (Hq // Hkv)``):
-    ``[B, Hq, c, r, D]``."""
-    B, Hkv, n_kb, bk, D = k_blocks.shape
+def _gather_keys(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Keys ``k [B, Hkv, S, D]`` at token positions ``pos [B, Hq, c, r]`` (GQA: head h reads kv head
+    ``h // (Hq // Hkv)``): float32 ``[B, Hq, c, r, D]``. A census position past S (the last block's
+    padding) reads key S - 1; no query may attend it, so its term is 0 whatever it reads."""
+    B, Hkv, S, D = k.shape
     Hq = pos.shape[1]
     kv_head = torch.arange(Hq, device=pos.device) // (Hq // Hkv)
-    base = (torch.arange(B, device=pos.device)[:, None] * Hkv + kv_head) * (n_kb * bk)  # [B, Hq]
-    flat = (base[:, :, None, None] + pos).flatten()
-    return k_blocks.reshape(B * Hkv * n_kb * bk, D).index_select(0, flat).view(*pos.shape, D)
+    base = (torch.arange(B, device=pos.device)[:, None] * Hkv + kv_head) * S  # [B, Hq]
+    flat = (base[:, :, None, None] + pos.clamp(max=S - 1)).flatten()
+    return k.reshape(B * Hkv * S, D).index_select(0, flat).view(*pos.shape, D).float()
+
+
+class Pieces(NamedTuple):
+    """The estimate's two heavy steps, None for the torch one (:func:`draw_blocks_torch`,
+    :func:`sample_rows_torch`); ``sparsetrace.ops.estimate_pieces`` gives the fused GPU ones."""
+
+    draw_blocks: Callable | None = None
+    sample_rows: Callable | None = None

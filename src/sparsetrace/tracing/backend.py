@@ -23,7 +23,7 @@ from ..audit.coverage import Covered, cover
 from ..audit.estimate import estimate_missed
 from ..audit.exact import audit_query_blocks, audit_rows, droppable_query_blocks
 from ..config import TraceConfig
-from ..ops import audit_scanner, select_blocks, sparse_attention
+from ..ops import audit_scanner, estimate_pieces, select_blocks, sparse_attention
 from ..selection.blocks import BlockMask
 
 ATTN_NAME = "sparsetrace"
@@ -35,10 +35,10 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, BlockMask, "float | None",
 
 def _estimate_slab(query: torch.Tensor) -> int:
     """Largest temporary of the per-row estimate (and a budget's cut), in floats. The CPU size keeps slabs
-    cache-sized; on a GPU that means thousands of tiny launches per layer (the 128k estimate took 45 s on an
-    H200, 2026-12-02, and was still launch-bound with 16x larger slabs), so slabs are 64x larger there (a few
-    GB of temporaries at most)."""
-    return 2**29 if query.is_cuda else 2**23
+    cache-sized; on a GPU small slabs mean many small launches, and the estimate was launch-bound there
+    (H200, 2026-12-02: 45 s at 128k with CPU-sized slabs; with 2**29, 12 ms a 64k-query chunk of the 1.5B
+    shape at 128k, with 2**31 one slab a chunk, 6.6 ms and 3.4 GiB of temporaries)."""
+    return 2**31 if query.is_cuda else 2**23
 
 
 @dataclass
@@ -73,7 +73,8 @@ class SparseSession:
         first = (key.shape[2] - query.shape[2]) // self.config.mask.block_q
         covered = cover(query, key, mask, self.config.mask, scale=scale, window=window,
                         samples=self.config.missed_samples, first_query_block=first,
-                        max_elements=_estimate_slab(query))
+                        max_elements=_estimate_slab(query),
+                        pieces=estimate_pieces(query, self.config.mask.block_q, self.config.missed_samples))
         return covered.mask, covered
 
     def audited_query_blocks(self) -> torch.Tensor:
@@ -104,7 +105,9 @@ class SparseSession:
         elif config.missed_samples:
             record["missed"] = estimate_missed(query, key, mask.indices, config.mask, scale=scale, window=window,
                                                samples=config.missed_samples, kept_lse=lse,
-                                               first_query_block=first, max_elements=_estimate_slab(query))[0]
+                                               first_query_block=first, max_elements=_estimate_slab(query),
+                                               pieces=estimate_pieces(query, config.mask.block_q,
+                                                                      config.missed_samples))[0]
         rows = self.audited_query_blocks()
         rows = rows[(rows >= first) & (rows < first + mask.indices.shape[2])]
         if config.audit_rate:
