@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UsageError
-from .sentences import Sentence, map_to_tokens, split_paragraphs, split_sentences
+from .sentences import Sentence, text_passages
 
 AGGREGATES = ("mean", "max")
 SINKS = ("no-op", "source")
@@ -251,6 +251,8 @@ class _Blocks(Sequence):
 
     def __init__(self, n: int, block: int, num_tokens: int):
         self.n, self.block, self.num_tokens = n, block, num_tokens
+        self.token_start = torch.arange(n) * block                                # [n] each, int64
+        self.token_end = torch.clamp(self.token_start + block, max=num_tokens)
 
     def __len__(self) -> int:
         return self.n
@@ -346,20 +348,14 @@ class Sources:
         if self.text is None or self.token_offsets is None:
             raise UsageError(f"this trace has no text and character offsets, so no {kind}s; use unit "
                              "'block' (--unit block), or trace a text with `sparsetrace trace --text-file`.")
-        split = split_sentences if kind == "sentence" else split_paragraphs
-        return map_to_tokens(split(self.text), self.token_offsets[: self.num_tokens])
+        return text_passages(self.text, self.token_offsets[: self.num_tokens], kind)
 
     def _make_units(self, kind: str) -> Units:
         passages = self._passages(kind)
         n, bk, nK, T = len(passages), self.block_size, self.score.shape[0], self.num_tokens
         # (passage u, block j, share w of the block's tokens in the passage) for every overlap outside the
         # span and the sink, without a Python loop (a 1M-token text has ~10^5 sentences)
-        if isinstance(passages, _Blocks):
-            start = torch.arange(n) * bk
-            end = torch.clamp(start + bk, max=T)
-        else:
-            start = torch.tensor([p.token_start for p in passages], dtype=torch.long)
-            end = torch.tensor([p.token_end for p in passages], dtype=torch.long)
+        start, end = passages.token_start, passages.token_end                        # [n] each
         first, count = start // bk, (end - 1) // bk - start // bk + 1              # [n] each
         u = torch.repeat_interleave(torch.arange(n), count)                          # [P]
         j = first[u] + torch.arange(u.shape[0]) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
@@ -496,8 +492,9 @@ def _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, d
     stay = torch.zeros(L, nK, dtype=torch.float64, device=device)
     lost = torch.zeros(nK, dtype=torch.float64, device=device)             # dropped flow per query block
     flow[L] = p[:, 0]
+    rows = _Rows(trace, device)
     for layer in range(L - 1, -1, -1):                                     # 2-3. down through the layers
-        e = _read_edges(trace, layer, aggregate, mu_of, no_op, device)
+        e = _read_edges(rows, layer, aggregate, mu_of, no_op, device)
         u, diag = e.pull(p, nK)
         if e.lost is not None:                                             # leaves through dropped edges
             lost += (1 - r) * p[:, 2] * e.lost
@@ -529,17 +526,44 @@ def _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, d
     # 7. paths of the strongest blocks, and of the strongest sentences' and paragraphs' blocks
     targets = _path_targets(result, top)
     if targets:
-        blocks, shares = _paths(trace, targets, flow, aggregate, mu_of, r, no_op, device)
+        blocks, shares = _paths(rows, targets, flow, aggregate, mu_of, r, no_op, device)
         result.paths = dict(zip(targets, blocks))
         result.path_shares = dict(zip(targets, shares))
     return result
 
 
-def _read_edges(trace, layer: int, aggregate: str, mu_of, sink_blocks: int, device) -> _Edges:
-    indices, mass = trace.layer(layer)                                     # [H, nQ, k] each
+class _Rows:
+    """A layer's rows ``(indices int32, mass float32)`` ``[H, nQ, k]`` on the device, for both passes. On a
+    GPU with room for all layers (a quarter of its free memory) they stay there after the first pass, so the
+    path pass reads nothing again (a 1M-token trace: 1.4 GB); on the CPU the memory-mapped shards are read
+    again (the page cache holds them)."""
+
+    def __init__(self, trace, device: torch.device):
+        self.trace, self.device = trace, device
+        self.kept = None
+        if device.type == "cuda":
+            size = trace.num_layers * trace.num_heads * trace.num_query_blocks * trace.top_k * 8
+            self.kept = {} if size <= torch.cuda.mem_get_info(device)[0] // 4 else None
+
+    def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kept is not None and layer in self.kept:
+            return self.kept[layer]
+        trace, device = self.trace, self.device   # on a GPU the stored (narrow) values move and decode there
+        rows = trace.layer(layer) if device.type == "cpu" else trace.layer(layer, device=device)
+        if self.kept is not None:
+            self.kept[layer] = rows
+        return rows
+
+    @property
+    def num_key_blocks(self) -> int:
+        return self.trace.num_key_blocks
+
+
+def _read_edges(rows: _Rows, layer: int, aggregate: str, mu_of, sink_blocks: int, device) -> _Edges:
+    indices, mass = rows(layer)                                            # [H, nQ, k] each
     mu = None if mu_of is None else mu_of(layer)
-    return layer_edges(indices.to(device), mass.to(device), aggregate,
-                       None if mu is None else mu.to(device), trace.num_key_blocks, sink_blocks)
+    return layer_edges(indices, mass, aggregate, None if mu is None else mu.to(device), rows.num_key_blocks,
+                       sink_blocks)
 
 
 def _path_targets(result: Sources, top: int) -> list[int]:
@@ -555,17 +579,17 @@ def _path_targets(result: Sources, top: int) -> list[int]:
     return targets
 
 
-def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of, r: float, sink_blocks: int,
-           device):
+def _paths(rows: _Rows, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of, r: float,
+           sink_blocks: int, device):
     """Step 7: for each target block, layer by layer from the input up, the biggest contributor."""
-    L, nK = trace.num_layers, trace.num_key_blocks
+    L, nK = rows.trace.num_layers, rows.num_key_blocks
     cur = list(targets)
     blocks = [[j] for j in targets]
     shares: list[list[float]] = [[] for _ in targets]
     for layer in range(L):
         want = torch.zeros(nK, dtype=torch.bool, device=device)             # the current blocks
         want[torch.tensor(cur, dtype=torch.long, device=device)] = True
-        q, j, w = _in_edges(trace, layer, want, aggregate, mu_of, sink_blocks, device)
+        q, j, w = _in_edges(rows, layer, want, aggregate, mu_of, sink_blocks, device)
         c = (1 - r) * w * flow[layer + 1][q]                               # contributions into j from q
         key, inverse = torch.unique(j * nK + q, return_inverse=True)       # heads summed per (j, q)
         total = torch.zeros(key.shape[0], dtype=torch.float64, device=device).index_add_(0, inverse, c)
@@ -588,19 +612,19 @@ def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of,
     return blocks, shares
 
 
-def _in_edges(trace, layer: int, want: torch.Tensor, aggregate: str, mu_of, sink_blocks: int, device):
+def _in_edges(rows: _Rows, layer: int, want: torch.Tensor, aggregate: str, mu_of, sink_blocks: int, device):
     """The entries of ``A_l`` into the blocks marked in ``want [nK]``: ``(q, j, w)``, long, long, float64.
     Under "mean" the layer is only searched for those entries, and weighted as :func:`layer_edges` does;
     under "max" the whole matrix is built."""
     if aggregate == "max":
-        qi, kj, w = _read_edges(trace, layer, aggregate, mu_of, sink_blocks, device).flat()
+        qi, kj, w = _read_edges(rows, layer, aggregate, mu_of, sink_blocks, device).flat()
         sel = want[kj] & (kj >= 0)
         return qi[sel], kj[sel], w[sel, 0].double()
-    indices, mass = (x.to(device) for x in trace.layer(layer))             # [H, nQ, k] each
+    indices, mass = rows(layer)                                            # [H, nQ, k] each
     H, nQ, k = indices.shape
     S = min(sink_blocks, k)
     marked = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), want])   # slot 0: the -1 entries
-    h, i, r = torch.nonzero(marked[indices.long() + 1], as_tuple=True)     # entries into a wanted block
+    h, i, r = torch.nonzero(marked[indices + 1], as_tuple=True)            # entries into a wanted block
     j = indices[h, i, r].long()
     keep = ~((j < sink_blocks) & (i >= sink_blocks))                       # those are the row's own under no-op
     h, i, r, j = h[keep], i[keep], r[keep], j[keep]
