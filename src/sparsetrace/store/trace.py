@@ -345,12 +345,15 @@ class Trace:
             raise TypeError(f"index a Trace as trace[layer, head] (or trace.layer(l)); got {key!r}")
         return self.indices(*key), self.mass(*key)
 
-    def layer(self, layer: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices int32 [H, nQ, k], mass float32 [H, nQ, k]): all heads of one layer; on ``device``
-        (e.g. "cuda") when given: the stored bytes move there and are decoded there."""
+    def layer(self, layer: int, *, heads: slice | None = None,
+              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int32 [H, nQ, k], mass float32 [H, nQ, k]): all heads of one layer (or the heads of
+        the slice ``heads``); on ``device`` (e.g. "cuda") when given: the stored bytes move there and are
+        decoded there."""
         li = self._check(layer, self.num_layers, "layer")
-        return (self._read("indices", li, slice(None), slice(None), device),
-                self._read("mass", li, slice(None), slice(None), device))
+        heads = slice(None) if heads is None else heads
+        return (self._read("indices", li, heads, slice(None), device),
+                self._read("mass", li, heads, slice(None), device))
 
     # -- summaries
 
