@@ -301,6 +301,38 @@ def test_heads_a_few_at_a_time_give_the_same_floats(aggregate, tmp_path, monkeyp
             assert whole.paths == parts.paths and whole.path_shares == parts.path_shares and whole.paths
 
 
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_layers_kept_for_the_path_pass_are_read_once(aggregate, monkeypatch):
+    """Where the layers fit on the GPU they are read once and kept for the path pass: the same result
+    (checked here on the CPU, by keeping them there), and one read per layer instead of two."""
+    import sparsetrace.analysis.sources as src
+
+    trace = awkward_trace(T=203, seed=4)
+    plain = sources(trace, (150, 203), aggregate=aggregate, top=4)
+    reads = []
+    read = trace.layer
+    monkeypatch.setattr(trace, "layer", lambda layer, **kw: reads.append(layer) or read(layer, **kw))
+    monkeypatch.setattr(src, "_keeps_layers", lambda trace, device: True)
+    kept = sources(trace, (150, 203), aggregate=aggregate, top=4)
+    assert sorted(reads) == list(range(trace.num_layers))
+    for name in ("score", "high", "entry", "origin"):
+        assert torch.equal(getattr(plain, name), getattr(kept, name)), name
+    assert plain.paths == kept.paths and plain.paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_on_the_gpu_equal_the_cpu(aggregate, tmp_path):
+    s_idx, s_mass, mu = pruned(*dense_rows(160, 3, 4, 8, 6), 5, 6)
+    bars = torch.stack([mu, mu * 0.5, (mu * 1.5).clamp(max=1)], -1).float()
+    Trace.from_arrays(s_idx, s_mass, block_q=8, block_k=8, tokens=torch.arange(160), missed=bars).save(tmp_path / "t")
+    trace = Trace.load(tmp_path / "t")
+    cpu, gpu = (sources(trace, (100, 160), aggregate=aggregate, top=4, device=d) for d in ("cpu", "cuda"))
+    for name in ("score", "low", "high", "entry"):
+        assert torch.allclose(getattr(cpu, name), getattr(gpu, name), atol=1e-6), name
+    assert cpu.paths.keys() == gpu.paths.keys()
+
+
 def test_layers_read_some_heads_and_on_a_device(tmp_path):
     s_idx, s_mass, _ = pruned(*dense_rows(150, 2, 4, 8, 3), 4, 3)
     trace = Trace.from_arrays(s_idx, s_mass, block_q=8, block_k=8, tokens=torch.arange(150))

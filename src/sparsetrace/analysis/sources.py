@@ -545,6 +545,14 @@ def _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, d
     return result
 
 
+def _keeps_layers(trace, device: torch.device) -> bool:
+    """Whether all layers' rows (int32 + float32: 8 bytes an entry) fit in a quarter of the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    size = trace.num_layers * trace.num_heads * trace.num_query_blocks * trace.top_k * 8
+    return size <= torch.cuda.mem_get_info(device)[0] // 4
+
+
 class _Rows:
     """A layer's rows ``(indices int32, mass float32)`` ``[H, nQ, k]`` on the device, for both passes. On a
     GPU with room for all layers (a quarter of its free memory) they stay there after the first pass, so the
@@ -553,10 +561,7 @@ class _Rows:
 
     def __init__(self, trace, device: torch.device):
         self.trace, self.device = trace, device
-        self.kept = None
-        if device.type == "cuda":
-            size = trace.num_layers * trace.num_heads * trace.num_query_blocks * trace.top_k * 8
-            self.kept = {} if size <= torch.cuda.mem_get_info(device)[0] // 4 else None
+        self.kept = {} if _keeps_layers(trace, device) else None
 
     def heads(self, layer: int, together: bool = False):
         """``(h0, indices, mass)`` for the layer's heads ``h0 ...`` a few at a time on the CPU: about
@@ -565,7 +570,7 @@ class _Rows:
         ``together``."""
         trace, H = self.trace, self.trace.num_heads
         per = max(1, HEAD_GROUP // max(1, trace.num_query_blocks * trace.top_k))
-        if together or self.device.type != "cpu" or per >= H:
+        if together or self.kept is not None or self.device.type != "cpu" or per >= H:
             yield 0, *self(layer)
             return
         for h0 in range(0, H, per):
@@ -668,7 +673,7 @@ def _in_edges(rows: _Rows, layer: int, want: torch.Tensor, aggregate: str, mu_of
     sink_rows = torch.nonzero(want[:nQ] & (torch.arange(nQ, device=device) >= sink_blocks)).flatten()
     found: list[list[torch.Tensor]] = [[], []]                             # (h, i, j, w): entries, sink entries
     for h0, indices, mass in rows.heads(layer):                            # [h, nQ, k] each
-        hit = torch.index_select(marked, 0, (indices + 1).view(-1)).view(indices.shape)  # 4x marked[...]
+        hit = torch.index_select(marked, 0, (indices + 1).reshape(-1)).view(indices.shape)  # 4x marked[...]
         h, i, r = torch.nonzero(hit, as_tuple=True)                        # entries into a wanted block
         j = indices[h, i, r].long()
         keep = ~((j < sink_blocks) & (i >= sink_blocks))                   # those are the row's own under no-op
