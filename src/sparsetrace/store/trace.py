@@ -56,7 +56,8 @@ class Trace:
         1; 0 at the -1 padding.
     Axis 0 is the QUERY-BLOCK axis: row i covers tokens `[i*block_q, (i+1)*block_q)`, absolute
     positions from token 0 (the chunked prefill that produced the trace does not show here).
-    `trace.layer(l)` gives all heads of a layer at once, `[H, nQ, top_k]`.
+    `trace.layer(l)` gives all heads of a layer at once, `[H, nQ, top_k]` (`heads=` a slice of them;
+    `device=` moves the stored int16 / float16 there and decodes there).
 
     Footguns:
       - -1 is a valid torch index (the LAST block): mask it (`idx[idx >= 0]`) before indexing.
