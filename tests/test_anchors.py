@@ -73,6 +73,89 @@ def test_token_spans_from_offsets():
     assert [(s.token_start, s.token_end) for s in cut] == [(0, 4), (4, 6)]
 
 
+def reference_split(text, regions=None, min_chars=S.MIN_CHARS):
+    """The splitter as first written (a look-behind cut, a merge that pops from a list): what the fast
+    one must equal."""
+    import itertools
+    import re
+
+    cut = re.compile(r"(?<=[.?!])(?=\s)|\n[ \t]*\n")
+    out = []
+    for start, end in [(0, len(text))] if regions is None else regions:
+        pieces, cuts = [], [start]
+        for m in re.compile(r"</?think>").finditer(text, start, end):
+            cuts += [m.start(), m.end()]
+        cuts.append(end)
+        for a, b in zip(cuts[::2], cuts[1::2]):
+            edges = [a] + [m.end() for m in cut.finditer(text, a, b)] + [b]
+            for u, v in itertools.pairwise(edges):
+                u += len(text[u:v]) - len(text[u:v].lstrip())
+                v -= len(text[u:v]) - len(text[u:v].rstrip())
+                if v > u:
+                    pieces.append([u, v, text[u:v]])
+        i = 0
+        while i < len(pieces) and len(pieces) > 1:
+            if len(pieces[i][2]) >= min_chars:
+                i += 1
+            elif i == len(pieces) - 1:
+                prev = pieces[i - 1]
+                pieces[i - 1] = [prev[0], pieces[i][1], prev[2] + " " + pieces[i][2]]
+                pieces.pop(i)
+            else:
+                pieces[i + 1] = [pieces[i][0], pieces[i + 1][1], pieces[i][2] + " " + pieces[i + 1][2]]
+                pieces.pop(i)
+        for u, v, t in pieces:
+            out.append(S.Sentence(len(out), t, u, v))
+    return out
+
+
+def word_offsets(text):
+    """Tokens as words with their leading whitespace (the last one may be whitespace alone)."""
+    import re
+
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\s*\S+|\s+$", text)]
+    return torch.tensor(spans or [(0, 0)], dtype=torch.long).view(-1, 2)
+
+
+def test_fast_split_and_token_spans_equal_the_reference_on_awkward_texts():
+    """split_sentences (one pass, cuts found at the marks) and text_passages (arrays, a running maximum
+    for the token walk) against the reference splitter and map_to_tokens, on random texts of marks,
+    unicode whitespace, blank lines with spaces, think tags and short fragments, with regions."""
+    import random
+
+    rng = random.Random(0)
+    parts = ["a", "bc", " ", ".", "?", "!", "\n", "\t", "\u00a0", "\u2003", "é", "<think>", "</think>",
+             " \n \n", "word ", "A sentence. "]
+    checked = 0
+    for _ in range(600):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(text) + 1), 4)) if len(text) > 3 else None
+        for min_chars in (0, 5, 10, 30):
+            for regions in (None, None if cuts is None else [(cuts[0], cuts[1]), (cuts[2], cuts[3])]):
+                want = reference_split(text, regions, min_chars)
+                assert S.split_sentences(text, regions, min_chars=min_chars) == want, (text, regions)
+            offsets = word_offsets(text)
+            want = S.map_to_tokens(reference_split(text, None, min_chars), offsets)
+            got = S.text_passages(text, offsets, min_chars=min_chars)
+            assert list(got) == want and got.token_start.tolist() == [s.token_start for s in want], text
+            paragraphs = S.map_to_tokens(S.split_paragraphs(text), offsets)
+            assert list(S.text_passages(text, offsets, "paragraph")) == paragraphs, text
+            checked += 1
+    print(f"{checked} texts: split, token spans and paragraphs equal the reference")
+
+
+def test_fast_split_equals_the_reference_on_a_long_text():
+    from sparsetrace.viz.synthetic import synthetic_text
+
+    text, _, offsets = synthetic_text(20_000, 3)
+    text = text[:40_000] + "\n\n  A new paragraph. <think>Thinking.</think> " + text[40_000:]
+    want = reference_split(text)
+    assert S.split_sentences(text) == want and len(want) > 100
+    got = S.text_passages(text, word_offsets(text))
+    assert list(got) == S.map_to_tokens(want, word_offsets(text))
+    assert got[-1] == got[len(got) - 1] and got[1:3] == [got[1], got[2]]
+
+
 def test_token_spans_with_the_real_tokenizer(smollm):
     from sparsetrace.tracing.tracer import tokenize
 

@@ -277,6 +277,94 @@ def test_missed_mass_is_read_from_the_trace_when_it_has_it(tmp_path):
         sources(plain, missed=torch.zeros(1, 2, 3), top=0)
 
 
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_heads_a_few_at_a_time_give_the_same_floats(aggregate, tmp_path, monkeypatch):
+    """On the CPU a layer is read and propagated a few heads at a time (``HEAD_GROUP`` entries): the same
+    float32 sums in the same order as all heads at once, so every score, entry and path is equal, not just
+    close; from disk (shards, the parallel first hash) as in memory."""
+    import sparsetrace.analysis.sources as src
+
+    T, L, H, b = 150, 3, 4, 8
+    idx, mass = dense_rows(T, L, H, b, 5)
+    s_idx, s_mass, mu = pruned(idx, mass, 5, 5)
+    bars = torch.stack([mu, mu * 0.5, (mu * 1.5).clamp(max=1)], -1).float()   # [L, H, nQ, 3]
+    memory = Trace.from_arrays(s_idx, s_mass, block_q=b, block_k=b, tokens=torch.arange(T), missed=bars)
+    memory.save(tmp_path / "t", chunk_query_blocks=7)
+    for trace in (memory, Trace.load(tmp_path / "t", verify=False)):
+        for missed in (None, False):
+            whole = sources(trace, (90, T), aggregate=aggregate, missed=missed, top=5)
+            monkeypatch.setattr(src, "HEAD_GROUP", 1)                  # one head at a time
+            parts = sources(trace, (90, T), aggregate=aggregate, missed=missed, top=5)
+            monkeypatch.undo()
+            for name in ("score", "low", "high", "entry", "origin"):
+                assert torch.equal(getattr(whole, name), getattr(parts, name)), name
+            assert whole.paths == parts.paths and whole.path_shares == parts.path_shares and whole.paths
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_layers_kept_for_the_path_pass_are_read_once(aggregate, monkeypatch):
+    """Where the layers fit on the GPU they are read once and kept for the path pass: the same result
+    (checked here on the CPU, by keeping them there), and one read per layer instead of two."""
+    import sparsetrace.analysis.sources as src
+
+    trace = awkward_trace(T=203, seed=4)
+    plain = sources(trace, (150, 203), aggregate=aggregate, top=4)
+    reads = []
+    read = trace.layer
+    monkeypatch.setattr(trace, "layer", lambda layer, **kw: reads.append(layer) or read(layer, **kw))
+    monkeypatch.setattr(src, "_keeps_layers", lambda trace, device: True)
+    kept = sources(trace, (150, 203), aggregate=aggregate, top=4)
+    assert sorted(reads) == list(range(trace.num_layers))
+    for name in ("score", "high", "entry", "origin"):
+        assert torch.equal(getattr(plain, name), getattr(kept, name)), name
+    assert plain.paths == kept.paths and plain.paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_on_the_gpu_equal_the_cpu(aggregate, tmp_path):
+    s_idx, s_mass, mu = pruned(*dense_rows(160, 3, 4, 8, 6), 5, 6)
+    bars = torch.stack([mu, mu * 0.5, (mu * 1.5).clamp(max=1)], -1).float()
+    Trace.from_arrays(s_idx, s_mass, block_q=8, block_k=8, tokens=torch.arange(160), missed=bars).save(tmp_path / "t")
+    trace = Trace.load(tmp_path / "t")
+    cpu, gpu = (sources(trace, (100, 160), aggregate=aggregate, top=4, device=d) for d in ("cpu", "cuda"))
+    for name in ("score", "low", "high", "entry"):
+        assert torch.allclose(getattr(cpu, name), getattr(gpu, name), atol=1e-6), name
+    assert cpu.paths.keys() == gpu.paths.keys()
+
+
+def test_layers_read_some_heads_and_on_a_device(tmp_path):
+    s_idx, s_mass, _ = pruned(*dense_rows(150, 2, 4, 8, 3), 4, 3)
+    trace = Trace.from_arrays(s_idx, s_mass, block_q=8, block_k=8, tokens=torch.arange(150))
+    trace.save(tmp_path / "t", chunk_query_blocks=5)
+    for t in (trace, Trace.load(tmp_path / "t")):
+        idx, mass = t.layer(1)
+        some = t.layer(1, heads=slice(1, 3), device="cpu")
+        assert torch.equal(some[0], idx[1:3]) and torch.equal(some[1], mass[1:3])
+        assert some[0].dtype == torch.int32 and some[1].dtype == torch.float32
+        some[0][:] = 7  # a copy: the trace's own rows are untouched
+        assert torch.equal(t.layer(1)[0], idx)
+
+
+def test_the_command_imports_only_what_it_reads_with(trace_dir):
+    """``sparsetrace sources`` loads the store and the analysis, not the estimators, the attention, the
+    model code or transformers; ``import sparsetrace`` still resolves every public name (lazily)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom sparsetrace.cli import main\n"
+            f"assert main(['sources', {str(trace_dir)!r}, '--top', '3']) == 0\n"
+            "loaded = [m for m in ('sparsetrace.ops', 'sparsetrace.selection', 'sparsetrace.attention',\n"
+            "          'sparsetrace.tracing', 'sparsetrace.viz', 'transformers') if m in sys.modules]\n"
+            "assert not loaded, loaded\n"
+            "import sparsetrace as st\n"
+            "assert all(getattr(st, name) is not None for name in st.__all__ if name != 'load_model')\n"
+            "assert st.stream_mask.__module__ == 'sparsetrace.ops' and 'stream_mask' in dir(st)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank" in done.stdout
+
+
 def test_missed_mass_scales_each_head_row():
     """One edge list per layer: the three columns are the rows scaled by 1 - estimate, 1 - high, 1 - low."""
     idx = torch.tensor([[[0, -1], [0, 1]]], dtype=torch.int32)          # [H=1, nQ=2, k=2]

@@ -15,8 +15,6 @@ selection -> attention -> tracing -> store -> analysis -> viz.
 
 from .config import MaskConfig, TraceConfig
 from .errors import UsageError
-from .ops import oracle_mask, select_blocks, shortlist_mask, sparse_attention, stream_mask
-from .selection.blocks import BlockMask
 from .store.trace import register_html_view
 
 
@@ -30,8 +28,15 @@ def _trace_html(trace) -> str:
 
 register_html_view(_trace_html)
 
-# Heavier pieces (transformers, the viewer) load on first use so `import sparsetrace` stays light.
+# Heavier pieces (transformers, the viewer) load on first use so `import sparsetrace` stays light; so do the
+# estimators and the attention (ops): a command that reads traces (sources, view) never needs them.
 _LAZY = {
+    "BlockMask": "selection.blocks",
+    "oracle_mask": "ops",
+    "select_blocks": "ops",
+    "shortlist_mask": "ops",
+    "sparse_attention": "ops",
+    "stream_mask": "ops",
     "load_model": "tracing.models",
     "Trace": "store",
     "TraceWriter": "store",
@@ -42,8 +47,7 @@ _LAZY = {
     "sources": "analysis.sources",
 }
 
-__all__ = ["BlockMask", "MaskConfig", "TraceConfig", "UsageError", "oracle_mask", "select_blocks",
-           "shortlist_mask", "sparse_attention", "stream_mask", *_LAZY]
+__all__ = ["MaskConfig", "TraceConfig", "UsageError", *_LAZY]
 __version__ = "0.1.0"
 
 
@@ -51,5 +55,11 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # found once; later lookups skip this function
+        return value
     raise AttributeError(f"module 'sparsetrace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

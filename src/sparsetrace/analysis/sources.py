@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UsageError
-from .sentences import Sentence, map_to_tokens, split_paragraphs, split_sentences
+from .sentences import Sentence, text_passages
 
 AGGREGATES = ("mean", "max")
 SINKS = ("no-op", "source")
@@ -70,6 +70,7 @@ KINDS = ("sentence", "paragraph", "block")
 RESIDUAL = 0.5  # attention rollout's share of the residual stream
 TOP = 10
 CPU_THREADS = 1  # see sources(): the thread pool costs more than it gives on a shared CPU
+HEAD_GROUP = 2**19  # on the CPU, a layer's rows are read and propagated about this many entries at a time
 
 
 # --------------------------------------------------------------------------- inputs
@@ -178,25 +179,37 @@ class _Edges:
 
     def pull(self, p: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T p [nK, C], diag(A) [nQ])`` for the flow ``p [nQ, C]`` (float32 in, float64 out)."""
-        nK, C = num_key_blocks, p.shape[1]
-        p = p.float()
+        u = torch.zeros(num_key_blocks + 1, p.shape[1], device=p.device)
+        diag = self.add_pull(p.float(), u)
+        return u[1:].double(), (diag.sum(0) if self.scale is not None else diag).double()
+
+    def add_pull(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Add ``A^T p`` to ``u [nK + 1, C]`` (float32; row 0 takes the -1 entries) for the flow ``p [nQ, C]``
+        (float32); return the diagonal: per head row ``[H, nQ]`` under "mean" (their sum over heads is
+        ``diag(A)``), ``diag(A) [nQ]`` under "max". The entries add up in their order, so heads pulled a
+        few at a time into one ``u`` give the same float32 sums as all at once."""
+        C = p.shape[1]
         if self.scale is not None:  # one factor per head row first, then one pass over the entries
             values = self.w * (self.scale * p[None])[:, :, None, :]                       # [H, nQ, k, C]
-            diag = (self.own * self.scale[..., 0]).sum(0)                                  # [nQ]
+            diag = self.own * self.scale[..., 0]                                           # [H, nQ]
         else:
             values = self.w * p[self.qi]                                                   # [U, C]
             own = torch.where(self.kj == self.qi + 1, self.w[:, 0], 0.0)
-            diag = torch.zeros(nK + 1, device=p.device).index_add_(0, self.kj, own)[1:]
-        u = torch.zeros(nK + 1, C, device=p.device).index_add_(0, self.kj.reshape(-1), values.reshape(-1, C))
-        return u[1:].double(), diag.double()
+            diag = torch.zeros(u.shape[0], device=p.device).index_add_(0, self.kj, own)[1:]
+        if C == 1:  # the same sums; a 1-D index_add_ runs 3x faster on the CPU
+            u.view(-1).index_add_(0, self.kj.reshape(-1), values.reshape(-1))
+        else:
+            u.index_add_(0, self.kj.reshape(-1), values.reshape(-1, C))
+        return diag
 
 
 def layer_edges(indices: torch.Tensor, mass: torch.Tensor, aggregate: str, mu: torch.Tensor | None,
-                num_key_blocks: int, sink_blocks: int = 0) -> _Edges:
+                num_key_blocks: int, sink_blocks: int = 0, *, num_heads: int | None = None) -> _Edges:
     """The matrix ``A_l`` of one layer from its rows ``indices``/``mass`` ``[H, nQ, k]`` (see the module
     docstring, step 2), with the kept shares of ``mu [H, nQ, 3]`` (or None) in three columns. With
     ``sink_blocks`` S > 0, what a row outside the sink puts on the sink blocks stays at the row's own block
-    (the sink read as a no-op).
+    (the sink read as a no-op). Under "mean" the rows may be some of the layer's ``num_heads`` heads
+    (default: all of them, H): their entries, a part of ``A_l``.
 
     Rows are sorted ascending (the trace's contract), so a row's sink blocks can only sit in its first S
     entries and its own (diagonal) block only in its last valid one: both are read there, not searched
@@ -219,7 +232,7 @@ def layer_edges(indices: torch.Tensor, mass: torch.Tensor, aggregate: str, mu: t
             to_sink = (head >= 1) & (head <= sink_blocks) & (row >= sink_blocks)
             kj[..., :S] = torch.where(to_sink, row + 1, head)
             own = own + (m[..., :S] * to_sink).sum(-1)
-        scale = 1 / (torch.where(total > 0, total, 1.0) * H)                # each head's row sums to 1 / H
+        scale = 1 / (torch.where(total > 0, total, 1.0) * (num_heads or H))  # each head's row sums to 1 / H
         scale = scale if kept is None else scale * kept                     # [H, nQ, C]
         return _Edges(row, kj, m[..., None], lost, scale, own)
     # "max": one entry per (query block, key block) pair, the max over heads, rows renormalised
@@ -251,6 +264,8 @@ class _Blocks(Sequence):
 
     def __init__(self, n: int, block: int, num_tokens: int):
         self.n, self.block, self.num_tokens = n, block, num_tokens
+        self.token_start = torch.arange(n) * block                                # [n] each, int64
+        self.token_end = torch.clamp(self.token_start + block, max=num_tokens)
 
     def __len__(self) -> int:
         return self.n
@@ -346,20 +361,14 @@ class Sources:
         if self.text is None or self.token_offsets is None:
             raise UsageError(f"this trace has no text and character offsets, so no {kind}s; use unit "
                              "'block' (--unit block), or trace a text with `sparsetrace trace --text-file`.")
-        split = split_sentences if kind == "sentence" else split_paragraphs
-        return map_to_tokens(split(self.text), self.token_offsets[: self.num_tokens])
+        return text_passages(self.text, self.token_offsets[: self.num_tokens], kind)
 
     def _make_units(self, kind: str) -> Units:
         passages = self._passages(kind)
         n, bk, nK, T = len(passages), self.block_size, self.score.shape[0], self.num_tokens
         # (passage u, block j, share w of the block's tokens in the passage) for every overlap outside the
         # span and the sink, without a Python loop (a 1M-token text has ~10^5 sentences)
-        if isinstance(passages, _Blocks):
-            start = torch.arange(n) * bk
-            end = torch.clamp(start + bk, max=T)
-        else:
-            start = torch.tensor([p.token_start for p in passages], dtype=torch.long)
-            end = torch.tensor([p.token_end for p in passages], dtype=torch.long)
+        start, end = passages.token_start, passages.token_end                        # [n] each
         first, count = start // bk, (end - 1) // bk - start // bk + 1              # [n] each
         u = torch.repeat_interleave(torch.arange(n), count)                          # [P]
         j = first[u] + torch.arange(u.shape[0]) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
@@ -496,11 +505,12 @@ def _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, d
     stay = torch.zeros(L, nK, dtype=torch.float64, device=device)
     lost = torch.zeros(nK, dtype=torch.float64, device=device)             # dropped flow per query block
     flow[L] = p[:, 0]
+    rows = _Rows(trace, device)
     for layer in range(L - 1, -1, -1):                                     # 2-3. down through the layers
-        e = _read_edges(trace, layer, aggregate, mu_of, no_op, device)
-        u, diag = e.pull(p, nK)
-        if e.lost is not None:                                             # leaves through dropped edges
-            lost += (1 - r) * p[:, 2] * e.lost
+        mu = None if mu_of is None else mu_of(layer).to(device)            # [H, nQ, 3]
+        u, diag = _pull_layer(rows, layer, p, aggregate, mu, no_op)
+        if mu is not None:                                                 # leaves through dropped edges
+            lost += (1 - r) * p[:, 2] * (1 - _kept_shares(mu)[..., 1].float().double()).mean(0)
         arrive[layer] = (1 - r) * (u[:, 0] - diag * p[:, 0])
         stay[layer] = r + (1 - r) * diag
         p = r * p + (1 - r) * u
@@ -529,17 +539,77 @@ def _sources(trace, span, aggregate, residual, missed, sink, sink_blocks, top, d
     # 7. paths of the strongest blocks, and of the strongest sentences' and paragraphs' blocks
     targets = _path_targets(result, top)
     if targets:
-        blocks, shares = _paths(trace, targets, flow, aggregate, mu_of, r, no_op, device)
+        blocks, shares = _paths(rows, targets, flow, aggregate, mu_of, r, no_op, device)
         result.paths = dict(zip(targets, blocks))
         result.path_shares = dict(zip(targets, shares))
     return result
 
 
-def _read_edges(trace, layer: int, aggregate: str, mu_of, sink_blocks: int, device) -> _Edges:
-    indices, mass = trace.layer(layer)                                     # [H, nQ, k] each
+def _keeps_layers(trace, device: torch.device) -> bool:
+    """Whether all layers' rows (int32 + float32: 8 bytes an entry) fit in a quarter of the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    size = trace.num_layers * trace.num_heads * trace.num_query_blocks * trace.top_k * 8
+    return size <= torch.cuda.mem_get_info(device)[0] // 4
+
+
+class _Rows:
+    """A layer's rows ``(indices int32, mass float32)`` ``[H, nQ, k]`` on the device, for both passes. On a
+    GPU with room for all layers (a quarter of its free memory) they stay there after the first pass, so the
+    path pass reads nothing again (a 1M-token trace: 1.4 GB); on the CPU the memory-mapped shards are read
+    again (the page cache holds them)."""
+
+    def __init__(self, trace, device: torch.device):
+        self.trace, self.device = trace, device
+        self.kept = {} if _keeps_layers(trace, device) else None
+
+    def heads(self, layer: int, together: bool = False):
+        """``(h0, indices, mass)`` for the layer's heads ``h0 ...`` a few at a time on the CPU: about
+        ``HEAD_GROUP`` entries each, so temporaries stay small (a 1M-token layer's [H, nQ, k] int64 block
+        indices take 50 MB, allocated fresh, page by page, for each layer); all together on a GPU or with
+        ``together``."""
+        trace, H = self.trace, self.trace.num_heads
+        per = max(1, HEAD_GROUP // max(1, trace.num_query_blocks * trace.top_k))
+        if together or self.kept is not None or self.device.type != "cpu" or per >= H:
+            yield 0, *self(layer)
+            return
+        for h0 in range(0, H, per):
+            yield h0, *trace.layer(layer, heads=slice(h0, min(H, h0 + per)))
+
+    def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kept is not None and layer in self.kept:
+            return self.kept[layer]
+        trace, device = self.trace, self.device   # on a GPU the stored (narrow) values move and decode there
+        rows = trace.layer(layer) if device.type == "cpu" else trace.layer(layer, device=device)
+        if self.kept is not None:
+            self.kept[layer] = rows
+        return rows
+
+    @property
+    def num_key_blocks(self) -> int:
+        return self.trace.num_key_blocks
+
+
+def _pull_layer(rows: _Rows, layer: int, p: torch.Tensor, aggregate: str, mu: torch.Tensor | None,
+                sink_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_l^T p [nK, C], diag(A_l) [nQ])``, float64, for the flow ``p [nQ, C]``: step 3 of one layer,
+    its heads a few at a time (see :meth:`_Rows.heads`; "max" needs all heads of a row at once)."""
+    nK, H = rows.num_key_blocks, rows.trace.num_heads
+    u = torch.zeros(nK + 1, p.shape[1], device=p.device)                   # row 0: the -1 entries
+    p32, diags = p.float(), []
+    for h0, indices, mass in rows.heads(layer, together=aggregate == "max"):
+        part = None if mu is None else mu[h0:h0 + indices.shape[0]]
+        e = layer_edges(indices, mass, aggregate, part, nK, sink_blocks, num_heads=H)
+        diags.append(e.add_pull(p32, u))
+    diag = torch.cat(diags).sum(0) if aggregate == "mean" else diags[0]   # "mean": [H, nQ] -> [nQ]
+    return u[1:].double(), diag.double()
+
+
+def _read_edges(rows: _Rows, layer: int, aggregate: str, mu_of, sink_blocks: int, device) -> _Edges:
+    indices, mass = rows(layer)                                            # [H, nQ, k] each
     mu = None if mu_of is None else mu_of(layer)
-    return layer_edges(indices.to(device), mass.to(device), aggregate,
-                       None if mu is None else mu.to(device), trace.num_key_blocks, sink_blocks)
+    return layer_edges(indices, mass, aggregate, None if mu is None else mu.to(device), rows.num_key_blocks,
+                       sink_blocks)
 
 
 def _path_targets(result: Sources, top: int) -> list[int]:
@@ -555,17 +625,17 @@ def _path_targets(result: Sources, top: int) -> list[int]:
     return targets
 
 
-def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of, r: float, sink_blocks: int,
-           device):
+def _paths(rows: _Rows, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of, r: float,
+           sink_blocks: int, device):
     """Step 7: for each target block, layer by layer from the input up, the biggest contributor."""
-    L, nK = trace.num_layers, trace.num_key_blocks
+    L, nK = rows.trace.num_layers, rows.num_key_blocks
     cur = list(targets)
     blocks = [[j] for j in targets]
     shares: list[list[float]] = [[] for _ in targets]
     for layer in range(L):
         want = torch.zeros(nK, dtype=torch.bool, device=device)             # the current blocks
         want[torch.tensor(cur, dtype=torch.long, device=device)] = True
-        q, j, w = _in_edges(trace, layer, want, aggregate, mu_of, sink_blocks, device)
+        q, j, w = _in_edges(rows, layer, want, aggregate, mu_of, sink_blocks, device)
         c = (1 - r) * w * flow[layer + 1][q]                               # contributions into j from q
         key, inverse = torch.unique(j * nK + q, return_inverse=True)       # heads summed per (j, q)
         total = torch.zeros(key.shape[0], dtype=torch.float64, device=device).index_add_(0, inverse, c)
@@ -588,29 +658,35 @@ def _paths(trace, targets: list[int], flow: torch.Tensor, aggregate: str, mu_of,
     return blocks, shares
 
 
-def _in_edges(trace, layer: int, want: torch.Tensor, aggregate: str, mu_of, sink_blocks: int, device):
+def _in_edges(rows: _Rows, layer: int, want: torch.Tensor, aggregate: str, mu_of, sink_blocks: int, device):
     """The entries of ``A_l`` into the blocks marked in ``want [nK]``: ``(q, j, w)``, long, long, float64.
     Under "mean" the layer is only searched for those entries, and weighted as :func:`layer_edges` does;
     under "max" the whole matrix is built."""
     if aggregate == "max":
-        qi, kj, w = _read_edges(trace, layer, aggregate, mu_of, sink_blocks, device).flat()
+        qi, kj, w = _read_edges(rows, layer, aggregate, mu_of, sink_blocks, device).flat()
         sel = want[kj] & (kj >= 0)
         return qi[sel], kj[sel], w[sel, 0].double()
-    indices, mass = (x.to(device) for x in trace.layer(layer))             # [H, nQ, k] each
-    H, nQ, k = indices.shape
+    H, nQ, k = rows.trace.num_heads, rows.trace.num_query_blocks, rows.trace.top_k
     S = min(sink_blocks, k)
     marked = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), want])   # slot 0: the -1 entries
-    h, i, r = torch.nonzero(marked[indices.long() + 1], as_tuple=True)     # entries into a wanted block
-    j = indices[h, i, r].long()
-    keep = ~((j < sink_blocks) & (i >= sink_blocks))                       # those are the row's own under no-op
-    h, i, r, j = h[keep], i[keep], r[keep], j[keep]
-    if S > 0:  # a sink entry of a wanted row >= S counts for the row itself (first S entries: sorted rows)
-        rows = torch.nonzero(want[:nQ] & (torch.arange(nQ, device=device) >= sink_blocks)).flatten()
-        head = indices[:, rows, :S]                                         # [H, R, S]
-        hh, rr, ss = torch.nonzero((head >= 0) & (head < sink_blocks), as_tuple=True)
-        h, i, r, j = (torch.cat([h, hh]), torch.cat([i, rows[rr]]), torch.cat([r, ss]), torch.cat([j, rows[rr]]))
-    row_mass = torch.where(indices[h, i] >= 0, mass[h, i].float(), 0.0).sum(-1)   # the selected rows' totals
-    w = mass[h, i, r].float() / (torch.where(row_mass > 0, row_mass, 1.0) * H)
+    # the rows >= S that are wanted: a sink entry among their first S (sorted rows) counts for the row itself
+    sink_rows = torch.nonzero(want[:nQ] & (torch.arange(nQ, device=device) >= sink_blocks)).flatten()
+    found: list[list[torch.Tensor]] = [[], []]                             # (h, i, j, w): entries, sink entries
+    for h0, indices, mass in rows.heads(layer):                            # [h, nQ, k] each
+        hit = torch.index_select(marked, 0, (indices + 1).reshape(-1)).view(indices.shape)  # 4x marked[...]
+        h, i, r = torch.nonzero(hit, as_tuple=True)                        # entries into a wanted block
+        j = indices[h, i, r].long()
+        keep = ~((j < sink_blocks) & (i >= sink_blocks))                   # those are the row's own under no-op
+        parts = [(h[keep], i[keep], r[keep], j[keep])]
+        if S > 0:
+            hh, rr, ss = torch.nonzero((indices[:, sink_rows, :S] >= 0) & (indices[:, sink_rows, :S] < sink_blocks),
+                                       as_tuple=True)                      # [h, R, S] -> entries
+            parts.append((hh, sink_rows[rr], ss, sink_rows[rr]))
+        for out, (h, i, r, j) in zip(found, parts):
+            row_mass = torch.where(indices[h, i] >= 0, mass[h, i].float(), 0.0).sum(-1)   # the rows' totals
+            w = mass[h, i, r].float() / (torch.where(row_mass > 0, row_mass, 1.0) * H)
+            out.append((h + h0, i, j, w))
+    h, i, j, w = (torch.cat([x[c] for x in found[0] + found[1]]) for c in range(4))
     if mu_of is not None:
         w = w * _kept_shares(mu_of(layer).to(device))[h, i, 0].float()
     return i, j, w.double()

@@ -33,7 +33,9 @@ def encode_mass(mass: torch.Tensor, encoding: str) -> torch.Tensor:
 
 
 def decode_mass(stored: torch.Tensor) -> torch.Tensor:
-    return LOG8_TABLE[stored.long()] if stored.dtype == torch.uint8 else stored.float()
+    if stored.dtype == torch.uint8:
+        return LOG8_TABLE.to(stored.device)[stored.long()]
+    return stored.float()
 
 
 def _pairs_in_block(j: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block_k: int,
