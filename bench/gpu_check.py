@@ -332,9 +332,10 @@ def check_audit(device: str, gen: torch.Generator) -> list[str]:
 
 
 DRAW_RTOL, DRAW_TIE, SAMPLE_TOL = 1e-5, 1e-6, 1e-5
-SAMPLE_CASES = (  # B, Hq, Hkv, T, S, D, block_q, r, draws per unit, window, per query
-    (1, 4, 2, 100, 300, 32, 32, 16, 4, None, False), (2, 2, 1, 64, 64, 16, 16, 32, 1, 40, True),
-    (1, 12, 2, 700, 5000, 128, 64, 64, 4, None, False), (1, 2, 2, 90, 200, 64, 32, 64, 4, 77, True))
+SAMPLE_CASES = (  # B, Hq, Hkv, T, S, D, block_q, r, draws per unit, exact head keys, window, per query
+    (1, 4, 2, 100, 300, 32, 32, 16, 4, 0, None, False), (2, 2, 1, 64, 64, 16, 16, 32, 1, 32, 40, True),
+    (1, 12, 2, 700, 5000, 128, 64, 64, 1, 128, None, False), (1, 2, 2, 90, 200, 64, 32, 64, 4, 0, 77, True),
+    (1, 4, 1, 300, 3000, 64, 32, 64, 1, 64, None, True))
 DRAW_CASES = (  # B, H, c, key blocks, kept width, points, census need
     (1, 12, 64, 16384, 16, 16, 2), (2, 3, 37, 700, 5, 16, 4), (1, 2, 9, 9, 8, 16, 2), (1, 4, 33, 2048, 64, 8, 1))
 
@@ -370,22 +371,24 @@ def check_block_draw(device: str, gen: torch.Generator) -> list[str]:
             failures.append(f"draw {name}: {bad} draws differ off a tie, prob err {err:.1e}, counts/first equal "
                             f"{torch.equal(got[2], want[2])}/{torch.equal(got[3], want[3])}")
     # The sample step alone: GQA, a window, per query and per row, a census row, queries that keep nothing.
-    for B, Hq, Hkv, T, S, D, bq, r, m, window, per_query in SAMPLE_CASES:
-        name = f"{B}x{Hq}/{Hkv} T {T} S {S} D {D} bq {bq} r {r}/{m} w {window} {'query' if per_query else 'row'}"
+    for B, Hq, Hkv, T, S, D, bq, r, m, head, window, per_query in SAMPLE_CASES:
+        name = (f"{B}x{Hq}/{Hkv} T {T} S {S} D {D} bq {bq} r {r}/{m} head {head} w {window} "
+                f"{'query' if per_query else 'row'}")
         q, k = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen)
         first, c = 1, math.ceil(T / bq) - 1
-        pos = torch.randint(0, S, (B, Hq, c, r), generator=gen)
-        weight = torch.rand(B, Hq, c, r, generator=gen, dtype=torch.float64) * 3
+        pos = torch.randint(0, S + 20, (B, Hq, c, head + r), generator=gen)  # past S: a census's padding
+        weight = torch.rand(B, Hq, c, head + r, generator=gen, dtype=torch.float64) * 3
+        weight[..., :head] = (weight[..., :head] > 0.3).double()  # the head: exact keys, weight 1 or 0
         exact = torch.rand(B, Hq, c, generator=gen) < 0.3
         lam = torch.randn(B, Hq, c, bq, generator=gen) + 2
         lam[0, 0, 0, :3] = -math.inf
-        args = (first, D**-0.5, window, 1.64, m, per_query)
+        args = (first, D**-0.5, window, 1.64, m, per_query, head)
         want = sample_rows_torch(q.double(), k.double(), pos, weight, exact, lam.double(), *args)
-        sample = (estimate_pieces(q.to(device), bq, r) or [None, None])[1] or sample_rows_torch
+        sample = (estimate_pieces(q.to(device), bq, r, head) or [None, None])[1] or sample_rows_torch
         got = sample(q.to(device), k.to(device), pos.to(device), weight.to(device), exact.to(device),
                      lam.to(device), *args).cpu()
         err = (got.double() - want.double()).abs().max().item()
-        print(f"sample    {name:56s} max err {err:.1e}", flush=True)
+        print(f"sample    {name:66s} max err {err:.1e}", flush=True)
         if not err <= SAMPLE_TOL:
             failures.append(f"sample {name}: error {err:.1e} > {SAMPLE_TOL:.0e}")
     # The whole estimate, block proposal, with both fused steps: the same draws, so the same values.

@@ -144,7 +144,7 @@ def audit_scanner(q: torch.Tensor, config: MaskConfig, impl: str = "auto"):
     return scan
 
 
-def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, impl: str = "auto"):
+def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, head: int = 0, impl: str = "auto"):
     """The per-row estimate's heavy steps for ``q``'s device, as ``(draw_blocks, sample_rows)``
     (``audit.estimate.Pieces``; None for a step that runs in torch): the fused Triton ones on CUDA, None
     elsewhere. The sample step runs in torch, with one warning, for shapes its kernel does not take."""
@@ -156,12 +156,12 @@ def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, impl: str = "au
         with on_device(scores):
             return estimate.block_draw(scores, lo, n, indices, u, mix, need)
 
-    def sample_rows(q, k, pos, weight, exact, lam, first, scale, window, z, m, per_query):
+    def sample_rows(q, k, pos, weight, exact, lam, first, scale, window, z, m, per_query, head=0):
         with on_device(q):
             return estimate.sample_rows(q, k.to(q.dtype), pos, weight, exact, lam, first, scale, window, z, m,
-                                        per_query)
+                                        per_query, head)
 
-    reason = estimate.sample_supported(q, samples, block_q)
+    reason = estimate.sample_supported(q, samples, block_q, head)
     if reason is not None:
         warn_once(f"sparsetrace: the estimate's fused sample step not used ({reason}); sampling in torch.")
     return draw_blocks, sample_rows if reason is None else None

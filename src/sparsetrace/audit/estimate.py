@@ -206,15 +206,17 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
 
 def sample_rows_torch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor,
                       exact: torch.Tensor, lam: torch.Tensor, first: int, scale: float, window: int | None,
-                      z: float, m: int, per_query: bool) -> torch.Tensor:
+                      z: float, m: int, per_query: bool, head: int = 0) -> torch.Tensor:
     """The estimate's sample step for the slab of c query blocks from ``first``: every query's Hansen-Hurwitz
     estimate of ``R_t`` from the drawn keys, its sd from the r/m units, and the missed mass with its interval
-    (:func:`estimate_missed`). ``pos``, ``weight`` (float64, ``1 / (r p)`` or a census's 1/0) ``[B, Hq, c, r]``;
+    (:func:`estimate_missed`). ``pos``, ``weight`` (float64, ``1 / (r p)`` or a census's 1/0)
+    ``[B, Hq, c, head + r]``: the first ``head`` columns are keys summed exactly (weight 1 or 0), outside the
+    units and the sd;
     ``exact [B, Hq, c]``; ``lam`` = ``log K_t`` ``[B, Hq, c, bq]``. Returns float32 ``[B, Hq, c, bq or 1, 3]``
     (per query, or the means over each row's real queries). ``kernels.estimate.sample_rows`` is the same
     step fused on the GPU."""
     B, Hq, T, D = q.shape
-    S, c, r, bq = k.shape[2], pos.shape[2], pos.shape[3], lam.shape[-1]
+    S, c, r, bq = k.shape[2], pos.shape[2], pos.shape[3] - head, lam.shape[-1]
     t = torch.arange(first * bq, (first + c) * bq, device=q.device).view(c, bq)
     real, q_pos = t < T, t + (S - T)  # [c, bq] each
     q_rows = q[:, :, first * bq:(first + c) * bq]
@@ -225,12 +227,13 @@ def sample_rows_torch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, weigh
     # y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass means M = 1 anyway)
     terms = torch.exp((logits - lam[..., None]).clamp(max=60)).masked_fill_(~ok, 0.0)
     terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, r]
-    R = terms.sum(-1)  # [B, Hq, c, bq]
+    R_tail = terms[..., head:].sum(-1)  # [B, Hq, c, bq]: the sampled part
+    R = terms[..., :head].sum(-1) + R_tail
     n_units = r // m
-    units = terms.unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
-    rel = units * n_units / R[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
-    sd = R * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
-    sd = torch.where(exact[..., None] | (R == 0), 0.0, sd)
+    units = terms[..., head:].unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
+    rel = units * n_units / R_tail[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
+    sd = R_tail * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
+    sd = torch.where(exact[..., None] | (R_tail == 0), 0.0, sd)
     no_kept = torch.isinf(lam)  # such a query's missed mass is 1
     out = torch.empty(B, Hq, c, bq if per_query else 1, 3, device=q.device)
     for slot, value in enumerate((R, (R - z * sd).clamp(min=0), R + z * sd)):

@@ -133,10 +133,12 @@ def block_draw(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices:
             first.view(*shape, need))
 
 
-def sample_supported(q: torch.Tensor, samples: int, block_q: int) -> str | None:
+def sample_supported(q: torch.Tensor, samples: int, block_q: int, head: int = 0) -> str | None:
     """None if ``sample_rows`` takes these shapes, else the reason (the caller samples in torch)."""
     if samples < 16 or samples & (samples - 1):
         return f"samples={samples} is not a power of two >= 16"
+    if head and (head < 16 or head & (head - 1)):
+        return f"an exact head of {head} keys is not a power of two >= 16"
     if not 16 <= triton.next_power_of_2(block_q) <= 128:
         return f"block_q={block_q} is not in [9, 128]"
     if q.shape[-1] not in (16, 32, 64, 128, 256):
@@ -147,12 +149,32 @@ def sample_supported(q: torch.Tensor, samples: int, block_q: int) -> str | None:
 
 
 @triton.jit
+def _terms(q, K, k_base, POS, WEIGHT, slot, d, sks, skd, S, q_pos, real, lam, window, scale,
+           WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """``weight_s * exp(scale * q_t . k_s - lam_t)`` of the keys at ``POS[slot]`` for the tile's queries,
+    0 where a query may not attend the key; exp is capped at e^60 (an unkept key e^60 times the kept mass
+    means M = 1 anyway)."""
+    pos = tl.load(POS + slot)  # int64
+    weight = tl.load(WEIGHT + slot).to(tl.float32)
+    # a census position past S (the last block's padding) reads key S - 1; no query may attend it
+    kt = tl.load(K + k_base + tl.minimum(pos, S - 1)[None, :] * sks + d[:, None] * skd)  # [D, n]
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    ok = real[:, None] & (pos[None, :] <= q_pos[:, None])
+    if WINDOW:
+        ok = ok & (pos[None, :] > q_pos[:, None] - window)
+    return tl.where(ok, tl.exp(tl.minimum(s * scale - lam[:, None], 60.0)), 0.0) * weight[None, :]
+
+
+@triton.jit
 def _sample_kernel(
     Q, K, POS, WEIGHT, EXACT, LAM, OUT,
     sqb, sqh, sqt, sqd, skb, skh, sks, skd,
     T, S, Hq, Hkv, c, first, window, scale, z,
     BLOCK_Q: tl.constexpr, BQ: tl.constexpr, R: tl.constexpr, D: tl.constexpr, UNIT: tl.constexpr,
-    PER_QUERY: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    HEAD: tl.constexpr, PER_QUERY: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):
     row = tl.program_id(0)  # (batch, head, query block of the slab), flattened
     i = row % c
@@ -164,28 +186,22 @@ def _sample_kernel(
     q_pos = t + (S - T)
     d = tl.arange(0, D)
     q = load_query_tile(Q, b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, t.to(tl.int64), real, d, sqt, sqd)
-    slot = tl.arange(0, R)
-    pos = tl.load(POS + row.to(tl.int64) * R + slot)  # int64 [R]
-    weight = tl.load(WEIGHT + row.to(tl.int64) * R + slot).to(tl.float32)
     k_base = b.to(tl.int64) * skb + (h // (Hq // Hkv)).to(tl.int64) * skh
-    # a census position past S (the last block's padding) reads key S - 1; no query may attend it
-    kt = tl.load(K + k_base + tl.minimum(pos, S - 1)[None, :] * sks + d[:, None] * skd)  # [D, R]
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
     lam = tl.load(LAM + row.to(tl.int64) * BLOCK_Q + rows, mask=rows < BLOCK_Q, other=0.0)
-    ok = real[:, None] & (pos[None, :] <= q_pos[:, None])
-    if WINDOW:
-        ok = ok & (pos[None, :] > q_pos[:, None] - window)
-    # y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass means M = 1 anyway)
-    terms = tl.where(ok, tl.exp(tl.minimum(s * scale - lam[:, None], 60.0)), 0.0) * weight[None, :]
-    est = tl.sum(terms, 1)  # R_t^ [BQ]
-    units = tl.sum(tl.reshape(terms, [BQ, R // UNIT, UNIT]), 2)  # unit estimates / n_units
+    columns = row.to(tl.int64) * (HEAD + R)
+    tail = _terms(q, K, k_base, POS + columns + HEAD, WEIGHT + columns + HEAD, tl.arange(0, R), d, sks, skd,
+                  S, q_pos, real, lam, window, scale, WINDOW, IEEE)  # [BQ, R]: y_ts / r
+    tail_est = tl.sum(tail, 1)  # the sampled part of R_t^ [BQ]
+    est = tail_est
+    if HEAD:  # keys summed exactly, outside the units
+        head = _terms(q, K, k_base, POS + columns, WEIGHT + columns, tl.arange(0, HEAD), d, sks, skd,
+                      S, q_pos, real, lam, window, scale, WINDOW, IEEE)
+        est = est + tl.sum(head, 1)
+    units = tl.sum(tl.reshape(tail, [BQ, R // UNIT, UNIT]), 2)  # unit estimates / n_units
     n_units = R // UNIT
-    rel = units * n_units / tl.maximum(est, 1.1754943508222875e-38)[:, None] - 1
-    sd = est * tl.sqrt(tl.sum(rel * rel, 1) / (n_units * (n_units - 1)))
-    sd = tl.where((tl.load(EXACT + row) != 0) | (est == 0), 0.0, sd)
+    rel = units * n_units / tl.maximum(tail_est, 1.1754943508222875e-38)[:, None] - 1
+    sd = tail_est * tl.sqrt(tl.sum(rel * rel, 1) / (n_units * (n_units - 1)))
+    sd = tl.where((tl.load(EXACT + row) != 0) | (tail_est == 0), 0.0, sd)
     no_kept = lam == float("-inf")  # such a query's missed mass is 1
     low = tl.maximum(est - z * sd, 0.0)
     high = est + z * sd
@@ -208,18 +224,18 @@ def _sample_kernel(
 
 def sample_rows(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, exact: torch.Tensor,
                 lam: torch.Tensor, first: int, scale: float, window: int | None, z: float, m: int,
-                per_query: bool) -> torch.Tensor:
+                per_query: bool, head: int = 0) -> torch.Tensor:
     """``audit.estimate.sample_rows_torch`` fused (Triton): same arguments, same float32 ``[B, Hq, c, bq or 1,
     3]``; ``q``, ``k`` of one dtype (bf16, fp16 or fp32) and shapes ``sample_supported`` takes."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    c, r, bq = pos.shape[2], pos.shape[3], lam.shape[-1]
+    c, r, bq = pos.shape[2], pos.shape[3] - head, lam.shape[-1]
     out = torch.empty(B, Hq, c, bq if per_query else 1, 3, dtype=torch.float32, device=q.device)
     _sample_kernel[(B * Hq * c,)](
         q, k, pos.contiguous(), weight.contiguous(), exact.to(torch.int8).contiguous(),
         lam.float().contiguous(), out, *q.stride(), *k.stride(),
         T, S, Hq, Hkv, c, first, window or 0, float(scale), float(z),
-        BLOCK_Q=bq, BQ=triton.next_power_of_2(bq), R=r, D=D, UNIT=m, PER_QUERY=per_query,
+        BLOCK_Q=bq, BQ=triton.next_power_of_2(bq), R=r, D=D, UNIT=m, HEAD=head, PER_QUERY=per_query,
         WINDOW=window is not None, IEEE=q.dtype == torch.float32, num_warps=4,
     )
     return out
