@@ -29,7 +29,11 @@ KEY_PROPOSAL_MAX_BLOCKS = 256
 # key-level one). Then PER_BLOCK keys are drawn inside each drawn block.
 BLOCK_Z = 2.0
 BLOCK_MIX = 0.5
-PER_BLOCK = 4
+PER_BLOCK = 1
+# proposal="block", exact head: the HEAD_BLOCKS unkept blocks of highest pre-score are computed exactly
+# (a census stratum, weight 1) and the r draws come from the other unkept blocks (vAttention's
+# deterministic top plus sampled tail, arXiv 2510.05688).
+HEAD_BLOCKS = 2
 
 
 def kept_block_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
@@ -106,7 +110,8 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     joint (the sd of a mean is at most the mean of the sds).
 
     Guaranteed: exact (zero width) where the unkept keys fit in r slots (``|unkept blocks| * block_k <=
-    r``; the sample is then the whole set) and 0 where nothing is unkept. Not guaranteed: the interval
+    r``; the sample is then the whole set), with ``proposal="block"`` also where the exact head holds
+    every unkept block (below), and 0 where nothing is unkept. Not guaranteed: the interval
     is a CLT interval; a heavy key the proxy ranks low and the sample misses is invisible to it. Measured
     (bench/audit_calibration.py, 4k tokens, block 32, r = 64, level 0.9): the interval holds the exact
     missed mass on 97-99 % of audited rows for SmolLM2-135M and 95-99 % for Gemma 3 270M, k = 4..32,
@@ -116,22 +121,30 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     Cost per row ``~ S * D`` for the proxy (a ``[nQ, D] x [D, S]`` product, 1/block_q of a dense pass)
     plus ``r * block_q * D`` for the sample; the proxy's O(S) pass is ~70 % of it.
 
-    ``proposal="block"`` scales to long inputs: two-stage sampling, r/4 blocks b drawn by
-    ``softmax(scale * (qbar_i . kbar_b + BLOCK_Z * sqrt(qbar_i^2 . var_b)))`` over the unkept blocks (kbar_b,
-    var_b the mean and per-dimension variance of the block's keys: SHORTLIST's pooled estimate of the
-    block's top logit, :func:`~sparsetrace.selection.shortlist.pre_scores`) mixed with ``BLOCK_MIX`` = 0.5
-    uniform, then 4 keys of each drawn block by the key-level rule inside the block; the variance is
-    estimated from the r/4 block-level estimates. Cost per row ``O(n_blocks * D + r * block_k * D / 4)``
-    instead of ``O(S * D)``. Scored by the mean key alone with a 0.25 mixture (the first version), the
-    intervals that missed on real Q/K missed low (the exact value above ``high``; all on Gemma at k = 4,
-    all but 0.02 % of the rows on SmolLM2): the unkept mass sat in
-    blocks the mean key ranked low, one heavy key among weak ones, and none of the 16 drawn blocks held it,
-    so neither the estimate nor the spread of the sample saw it (coverage 0.87 for Gemma at k = 4 and on a
-    32k SmolLM2 trace). A Student-t quantile (15 degrees of freedom) gained < 0.01; the top-logit score
-    and the larger mixture raise the chance that such a block is drawn. Measured with them (4k tokens,
-    proposal forced, stream rows): 0.94 for Gemma at k = 4, 0.98 at k = 8, 0.94 for SmolLM2 at k = 4..16;
-    on a 16k SmolLM2 trace (k = 16) only 0.87 of the rows drawn with this proposal (0.83 before): still
-    below 0.9 there; more units per row (64 blocks of 1 key: 0.92) is the lead, its cost not yet measured.
+    ``proposal="block"`` scales to long inputs: an exact head plus a sampled tail (the stratification of
+    vAttention, arXiv 2510.05688). Every unkept block b is scored by ``scale * (qbar_i . kbar_b + BLOCK_Z *
+    sqrt(qbar_i^2 . var_b))`` (kbar_b, var_b the mean and per-dimension variance of the block's keys:
+    SHORTLIST's pooled estimate of the block's top logit, :func:`~sparsetrace.selection.shortlist.pre_scores`).
+    The ``HEAD_BLOCKS`` = 2 best-scored unkept blocks (the head) are summed exactly, every key for every
+    query (weight 1). From the other unkept blocks (the tail) r blocks are drawn, stratified as above, by
+    the softmax of the score mixed with ``BLOCK_MIX`` = 0.5 uniform, and ``PER_BLOCK`` = 1 key inside each
+    by the key-level rule within the block (two-stage sampling). R_t^ = the head's sum + the tail's
+    Hansen-Hurwitz estimate is unbiased (the head is a fixed function of q and k, the tail the disjoint
+    rest); the interval's variance is the tail's, estimated from its r unit estimates, so it is also exact
+    (zero width) where the head holds every unkept block. Cost per row ``O(n_blocks * D)`` for the scores,
+    ``r * block_k * D`` for scoring the drawn blocks' keys and ``(HEAD_BLOCKS * block_k + r) * block_q * D``
+    for the logits, instead of ``O(S * D)``.
+
+    Why (measured on real Q/K, stream rows, r = 64, level 0.9; bench/RESULTS.md, issue 15): the block
+    proposal's misses are low (the exact value above ``high``): unkept mass sits in a block the score ranks
+    low, one heavy key among weak ones, and no drawn block holds it, so neither the estimate nor the
+    spread of the sample sees it. With 16 drawn blocks of 4 keys and no head (the previous rule) coverage
+    was 0.94 for Gemma 3 270M at 4k tokens, k = 4 (proposal forced), and 0.88 for SmolLM2-135M at 16k and
+    32k tokens, k = 4..16. What raised it: more units (64 blocks of 1 key: 0.97 for Gemma; 0.92-0.93
+    for SmolLM2 at 16k and 32k), and the exact head on top of it (COVERAGE_NUMBERS). A better block score
+    (the row's query spread in the pooled variance, or the max over 4 sub-block mean queries) did not help;
+    drawing the key inside a block uniformly instead of by ``qbar . k`` fell to 0.7. Not guaranteed: past
+    the head, a heavy key in a block the score ranks low can still be missed.
 
     Args:
         q: ``[B, Hq, T, D]``; k: ``[B, Hkv, S, D]``; indices: kept blocks ``[B, Hq, nQ, top_k]``.
@@ -145,8 +158,10 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     """
     if proposal not in PROPOSALS:
         raise UsageError(f"proposal={proposal!r} is not one of {PROPOSALS}.")
-    if samples < 2 or not 0 < level < 1 or not 0 < mix <= 1 or (proposal != "key" and samples % 8):
-        raise UsageError(f"need samples >= 2 (a multiple of 8 for proposal='block'), 0 < level < 1, "
+    if samples < 2 * (PER_BLOCK if proposal != "key" else 1) or (proposal != "key" and samples % PER_BLOCK) \
+            or not 0 < level < 1 or not 0 < mix <= 1:
+        raise UsageError(f"need samples >= 2 (a multiple of PER_BLOCK = {PER_BLOCK} for proposal='block'), "
+                         f"0 < level < 1, "
                          f"0 < mix <= 1; got samples={samples}, level={level}, mix={mix}.")
     B, Hq, T, D = q.shape
     S = k.shape[2]
@@ -163,7 +178,9 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     t = torch.arange(nQ * bq, device=q.device).view(nQ, bq)
     real, q_pos = t < T, t + (S - T)  # [nQ, bq] each
     q_mean = (q_blocks * real[..., None]).sum(3) / real.sum(1)[:, None].clamp(min=1)  # [B, Hq, nQ, D]
-    k_blocks = key_blocks(k, bk).float()  # [B, Hkv, nKB, bk, D]
+    # [B, Hkv, nKB, bk, D], contiguous once: the gathers of every slab would otherwise copy all of k (a
+    # model's k is usually a transposed view)
+    k_blocks = key_blocks(k, bk).float().contiguous()
     if proposal == "block":
         pooled = pool_keys(k, bk)  # mean and per-dimension variance of every block's keys, [B, Hkv, nKB, D] each
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
@@ -175,30 +192,38 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
 
     out = torch.empty(B, Hq, nQ, bq if per_query else 1, 3, device=q.device)
     m = 1 if proposal == "key" else PER_BLOCK  # draws per sampled unit (the block, for "block")
-    per_row = n_kb * bk if proposal == "key" else r // m * bk * D
-    step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * r)))
+    h = 0 if proposal == "key" else min(HEAD_BLOCKS, n_kb) * bk  # exact head keys a row
+    per_row = n_kb * bk if proposal == "key" else (r // m + h // bk) * bk * D
+    step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * (h + r))))
     for i0 in range(0, nQ, step):
         sl = slice(i0, min(i0 + step, nQ))
         candidate = (j >= lo[sl, None]) & (j < n[sl, None])  # [c, nKB]
         unkept = candidate & ~kept_blocks(indices[:, :, sl], n_kb)  # [B, Hq, c, nKB]
         if proposal == "key":
             pos, prob = _draw_keys(q_mean[:, :, sl], k_blocks, unkept, S, scale, mix, r, row_ids[:, :, sl])
+            head_pos, head_weight, tail = pos[..., :0], prob[..., :0], unkept
         else:
-            pos, prob = _draw_in_blocks(q_mean[:, :, sl], k_blocks, pooled, unkept, S, scale, mix, r,
-                                        row_ids[:, :, sl], m)  # [B, Hq, c, r] each
-        pos, weight, exact = _census(pos, 1.0 / (r * prob), unkept, r, bk)
-        keys = _gather_keys(k_blocks, pos)  # [B, Hq, c, r, D]
-        logits = torch.matmul(q_blocks[:, :, sl], keys.transpose(-1, -2)) * scale  # [B, Hq, c, bq, r]
+            head_pos, head_weight, tail, pos, prob = _draw_in_blocks(
+                q_mean[:, :, sl], k_blocks, pooled, unkept, S, scale, mix, r, row_ids[:, :, sl], m, h // bk)
+        # weight 0 where the head holds every unkept block (the tail is empty; prob is then 0/0)
+        weight = (1.0 / (r * prob)).masked_fill_(~tail.any(-1, keepdim=True), 0.0)
+        pos, weight, exact = _census(pos, weight, unkept, r, bk)
+        pos = torch.cat([head_pos, pos], -1)  # [B, Hq, c, h + r]: the head's keys, then the draws
+        weight = torch.cat([head_weight.masked_fill(exact[..., None], 0.0), weight], -1)
+        keys = _gather_keys(k_blocks, pos)  # [B, Hq, c, h + r, D]
+        logits = torch.matmul(q_blocks[:, :, sl], keys.transpose(-1, -2)) * scale  # [B, Hq, c, bq, h + r]
         ok = may_attend(pos[..., None, :], q_pos[sl, :, None], window) & real[sl, :, None]
-        # y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass means M = 1 anyway)
+        # head terms exact, then y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass
+        # means M = 1 anyway)
         terms = torch.exp((logits - lam[:, :, sl, :, None]).clamp(max=60)).masked_fill_(~ok, 0.0)
-        terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, r]
-        R = terms.sum(-1)  # [B, Hq, c, bq]
+        terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, h + r]
+        R_tail = terms[..., h:].sum(-1)  # [B, Hq, c, bq]: the sampled part
+        R = terms[..., :h].sum(-1) + R_tail
         n_units = r // m
-        units = terms.unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
-        rel = units * n_units / R[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
-        sd = R * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
-        sd = torch.where(exact[..., None] | (R == 0), 0.0, sd)
+        units = terms[..., h:].unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
+        rel = units * n_units / R_tail[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
+        sd = R_tail * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
+        sd = torch.where(exact[..., None] | (R_tail == 0), 0.0, sd)
         no_kept = torch.isinf(lam[:, :, sl])  # such a query's missed mass is 1
         for slot, value in enumerate((R, (R - z * sd).clamp(min=0), R + z * sd)):
             missed = torch.where(no_kept, 1.0, 1 / (1 + 1 / value))  # M = R / (1 + R), also at R = 0, inf
@@ -256,24 +281,35 @@ def _draw_keys(q_mean, k_blocks, unkept, S, scale, mix, r, rows):
     return _inverse_cdf(_mixture(proxy, support, mix).flatten(-2).double(), r, rows)
 
 
-def _draw_in_blocks(q_mean, k_blocks, pooled, unkept, S, scale, mix, r, rows, per_block: int):
-    """proposal="block": ``r / per_block`` blocks by ``scale * (qbar . kbar + BLOCK_Z * sqrt(qbar^2 . var))``
-    (``pooled`` = (kbar, var) of every block, :func:`pool_keys`) mixed with BLOCK_MIX uniform, then
-    ``per_block`` keys inside each by ``qbar . k`` mixed with ``mix`` uniform (two-stage sampling; draws
-    ``[.., b*per_block : (b+1)*per_block]`` share block b)."""
+def _draw_in_blocks(q_mean, k_blocks, pooled, unkept, S, scale, mix, r, rows, per_block: int, head: int):
+    """proposal="block": the ``head`` unkept blocks of highest ``scale * (qbar . kbar + BLOCK_Z *
+    sqrt(qbar^2 . var))`` (``pooled`` = (kbar, var) of every block, :func:`pool_keys`) are taken whole;
+    ``r / per_block`` blocks are drawn from the other unkept blocks (the tail) by the same score mixed with
+    BLOCK_MIX uniform, then ``per_block`` keys inside each by ``qbar . k`` mixed with ``mix`` uniform
+    (two-stage sampling; draws ``[.., b*per_block : (b+1)*per_block]`` share block b). Returns the head's
+    keys and weights ``[B, Hq, c, head*bk]`` (1, or 0 for padding), the tail ``[B, Hq, c, nKB]`` and the
+    draws' ``(positions, probabilities) [B, Hq, c, r]``."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c = q_mean.shape[1], q_mean.shape[2]
-    proxy = pre_scores(q_mean * scale, *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
-    w_block = _mixture(proxy[..., None, :], unkept[..., None, :], BLOCK_MIX).flatten(-2).double()
+    proxy = pre_scores(q_mean * scale, *pooled, BLOCK_Z).masked_fill_(~unkept, -math.inf)  # [B, Hq, c, nKB]
+    top, head_blk = torch.topk(proxy, head, dim=-1)  # [B, Hq, c, head]
+    in_head = torch.isfinite(top)  # fewer than `head` unkept blocks: the rest is padding
+    tail = unkept & ~torch.zeros_like(unkept).scatter_(-1, head_blk, in_head)
+    head_pos = (head_blk[..., None] * bk + torch.arange(bk, device=head_blk.device)).flatten(-2)
+    head_weight = (in_head[..., None] & (head_pos.view(*head_blk.shape, bk) < S)).flatten(-2).double()
+    w_block = _mixture(proxy[..., None, :], tail[..., None, :], BLOCK_MIX).flatten(-2).double()
     blk, p_block = _inverse_cdf(w_block, r // per_block, rows)  # [B, Hq, c, r/m]
-    keys = gather_blocks(k_blocks, blk).view(B, Hq, c, r // per_block, bk, D)  # the drawn blocks' keys
-    inner = torch.matmul(keys, q_mean[:, :, :, None, :, None]).squeeze(-1) * scale  # [B, Hq, c, r/m, bk]
+    keys = gather_blocks(k_blocks, blk)  # the drawn blocks' keys, [B, Hq, c, r/m * bk, D]
+    # one [1, D] x [D, r/m * bk] product a row (4x faster on CPU than keys @ qbar, a batched matrix-vector
+    # product, or a product per drawn block, which copies qbar r/m times)
+    inner = torch.matmul(q_mean[..., None, :], keys.mT).view(B, Hq, c, r // per_block, bk) * scale
     inside = (blk[..., None] * bk + torch.arange(bk, device=blk.device)) < S  # [B, Hq, c, r/m, bk]
     w_key = _mixture(inner[..., None, :], inside[..., None, :], mix).flatten(-2).double()
     inner_rows = (rows[..., None] * 1024 + torch.arange(r // per_block, device=rows.device)) * 7 + 1
     offset, p_key = _inverse_cdf(w_key, per_block, inner_rows)  # [B, Hq, c, r/m, m]
     pos = blk[..., None] * bk + offset  # [B, Hq, c, r/m, m]
-    return pos.flatten(-2), (p_block[..., None] * p_key).flatten(-2)
+    return (head_pos.clamp(max=n_kb * bk - 1), head_weight, tail, pos.flatten(-2),
+            (p_block[..., None] * p_key).flatten(-2))
 
 
 def _census(pos, weight, unkept, r: int, bk: int):
