@@ -21,7 +21,7 @@ from ..selection.shortlist import pool_keys, pre_scores
 PROPOSALS = ("auto", "key", "block")
 # "auto" scores every unkept key (proposal "key") up to this many key blocks, then samples blocks first:
 # the key proposal's proxy costs O(S) per row, which stops being a small share of the trace past a few
-# thousand tokens; the block proposal costs O(S / block_k + samples * block_k) per row.
+# thousand tokens; the block proposal costs O(S / block_k + (samples + HEAD_BLOCKS) * block_k) per row.
 KEY_PROPOSAL_MAX_BLOCKS = 256
 # proposal="block", first stage: a block is scored by the pooled estimate of its top logit, mean key plus
 # BLOCK_Z standard deviations (SHORTLIST's pre-score), so a block with one heavy key among weak ones is
@@ -140,8 +140,11 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     low, one heavy key among weak ones, and no drawn block holds it, so neither the estimate nor the
     spread of the sample sees it. With 16 drawn blocks of 4 keys and no head (the previous rule) coverage
     was 0.94 for Gemma 3 270M at 4k tokens, k = 4 (proposal forced), and 0.88 for SmolLM2-135M at 16k and
-    32k tokens, k = 4..16. What raised it: more units (64 blocks of 1 key: 0.97 for Gemma; 0.92-0.93
-    for SmolLM2 at 16k and 32k), and the exact head on top of it (COVERAGE_NUMBERS). A better block score
+    32k tokens, k = 4..16. What raised it: more units (64 blocks of 1 key: 0.97 for Gemma; 0.89-0.93
+    for SmolLM2 at 16k and 32k), and the exact head on top of it: 0.98 for Gemma, 0.97-0.98 for SmolLM2 at
+    4k (proposal forced), 0.92-0.93 at 16k and 0.91-0.93 at 32k (k = 4..16), with half the median error
+    and half the interval width of the previous rule; at ~1.8x its CPU time (the estimate of a 1,024-query
+    chunk at 16k-32k keys, still below the key proposal's at 32k). A better block score
     (the row's query spread in the pooled variance, or the max over 4 sub-block mean queries) did not help;
     drawing the key inside a block uniformly instead of by ``qbar . k`` fell to 0.7. Not guaranteed: past
     the head, a heavy key in a block the score ranks low can still be missed.
