@@ -143,8 +143,9 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     32k tokens, k = 4..16. What raised it: more units (64 blocks of 1 key: 0.97 for Gemma; 0.89-0.93
     for SmolLM2 at 16k and 32k), and the exact head on top of it: 0.98 for Gemma, 0.97-0.98 for SmolLM2 at
     4k (proposal forced), 0.92-0.93 at 16k and 0.91-0.93 at 32k (k = 4..16), with half the median error
-    and half the interval width of the previous rule; at ~1.8x its CPU time (the estimate of a 1,024-query
-    chunk at 16k-32k keys, still below the key proposal's at 32k). A better block score
+    and half the interval width of the previous rule; at 1.75x (16k) to 2.3x (32k) its CPU time inside a
+    real trace (+7 % / +21 % of the audited trace's CPU time on loaded cores; over the 25 % overhead
+    budget at 32k). A better block score
     (the row's query spread in the pooled variance, or the max over 4 sub-block mean queries) did not help;
     drawing the key inside a block uniformly instead of by ``qbar . k`` fell to 0.7. Not guaranteed: past
     the head, a heavy key in a block the score ranks low can still be missed.
