@@ -23,7 +23,7 @@ from ..selection.shortlist import pool_keys, pool_queries, pre_scores
 PROPOSALS = ("auto", "key", "block")
 # "auto" scores every unkept key (proposal "key") up to this many key blocks, then samples blocks first:
 # the key proposal's proxy costs O(S) per row, which stops being a small share of the trace past a few
-# thousand tokens; the block proposal costs O(S / block_k + samples * block_k) per row.
+# thousand tokens; the block proposal costs O(S / block_k + (samples + HEAD_BLOCKS) * block_k) per row.
 KEY_PROPOSAL_MAX_BLOCKS = 256
 # proposal="block", first stage: a block is scored by the pooled estimate of its top logit, mean key plus
 # BLOCK_Z standard deviations (SHORTLIST's pre-score), so a block with one heavy key among weak ones is
@@ -31,7 +31,11 @@ KEY_PROPOSAL_MAX_BLOCKS = 256
 # key-level one). Then PER_BLOCK keys are drawn inside each drawn block.
 BLOCK_Z = 2.0
 BLOCK_MIX = 0.5
-PER_BLOCK = 4
+PER_BLOCK = 1
+# proposal="block", exact head: the HEAD_BLOCKS unkept blocks of highest pre-score are computed exactly
+# (a census stratum, weight 1) and the r draws come from the other unkept blocks (vAttention's
+# deterministic top plus sampled tail, arXiv 2510.05688).
+HEAD_BLOCKS = 2
 
 
 def kept_block_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
@@ -109,7 +113,8 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     joint (the sd of a mean is at most the mean of the sds).
 
     Guaranteed: exact (zero width) where the unkept keys fit in r slots (``|unkept blocks| * block_k <=
-    r``; the sample is then the whole set) and 0 where nothing is unkept. Not guaranteed: the interval
+    r``; the sample is then the whole set), with ``proposal="block"`` also where the exact head holds
+    every unkept block (below), and 0 where nothing is unkept. Not guaranteed: the interval
     is a CLT interval; a heavy key the proxy ranks low and the sample misses is invisible to it. Measured
     (bench/audit_calibration.py, 4k tokens, block 32, r = 64, level 0.9): the interval holds the exact
     missed mass on 97-99 % of audited rows for SmolLM2-135M and 95-99 % for Gemma 3 270M, k = 4..32,
@@ -119,22 +124,34 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     Cost per row ``~ S * D`` for the proxy (a ``[nQ, D] x [D, S]`` product, 1/block_q of a dense pass)
     plus ``r * block_q * D`` for the sample; the proxy's O(S) pass is ~70 % of it.
 
-    ``proposal="block"`` scales to long inputs: two-stage sampling, r/4 blocks b drawn by
-    ``softmax(scale * (qbar_i . kbar_b + BLOCK_Z * sqrt(qbar_i^2 . var_b)))`` over the unkept blocks (kbar_b,
-    var_b the mean and per-dimension variance of the block's keys: SHORTLIST's pooled estimate of the
-    block's top logit, :func:`~sparsetrace.selection.shortlist.pre_scores`) mixed with ``BLOCK_MIX`` = 0.5
-    uniform, then 4 keys of each drawn block by the key-level rule inside the block; the variance is
-    estimated from the r/4 block-level estimates. Cost per row ``O(n_blocks * D + r * block_k * D / 4)``
-    instead of ``O(S * D)``. Scored by the mean key alone with a 0.25 mixture (the first version), the
-    intervals that missed on real Q/K missed low (the exact value above ``high``; all on Gemma at k = 4,
-    all but 0.02 % of the rows on SmolLM2): the unkept mass sat in
-    blocks the mean key ranked low, one heavy key among weak ones, and none of the 16 drawn blocks held it,
-    so neither the estimate nor the spread of the sample saw it (coverage 0.87 for Gemma at k = 4 and on a
-    32k SmolLM2 trace). A Student-t quantile (15 degrees of freedom) gained < 0.01; the top-logit score
-    and the larger mixture raise the chance that such a block is drawn. Measured with them (4k tokens,
-    proposal forced, stream rows): 0.94 for Gemma at k = 4, 0.98 at k = 8, 0.94 for SmolLM2 at k = 4..16;
-    on a 16k SmolLM2 trace (k = 16) only 0.87 of the rows drawn with this proposal (0.83 before): still
-    below 0.9 there; more units per row (64 blocks of 1 key: 0.92) is the lead, its cost not yet measured.
+    ``proposal="block"`` scales to long inputs: an exact head plus a sampled tail (the stratification of
+    vAttention, arXiv 2510.05688). Every unkept block b is scored by ``scale * (qbar_i . kbar_b + BLOCK_Z *
+    sqrt(qbar_i^2 . var_b))`` (kbar_b, var_b the mean and per-dimension variance of the block's keys:
+    SHORTLIST's pooled estimate of the block's top logit, :func:`~sparsetrace.selection.shortlist.pre_scores`).
+    The ``HEAD_BLOCKS`` = 2 best-scored unkept blocks (the head) are summed exactly, every key for every
+    query (weight 1). From the other unkept blocks (the tail) r blocks are drawn, stratified as above, by
+    the softmax of the score mixed with ``BLOCK_MIX`` = 0.5 uniform, and ``PER_BLOCK`` = 1 key inside each
+    by the key-level rule within the block (two-stage sampling). R_t^ = the head's sum + the tail's
+    Hansen-Hurwitz estimate is unbiased (the head is a fixed function of q and k, the tail the disjoint
+    rest); the interval's variance is the tail's, estimated from its r unit estimates, so it is also exact
+    (zero width) where the head holds every unkept block. Cost per row ``O(n_blocks * D)`` for the scores,
+    ``r * block_k * D`` for scoring the drawn blocks' keys and ``(HEAD_BLOCKS * block_k + r) * block_q * D``
+    for the logits, instead of ``O(S * D)``.
+
+    Why (measured on real Q/K, stream rows, r = 64, level 0.9; bench/RESULTS.md, issue 15): the block
+    proposal's misses are low (the exact value above ``high``): unkept mass sits in a block the score ranks
+    low, one heavy key among weak ones, and no drawn block holds it, so neither the estimate nor the
+    spread of the sample sees it. With 16 drawn blocks of 4 keys and no head (the previous rule) coverage
+    was 0.94 for Gemma 3 270M at 4k tokens, k = 4 (proposal forced), and 0.88 for SmolLM2-135M at 16k and
+    32k tokens, k = 4..16. What raised it: more units (64 blocks of 1 key: 0.97 for Gemma; 0.89-0.93
+    for SmolLM2 at 16k and 32k), and the exact head on top of it: 0.98 for Gemma, 0.97-0.98 for SmolLM2 at
+    4k (proposal forced), 0.92-0.93 at 16k and 0.91-0.93 at 32k (k = 4..16), with half the median error
+    and half the interval width of the previous rule; at 1.75x (16k) to 2.3x (32k) its CPU time inside a
+    real trace (+7 % / +21 % of the audited trace's CPU time on loaded cores; over the 25 % overhead
+    budget at 32k). A better block score
+    (the row's query spread in the pooled variance, or the max over 4 sub-block mean queries) did not help;
+    drawing the key inside a block uniformly instead of by ``qbar . k`` fell to 0.7. Not guaranteed: past
+    the head, a heavy key in a block the score ranks low can still be missed.
 
     Args:
         q: ``[B, Hq, T, D]``; k: ``[B, Hkv, S, D]``; indices: kept blocks ``[B, Hq, nQ, top_k]``.
@@ -150,9 +167,10 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     """
     if proposal not in PROPOSALS:
         raise UsageError(f"proposal={proposal!r} is not one of {PROPOSALS}.")
-    if samples < 2 or not 0 < level < 1 or not 0 < mix <= 1 or (proposal != "key" and samples % 8):
-        raise UsageError(f"need samples >= 2 (a multiple of 8 for proposal='block'), 0 < level < 1, "
-                         f"0 < mix <= 1; got samples={samples}, level={level}, mix={mix}.")
+    if samples < 2 * (PER_BLOCK if proposal != "key" else 1) or (proposal != "key" and samples % PER_BLOCK) \
+            or not 0 < level < 1 or not 0 < mix <= 1:
+        raise UsageError(f"need samples >= 2 (a multiple of PER_BLOCK = {PER_BLOCK} for proposal='block'), "
+                         f"0 < level < 1, 0 < mix <= 1; got samples={samples}, level={level}, mix={mix}.")
     B, Hq, T, D = q.shape
     S = k.shape[2]
     bq, bk, r = config.block_q, config.block_k, samples
@@ -168,7 +186,10 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     q_mean = pool_queries(q, real) / real.sum(1)[:, None].clamp(min=1)  # [B, Hq, nQ, D] float32
     # Keys stay in their dtype: the sample's gathers read them once and convert only what they took (a
     # float32 copy of every key, then of every drawn block, was a fifth of the estimate's GPU time at 1M).
-    k_blocks = key_blocks(k, bk)  # [B, Hkv, nKB, bk, D]
+    # Contiguous once: the gathers of every slab would otherwise copy all of k (a model's k is usually a
+    # transposed view).
+    k = k.contiguous()
+    k_blocks = key_blocks(k, bk).contiguous()  # [B, Hkv, nKB, bk, D]
     if proposal == "block":
         pooled = pool_keys(k, bk)  # mean and per-dimension variance of every block's keys, [B, Hkv, nKB, D] each
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
@@ -180,11 +201,14 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
 
     out = torch.empty(B, Hq, nQ, bq if per_query else 1, 3, device=q.device)
     m = 1 if proposal == "key" else PER_BLOCK  # draws per sampled unit (the block, for "block")
+    head_blocks = 0 if proposal == "key" else min(HEAD_BLOCKS, n_kb)
+    # the exact head's columns, padded with weight-0 ones to a power of two >= 16 (what the fused step takes)
+    h = 0 if head_blocks == 0 else max(16, 1 << (head_blocks * bk - 1).bit_length())
     need = min(-(-r // bk), n_kb)  # a census never needs more than the first ceil(r / bk) unkept blocks
     draw_blocks, sample_rows = pieces or (None, None)
     draw_blocks, sample_rows = draw_blocks or draw_blocks_torch, sample_rows or sample_rows_torch
-    per_row = n_kb * bk if proposal == "key" else r // m * bk * D
-    step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * r)))
+    per_row = n_kb * bk if proposal == "key" else (r // m + head_blocks) * bk * D
+    step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * (h + r))))
     for i0 in range(0, nQ, step):
         sl = slice(i0, min(i0 + step, nQ))
         if proposal == "key":
@@ -192,15 +216,26 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
             unkept = candidate & ~kept_blocks(indices[:, :, sl], n_kb)  # [B, Hq, c, nKB]
             count, first = _unkept_census(unkept, need)
             pos, prob = _draw_keys(q_mean[:, :, sl], k_blocks, unkept, S, scale, mix, r, row_ids[:, :, sl])
-        else:  # first stage: blocks by the pooled top-logit score; second: keys inside them
+            weight = 1.0 / (r * prob)
+        else:
             proxy = pre_scores(q_mean[:, :, sl] * scale, *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
-            blk, p_block, count, first = draw_blocks(proxy, lo[sl], n[sl], indices[:, :, sl],
+            head_blk, in_head = _exact_head(proxy, lo[sl], n[sl], indices[:, :, sl], head_blocks)
+            # the tail: blocks drawn by the pooled top-logit score among the unkept blocks outside the head,
+            # then keys inside them
+            blk, p_block, count, first = draw_blocks(proxy, lo[sl], n[sl], torch.cat([indices[:, :, sl], head_blk], -1),
                                                      _strata(row_ids[:, :, sl], r // m), BLOCK_MIX, need)
             pos, prob = _keys_in_blocks(q_mean[:, :, sl], k_blocks, blk, p_block, S, scale, mix,
                                         row_ids[:, :, sl], m)  # [B, Hq, c, r] each
-        pos, weight, exact = _census(pos, 1.0 / (r * prob), count, first, r, bk, n_kb)
+            # weight 0 where the head holds every unkept block (the tail is empty; prob is then 0/0)
+            weight = (1.0 / (r * prob)).masked_fill_(count[..., None] == 0, 0.0)
+            count, first = _with_head(count, first, head_blk, in_head, n_kb)
+        pos, weight, exact = _census(pos, weight, count, first, r, bk, n_kb)
+        if h:  # the head's keys first (weight 1, 0 for padding; summed by the census where it is exact)
+            head_pos, head_weight = _head_keys(head_blk, in_head, bk, S, h)
+            pos = torch.cat([head_pos, pos], -1)  # [B, Hq, c, h + r]
+            weight = torch.cat([head_weight.masked_fill_(exact[..., None], 0.0), weight], -1)
         out[:, :, sl] = sample_rows(q, k, pos, weight, exact, lam[:, :, sl], sl.start, scale, window, z, m,
-                                           per_query)
+                                    per_query, h)
     return out.flatten(2, 3)[:, :, :T] if per_query else out[:, :, :, 0]
 
 
@@ -318,15 +353,43 @@ def _keys_in_blocks(q_mean, k_blocks, blk, p_block, S, scale, mix, rows, per_blo
     (b+1)*per_block]`` share block b). Returns positions and probabilities ``[B, Hq, c, r]``."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c, units = q_mean.shape[1], q_mean.shape[2], blk.shape[-1]
-    keys = gather_blocks(k_blocks, blk).view(B, Hq, c, units, bk, D)  # the drawn blocks' keys
-    # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight
-    inner = torch.matmul(keys, q_mean.to(keys.dtype)[:, :, :, None, :, None]).squeeze(-1).float() * scale
+    keys = gather_blocks(k_blocks, blk)  # the drawn blocks' keys, [B, Hq, c, units * bk, D]
+    # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight; one
+    # [1, D] x [D, units * bk] product a row (4x faster on the CPU than a batched matrix-vector product)
+    inner = torch.matmul(q_mean.to(keys.dtype)[..., None, :], keys.mT).view(B, Hq, c, units, bk).float() * scale
     inside = (blk[..., None] * bk + torch.arange(bk, device=blk.device)) < S  # [B, Hq, c, r/m, bk]
     w_key = _mixture(inner[..., None, :], inside[..., None, :], mix).flatten(-2).double()
     inner_rows = (rows[..., None] * 1024 + torch.arange(units, device=rows.device)) * 7 + 1
     offset, p_key = _inverse_cdf(w_key, _strata(inner_rows, per_block))  # [B, Hq, c, r/m, m]
     pos = blk[..., None] * bk + offset  # [B, Hq, c, r/m, m]
     return pos.flatten(-2), (p_block[..., None] * p_key).flatten(-2)
+
+
+def _exact_head(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices: torch.Tensor, head: int):
+    """The block proposal's exact head: each row's ``head`` unkept candidate blocks of highest score, ``[B, Hq,
+    c, head]`` (-1 where a row has fewer), and which are real."""
+    j = torch.arange(scores.shape[-1], device=scores.device)
+    unkept = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, scores.shape[-1])
+    top, blk = torch.topk(scores.masked_fill(~unkept, -math.inf), head, dim=-1)
+    in_head = torch.isfinite(top)
+    return blk.masked_fill(~in_head, -1), in_head
+
+
+def _with_head(count, first, head_blk, in_head, n_kb: int):
+    """The tail's census ``(count, first)`` (:func:`_unkept_census`) with the head's blocks put back: every
+    unkept block's count and first blocks, for a census of the whole unkept set."""
+    merged = torch.cat([first, head_blk.masked_fill(~in_head, n_kb)], -1).sort(-1).values
+    return count + in_head.sum(-1), merged[..., :first.shape[-1]]
+
+
+def _head_keys(head_blk, in_head, bk: int, S: int, width: int):
+    """Positions and weights (float64: 1, or 0 for padding and keys past S) of the head's keys, ``[B, Hq, c,
+    width]``, zero-weight columns past its ``head * bk`` keys."""
+    pos = (head_blk.clamp(min=0)[..., None] * bk + torch.arange(bk, device=head_blk.device)).flatten(-2)
+    weight = ((in_head[..., None] & (pos.view(*head_blk.shape, bk) < S)).flatten(-2)).double()
+    pad = width - pos.shape[-1]
+    return (torch.nn.functional.pad(pos, (0, pad)).clamp_(max=S - 1),
+            torch.nn.functional.pad(weight, (0, pad)))
 
 
 def _unkept_census(unkept: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
