@@ -40,10 +40,24 @@ import torch
 
 from sparsetrace import BlockMask, MaskConfig, shortlist_mask, sparse_attention, stream_mask
 from sparsetrace.attention.dense import sparse_attention_reference
-from sparsetrace.audit.estimate import _mixture, _strata, draw_blocks_torch, estimate_missed, sample_rows_torch
+from sparsetrace.audit.estimate import (
+    _mixture,
+    _strata,
+    draw_blocks_torch,
+    estimate_missed,
+    keys_in_blocks_torch,
+    sample_rows_torch,
+)
 from sparsetrace.audit.exact import audit_rows
 from sparsetrace.ops import audit_scanner, estimate_pieces
-from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, kept_blocks, query_blocks
+from sparsetrace.selection.blocks import (
+    candidate_range,
+    forced_sinks,
+    gather_blocks,
+    in_middle,
+    kept_blocks,
+    query_blocks,
+)
 from sparsetrace.selection.oracle import block_scores
 from sparsetrace.selection.shortlist import Z, pre_scores, shortlist_sizes
 from sparsetrace.selection.stream import halves, split_into_groups
@@ -336,6 +350,10 @@ SAMPLE_CASES = (  # B, Hq, Hkv, T, S, D, block_q, r, draws per unit, exact head 
     (1, 4, 2, 100, 300, 32, 32, 16, 4, 0, None, False), (2, 2, 1, 64, 64, 16, 16, 32, 1, 32, 40, True),
     (1, 12, 2, 700, 5000, 128, 64, 64, 1, 128, None, False), (1, 2, 2, 90, 200, 64, 32, 64, 4, 0, 77, True),
     (1, 4, 1, 300, 3000, 64, 32, 64, 1, 64, None, True))
+KEYS_CASES = (  # B, Hq, Hkv, c, key blocks, block_k, D, units, draws per unit, keys cut from the last block, dtype
+    (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.bfloat16), (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.float32),
+    (2, 4, 4, 9, 50, 32, 64, 16, 4, 0, torch.float32), (1, 2, 1, 7, 30, 24, 32, 8, 2, 5, torch.float32),
+    (1, 3, 1, 5, 20, 4, 16, 64, 1, 3, torch.bfloat16))
 DRAW_CASES = (  # B, H, c, key blocks, kept width, points, census need
     (1, 12, 64, 16384, 16, 16, 2), (2, 3, 37, 700, 5, 16, 4), (1, 2, 9, 9, 8, 16, 2), (1, 4, 33, 2048, 64, 8, 1))
 
@@ -370,6 +388,35 @@ def check_block_draw(device: str, gen: torch.Generator) -> list[str]:
         if bad or not err <= DRAW_RTOL or not torch.equal(got[2], want[2]) or not torch.equal(got[3], want[3]):
             failures.append(f"draw {name}: {bad} draws differ off a tie, prob err {err:.1e}, counts/first equal "
                             f"{torch.equal(got[2], want[2])}/{torch.equal(got[3], want[3])}")
+    # The keys' draw inside the drawn blocks: float32 (scores equal to rounding) and bf16 (scores rounded to
+    # bf16 on both sides, summed in another order: a draw may cross a CDF step that moved by an ulp).
+    for B, Hq, Hkv, c, n_kb, bk, D, units, per, S_cut, dtype in KEYS_CASES:
+        name = f"{B}x{Hq}/{Hkv}x{c} nKB {n_kb} bk {bk} D {D} {units}x{per}"
+        k_blocks = (torch.randn(B, Hkv, n_kb, bk, D, generator=gen) * 2).to(dtype)
+        q_mean = torch.randn(B, Hq, c, D, generator=gen)
+        blk = torch.randint(0, n_kb, (B, Hq, c, units), generator=gen)
+        blk[..., 0] = n_kb - 1  # the last block, cut at S
+        p_block = torch.rand(B, Hq, c, units, generator=gen, dtype=torch.float64)
+        u = _strata(torch.randint(0, 2**40, (B, Hq, c, units), generator=gen), per)
+        S = n_kb * bk - S_cut
+        args = (S, D**-0.5, 0.25)
+        want = keys_in_blocks_torch(q_mean, k_blocks, blk, p_block, *args, u)
+        fused = (estimate_pieces(q_mean.to(device), 32, 64) or [None] * 3)[2] or keys_in_blocks_torch
+        got = [x.cpu() for x in fused(q_mean.to(device), k_blocks.to(device), blk.to(device), p_block.to(device),
+                                      *args, u.to(device))]
+        tie, rtol = (DRAW_TIE, DRAW_RTOL) if dtype == torch.float32 else (5e-3, 5e-2)
+        inner = (q_mean.to(dtype)[..., None, :] @ gather_blocks(k_blocks, blk).mT).float().view(B, Hq, c, units, bk)
+        inside = (blk[..., None] * bk + torch.arange(bk)) < S
+        w = _mixture(inner[..., None, :] * D**-0.5, inside[..., None, :], 0.25).flatten(-2).double()
+        cdf = w.cumsum(-1) / w.sum(-1, keepdim=True)
+        near = ((cdf[..., None, :] - u[..., None]).abs() < tie).any(-1).flatten(-2)  # [B, Hq, c, units * per]
+        differ = got[0] != want[0]
+        bad = int((differ & ~near).sum()) + int((got[0] >= S).sum())
+        err = (got[1] / want[1] - 1).abs()[~differ].max().item()
+        print(f"keys      {name:40s} {str(dtype)[6:]:8s} draws {differ.numel():6d} differ {int(differ.sum())} "
+              f"near {int(near.sum())} bad {bad} prob rel err {err:.1e}", flush=True)
+        if bad or not err <= rtol:
+            failures.append(f"keys {name} {dtype}: {bad} draws differ off a tie, prob err {err:.1e}")
     # The sample step alone: GQA, a window, per query and per row, a census row, queries that keep nothing.
     for B, Hq, Hkv, T, S, D, bq, r, m, head, window, per_query in SAMPLE_CASES:
         name = (f"{B}x{Hq}/{Hkv} T {T} S {S} D {D} bq {bq} r {r}/{m} head {head} w {window} "

@@ -145,9 +145,10 @@ def audit_scanner(q: torch.Tensor, config: MaskConfig, impl: str = "auto"):
 
 
 def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, head: int = 0, impl: str = "auto"):
-    """The per-row estimate's heavy steps for ``q``'s device, as ``(draw_blocks, sample_rows)``
+    """The per-row estimate's heavy steps for ``q``'s device, as ``(draw_blocks, sample_rows, keys_in_blocks)``
     (``audit.estimate.Pieces``; None for a step that runs in torch): the fused Triton ones on CUDA, None
-    elsewhere. The sample step runs in torch, with one warning, for shapes its kernel does not take."""
+    elsewhere. The sample step and the keys' draw run in torch, with one warning, for shapes their kernels do not
+    take."""
     if resolve_impl(impl, q) != "triton":
         return None
     from .kernels import estimate
@@ -161,10 +162,15 @@ def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, head: int = 0, 
             return estimate.sample_rows(q, k.to(q.dtype), pos, weight, exact, lam, first, scale, window, z, m,
                                         per_query, head)
 
+    def keys_in_blocks(q_mean, k_blocks, blk, p_block, S, scale, mix, u):
+        with on_device(q_mean):
+            return estimate.keys_in_blocks(q_mean, k_blocks, blk, p_block, S, scale, mix, u)
+
     reason = estimate.sample_supported(q, samples, block_q, head)
     if reason is not None:
         warn_once(f"sparsetrace: the estimate's fused sample step not used ({reason}); sampling in torch.")
-    return draw_blocks, sample_rows if reason is None else None
+        return draw_blocks, None, None
+    return draw_blocks, sample_rows, keys_in_blocks
 
 
 def _config(config: MaskConfig | None, options: dict, estimator: str) -> MaskConfig:

@@ -162,7 +162,7 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
             so a chunked prefill draws the same keys whatever its chunk size.
         first_query_block: the absolute index of q's first query block (chunked prefill).
         kept_lse: ``log K_t`` ``[B, Hq, T]`` if the attention has it; recomputed otherwise.
-        pieces: ``(draw_blocks, sample_rows)`` (:class:`Pieces`; None or a None step: torch);
+        pieces: ``(draw_blocks, sample_rows, keys_in_blocks)`` (:class:`Pieces`; None or a None step: torch);
             ``sparsetrace.ops.estimate_pieces`` gives the fused GPU ones.
     """
     if proposal not in PROPOSALS:
@@ -205,8 +205,10 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     # the exact head's columns, padded with weight-0 ones to a power of two >= 16 (what the fused step takes)
     h = 0 if head_blocks == 0 else max(16, 1 << (head_blocks * bk - 1).bit_length())
     need = min(-(-r // bk), n_kb)  # a census never needs more than the first ceil(r / bk) unkept blocks
-    draw_blocks, sample_rows = pieces or (None, None)
-    draw_blocks, sample_rows = draw_blocks or draw_blocks_torch, sample_rows or sample_rows_torch
+    steps = Pieces(*(pieces or ()))
+    draw_blocks = steps.draw_blocks or draw_blocks_torch
+    keys_in_blocks = steps.keys_in_blocks or keys_in_blocks_torch
+    sample_rows = steps.sample_rows or sample_rows_torch
     per_row = n_kb * bk if proposal == "key" else (r // m + head_blocks) * bk * D
     step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * (h + r))))
     for i0 in range(0, nQ, step):
@@ -224,8 +226,9 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
             # then keys inside them
             blk, p_block, count, first = draw_blocks(proxy, lo[sl], n[sl], torch.cat([indices[:, :, sl], head_blk], -1),
                                                      _strata(row_ids[:, :, sl], r // m), BLOCK_MIX, need)
-            pos, prob = _keys_in_blocks(q_mean[:, :, sl], k_blocks, blk, p_block, S, scale, mix,
-                                        row_ids[:, :, sl], m)  # [B, Hq, c, r] each
+            inner_rows = (row_ids[:, :, sl, None] * 1024 + torch.arange(r // m, device=q.device)) * 7 + 1
+            pos, prob = keys_in_blocks(q_mean[:, :, sl], k_blocks, blk, p_block, S, scale, mix,
+                                       _strata(inner_rows, m))  # [B, Hq, c, r] each
             # weight 0 where the head holds every unkept block (the tail is empty; prob is then 0/0)
             weight = (1.0 / (r * prob)).masked_fill_(count[..., None] == 0, 0.0)
             count, first = _with_head(count, first, head_blk, in_head, n_kb)
@@ -347,21 +350,22 @@ def draw_blocks_torch(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, i
     return (blk, p_block, *_unkept_census(unkept, need))
 
 
-def _keys_in_blocks(q_mean, k_blocks, blk, p_block, S, scale, mix, rows, per_block: int):
-    """The block proposal's second stage: ``per_block`` keys inside each drawn block ``blk [B, Hq, c, r/m]``
-    by ``qbar . k`` mixed with ``mix`` uniform (two-stage sampling; draws ``[.., b*per_block :
-    (b+1)*per_block]`` share block b). Returns positions and probabilities ``[B, Hq, c, r]``."""
+def keys_in_blocks_torch(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torch.Tensor, p_block: torch.Tensor,
+                         S: int, scale: float, mix: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block proposal's second stage: keys inside each drawn block ``blk [B, Hq, c, units]`` by ``qbar . k``
+    mixed with ``mix`` uniform, at the stratified points ``u [B, Hq, c, units, m]`` (two-stage sampling; draws
+    ``[.., b*m : (b+1)*m]`` share block b). Returns positions and probabilities ``[B, Hq, c, units * m]``;
+    ``kernels.estimate.keys_in_blocks`` is the same step fused on the GPU."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c, units = q_mean.shape[1], q_mean.shape[2], blk.shape[-1]
     keys = gather_blocks(k_blocks, blk)  # the drawn blocks' keys, [B, Hq, c, units * bk, D]
     # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight; one
     # [1, D] x [D, units * bk] product a row (4x faster on the CPU than a batched matrix-vector product)
     inner = torch.matmul(q_mean.to(keys.dtype)[..., None, :], keys.mT).view(B, Hq, c, units, bk).float() * scale
-    inside = (blk[..., None] * bk + torch.arange(bk, device=blk.device)) < S  # [B, Hq, c, r/m, bk]
+    inside = (blk[..., None] * bk + torch.arange(bk, device=blk.device)) < S  # [B, Hq, c, units, bk]
     w_key = _mixture(inner[..., None, :], inside[..., None, :], mix).flatten(-2).double()
-    inner_rows = (rows[..., None] * 1024 + torch.arange(units, device=rows.device)) * 7 + 1
-    offset, p_key = _inverse_cdf(w_key, _strata(inner_rows, per_block))  # [B, Hq, c, r/m, m]
-    pos = blk[..., None] * bk + offset  # [B, Hq, c, r/m, m]
+    offset, p_key = _inverse_cdf(w_key, u)  # [B, Hq, c, units, m]
+    pos = blk[..., None] * bk + offset
     return pos.flatten(-2), (p_block[..., None] * p_key).flatten(-2)
 
 
@@ -429,8 +433,10 @@ def _gather_keys(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 class Pieces(NamedTuple):
-    """The estimate's two heavy steps, None for the torch one (:func:`draw_blocks_torch`,
-    :func:`sample_rows_torch`); ``sparsetrace.ops.estimate_pieces`` gives the fused GPU ones."""
+    """The estimate's heavy steps, None for the torch one (:func:`draw_blocks_torch`,
+    :func:`sample_rows_torch`, :func:`keys_in_blocks_torch`); ``sparsetrace.ops.estimate_pieces`` gives the
+    fused GPU ones."""
 
     draw_blocks: Callable | None = None
     sample_rows: Callable | None = None
+    keys_in_blocks: Callable | None = None

@@ -66,25 +66,31 @@ def _block_draw_kernel(
     tl.store(FIRST + row * NEED + need, first)
 
     # Pass 2: the CDF of w = (1 - mix) * exp(s - top) / total + mix / count (exp in float32 as torch's
-    # mixture, sums in float64), crossed at the ascending points U in [0, 1). Only a tile that some pending
-    # point falls in is scanned; a draw's probability is its w over the CDF's end.
-    u = tl.load(U + row * M + tl.arange(0, M))
+    # mixture, sums in float64), crossed at the ascending points U in [0, 1). Only a tile that the next
+    # pending point falls in is scanned, and there each point in it costs one pass over the tile (not a
+    # [TILE, M] comparison, which at M = 64 points made this kernel 12x slower); a draw's probability is its
+    # w over the CDF's end.
+    slots = tl.arange(0, M)
     uniform = mix / tl.maximum(count, 1).to(tl.float64)
     below = tl.sum(tl.zeros([TILE], tl.float64), 0)  # CDF before the tile
     idx = tl.full([M], -1, tl.int64)
     prob = tl.zeros([M], tl.float64)
+    p = tl.sum(tl.zeros([TILE], tl.int32), 0)  # the next pending point
+    u_next = tl.load(U + row * M)
     for j0 in range(start, n, TILE):
         j = j0 + tl.arange(0, TILE)
         s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf"))
         w = tl.where(s > float("-inf"), (1 - mix) * tl.exp(s - top).to(tl.float64) / total + uniform, 0.0)
         tile_sum = tl.sum(w, 0)
-        if tl.sum(((idx < 0) & (u < below + tile_sum)).to(tl.int32), 0) > 0:
+        if u_next < below + tile_sum:
             cdf = below + tl.cumsum(w, 0)
-            crossed = (cdf[:, None] > u[None, :]).to(tl.int32)  # [TILE, M]: a suffix of the tile per point
-            here = (idx < 0) & (tl.sum(crossed, 0) > 0)
-            at = j0 + TILE - tl.sum(crossed, 0)  # the first block whose CDF passes the point
-            idx = tl.where(here, at.to(tl.int64), idx)
-            prob = tl.where(here, tl.sum(tl.where(j[:, None] == at[None, :], w[:, None], 0.0), 0), prob)
+            while u_next < below + tile_sum:  # points are ascending; past M, u_next is 2 (never crossed)
+                at = j0 + tl.sum((cdf <= u_next).to(tl.int32), 0)  # the first block whose CDF passes it
+                idx = tl.where(slots == p, at.to(tl.int64), idx)
+                prob = tl.where(slots == p, tl.sum(tl.where(j == at, w, 0.0), 0), prob)
+                p += 1
+                u_next = tl.load(U + row * M + tl.minimum(p, M - 1))
+                u_next = tl.where(p < M, u_next, 2.0)
         below += tile_sum
     # A point that rounding left past the CDF's end takes the last support block.
     s_last = tl.load(base + tl.maximum(last, 0))
@@ -131,6 +137,66 @@ def block_draw(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices:
     first = first[:, :need].long().clamp(max=n_kb)
     return (blocks[:, :m].view(*shape, m), prob[:, :m].view(*shape, m), count.long().view(shape),
             first.view(*shape, need))
+
+
+@triton.jit
+def _keys_in_blocks_kernel(
+    Q_MEAN, K_BLOCKS, BLK, P_BLOCK, U, POS, PROB,
+    Hq, Hkv, c, n_kb, S, scale, mix,
+    BK: tl.constexpr, BK_P2: tl.constexpr, D: tl.constexpr, UNITS: tl.constexpr, PER: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (batch, head, query block of the slab), flattened
+    h = (row // c) % Hq
+    b = row // (c * Hq)
+    d = tl.arange(0, D)
+    t = tl.arange(0, BK_P2)
+    per = tl.arange(0, PER)
+    # the mean query in the keys' dtype, as torch's product takes it
+    q = tl.load(Q_MEAN + row * D + d).to(K_BLOCKS.dtype.element_ty).to(tl.float32)
+    kv_blocks = (b * Hkv + h // (Hq // Hkv)) * n_kb
+    for unit in range(UNITS):
+        blk = tl.load(BLK + row * UNITS + unit)
+        key = blk * BK + t
+        inside = (t < BK) & (key < S)
+        keys = tl.load(K_BLOCKS + ((kv_blocks + blk) * BK + t)[:, None] * D + d[None, :],
+                       mask=(t < BK)[:, None], other=0.0).to(tl.float32)  # [BK_P2, D]
+        # the score rounded to the keys' dtype, as torch's product returns it (it only shapes the draw)
+        s = tl.sum(keys * q[None, :], 1).to(K_BLOCKS.dtype.element_ty).to(tl.float32) * scale
+        s = tl.where(inside, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, 0))  # 0 off the block's keys
+        count = tl.sum(inside.to(tl.float32), 0)
+        w = tl.where(inside, e * ((1 - mix) / tl.sum(e, 0)) + mix / count, 0.0).to(tl.float64)
+        cdf = tl.cumsum(w, 0)
+        total = tl.sum(w, 0)
+        u = tl.load(U + (row * UNITS + unit) * PER + per)  # [PER], ascending in [0, 1)
+        u = tl.minimum(u * total, total * (1 - 1e-12))  # never past the last positive weight
+        at = tl.sum((cdf[:, None] <= u[None, :]).to(tl.int32), 0)  # searchsorted(right=True) [PER]
+        at = tl.minimum(at, BK - 1)
+        p_key = tl.sum(tl.where(t[:, None] == at[None, :], w[:, None], 0.0), 0) / total
+        out = (row * UNITS + unit) * PER + per
+        tl.store(POS + out, blk * BK + at)
+        tl.store(PROB + out, tl.load(P_BLOCK + row * UNITS + unit) * p_key)
+
+
+def keys_in_blocks(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torch.Tensor, p_block: torch.Tensor, S: int,
+                   scale: float, mix: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block proposal's second stage fused (Triton; ``audit.estimate.keys_in_blocks_torch`` is the
+    reference, same arguments and results): inside each drawn block, keys by ``qbar . k`` mixed with
+    ``mix`` uniform, at the points ``u [B, Hq, c, units, per_block]``. One program a row reads each drawn
+    block's keys once; torch gathered them into a ``[rows, units * block_k, D]`` copy first."""
+    B, Hq, c, units = blk.shape
+    Hkv, n_kb, bk, D = k_blocks.shape[1:]
+    per = u.shape[-1]
+    PER = triton.next_power_of_2(per)
+    u_pad = torch.nn.functional.pad(u.double(), (0, PER - per), value=0.0).contiguous()
+    pos = torch.empty(B, Hq, c, units, PER, dtype=torch.int64, device=blk.device)
+    prob = torch.empty(B, Hq, c, units, PER, dtype=torch.float64, device=blk.device)
+    _keys_in_blocks_kernel[(B * Hq * c,)](
+        q_mean.float().contiguous(), k_blocks.contiguous(), blk.contiguous(), p_block.double().contiguous(), u_pad,
+        pos, prob, Hq, Hkv, c, n_kb, S, float(scale), float(mix),
+        BK=bk, BK_P2=triton.next_power_of_2(bk), D=D, UNITS=units, PER=PER, num_warps=4,
+    )
+    return pos[..., :per].flatten(-2), prob[..., :per].flatten(-2)
 
 
 def sample_supported(q: torch.Tensor, samples: int, block_q: int, head: int = 0) -> str | None:
