@@ -209,7 +209,10 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     draw_blocks = steps.draw_blocks or draw_blocks_torch
     keys_in_blocks = steps.keys_in_blocks or keys_in_blocks_torch
     sample_rows = steps.sample_rows or sample_rows_torch
-    per_row = n_kb * bk if proposal == "key" else (r // m + head_blocks) * bk * D
+    # a slab's largest temporaries a row: the key proxy, or the block scores and, in torch, the drawn blocks'
+    # keys (the fused step reads them in place)
+    per_row = n_kb * bk if proposal == "key" else max(
+        n_kb, 0 if steps.keys_in_blocks else (r // m + head_blocks) * bk * D)
     step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * (h + r))))
     for i0 in range(0, nQ, step):
         sl = slice(i0, min(i0 + step, nQ))
