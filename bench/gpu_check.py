@@ -354,40 +354,43 @@ KEYS_CASES = (  # B, Hq, Hkv, c, key blocks, block_k, D, units, draws per unit, 
     (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.bfloat16), (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.float32),
     (2, 4, 4, 9, 50, 32, 64, 16, 4, 0, torch.float32), (1, 2, 1, 7, 30, 24, 32, 8, 2, 5, torch.float32),
     (1, 3, 1, 5, 20, 4, 16, 64, 1, 3, torch.bfloat16))
-DRAW_CASES = (  # B, H, c, key blocks, kept width, points, census need
-    (1, 12, 64, 16384, 16, 16, 2), (2, 3, 37, 700, 5, 16, 4), (1, 2, 9, 9, 8, 16, 2), (1, 4, 33, 2048, 64, 8, 1))
+DRAW_CASES = (  # B, H, c, key blocks, kept width, points, census need, exact head
+    (1, 12, 64, 16384, 16, 64, 2, 2), (2, 3, 37, 700, 5, 16, 4, 2), (1, 2, 9, 9, 8, 16, 2, 2),
+    (1, 4, 33, 2048, 64, 8, 1, 0), (1, 4, 20, 12, 9, 64, 2, 3))
 
 
 def check_block_draw(device: str, gen: torch.Generator) -> list[str]:
     """The fused block draw (or, with ``--cpu``, the torch one) against ``draw_blocks_torch`` on the CPU."""
     failures = []
-    for B, H, c, n_kb, width, m, need in DRAW_CASES:
-        name = f"{B}x{H}x{c} nKB {n_kb} w {width}"
+    for B, H, c, n_kb, width, m, need, head in DRAW_CASES:
+        name = f"{B}x{H}x{c} nKB {n_kb} w {width} head {head}"
         scores = torch.randn(B, H, c, n_kb, generator=gen) * 4
         n = torch.randint(1, n_kb + 1, (c,), generator=gen)
         lo = torch.minimum(torch.randint(0, n_kb, (c,), generator=gen) // 2, n - 1)
         indices = torch.randint(-1, n_kb, (B, H, c, width), generator=gen).int()
         u = _strata(torch.randint(0, 2**40, (B, H, c), generator=gen), m)
-        want = draw_blocks_torch(scores.clone(), lo, n, indices, u, 0.5, need)
+        want = draw_blocks_torch(scores.clone(), lo, n, indices, u, 0.5, need, head)
         draw = (estimate_pieces(scores.to(device), 32, 64) or [draw_blocks_torch])[0]
         got = [x.cpu() for x in draw(scores.to(device), lo.to(device), n.to(device), indices.to(device),
-                                     u.to(device), 0.5, need)]
+                                     u.to(device), 0.5, need, head)]
         # a point within DRAW_TIE of a CDF step may land either side of it in float32 vs float64 exps
         j = torch.arange(n_kb)
-        unkept = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, n_kb)
-        w = _mixture(scores.clone()[..., None, :], unkept[..., None, :], 0.5).flatten(-2).double()
+        tail = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, n_kb)
+        tail &= ~kept_blocks(want[4], n_kb)
+        w = _mixture(scores.clone()[..., None, :], tail[..., None, :], 0.5).flatten(-2).double()
         cdf = w.cumsum(-1) / w.sum(-1, keepdim=True).clamp(min=1e-300)
         near = ((cdf[..., None, :] - u[..., None]).abs() < DRAW_TIE).any(-1)  # [B, H, c, m]
-        valid = want[2][..., None].expand_as(want[1]) > 0  # a row with nothing unkept draws nothing used
+        valid = tail.any(-1)[..., None].expand_as(want[1])  # a row with no tail draws nothing used
         differ = (got[0] != want[0]) & valid
         bad = int((differ & ~near).sum())
         err = ((got[1] / want[1] - 1).abs()[valid & ~differ]).max().item() if valid.any() else 0.0
-        print(f"draw      {name:26s} points {differ.numel():6d} differ {int(differ.sum())} near {int(near.sum())} "
-              f"bad {bad} prob rel err {err:.1e} counts {torch.equal(got[2], want[2])} "
-              f"first {torch.equal(got[3], want[3])}", flush=True)
-        if bad or not err <= DRAW_RTOL or not torch.equal(got[2], want[2]) or not torch.equal(got[3], want[3]):
-            failures.append(f"draw {name}: {bad} draws differ off a tie, prob err {err:.1e}, counts/first equal "
-                            f"{torch.equal(got[2], want[2])}/{torch.equal(got[3], want[3])}")
+        same = [torch.equal(got[2], want[2]), torch.equal(got[3], want[3]),
+                torch.equal(got[4].sort(-1).values, want[4].sort(-1).values)]
+        print(f"draw      {name:33s} points {differ.numel():6d} differ {int(differ.sum())} near {int(near.sum())} "
+              f"bad {bad} prob rel err {err:.1e} counts/first/head equal {same}", flush=True)
+        if bad or not err <= DRAW_RTOL or not all(same):
+            failures.append(f"draw {name}: {bad} draws differ off a tie, prob err {err:.1e}, counts/first/head "
+                            f"equal {same}")
     # The keys' draw inside the drawn blocks: float32 (scores equal to rounding) and bf16 (scores rounded to
     # bf16 on both sides, summed in another order: a draw may cross a CDF step that moved by an ulp).
     for B, Hq, Hkv, c, n_kb, bk, D, units, per, S_cut, dtype in KEYS_CASES:

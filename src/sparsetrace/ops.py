@@ -153,9 +153,9 @@ def estimate_pieces(q: torch.Tensor, block_q: int, samples: int, head: int = 0, 
         return None
     from .kernels import estimate
 
-    def draw_blocks(scores, lo, n, indices, u, mix, need):
+    def draw_blocks(scores, lo, n, indices, u, mix, need, head=0):
         with on_device(scores):
-            return estimate.block_draw(scores, lo, n, indices, u, mix, need)
+            return estimate.block_draw(scores, lo, n, indices, u, mix, need, head)
 
     def sample_rows(q, k, pos, weight, exact, lam, first, scale, window, z, m, per_query, head=0):
         with on_device(q):

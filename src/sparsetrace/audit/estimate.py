@@ -224,20 +224,19 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
             weight = 1.0 / (r * prob)
         else:
             proxy = pre_scores(q_mean[:, :, sl] * scale, *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
-            head_blk, in_head = _exact_head(proxy, lo[sl], n[sl], indices[:, :, sl], head_blocks)
-            # the tail: blocks drawn by the pooled top-logit score among the unkept blocks outside the head,
-            # then keys inside them
-            blk, p_block, count, first = draw_blocks(proxy, lo[sl], n[sl], torch.cat([indices[:, :, sl], head_blk], -1),
-                                                     _strata(row_ids[:, :, sl], r // m), BLOCK_MIX, need)
+            # the head, and the tail's blocks drawn by the pooled top-logit score; then keys inside them
+            blk, p_block, count, first, head_blk = draw_blocks(proxy, lo[sl], n[sl], indices[:, :, sl],
+                                                               _strata(row_ids[:, :, sl], r // m), BLOCK_MIX,
+                                                               need, head_blocks)
             inner_rows = (row_ids[:, :, sl, None] * 1024 + torch.arange(r // m, device=q.device)) * 7 + 1
             pos, prob = keys_in_blocks(q_mean[:, :, sl], k_blocks, blk, p_block, S, scale, mix,
                                        _strata(inner_rows, m))  # [B, Hq, c, r] each
             # weight 0 where the head holds every unkept block (the tail is empty; prob is then 0/0)
-            weight = (1.0 / (r * prob)).masked_fill_(count[..., None] == 0, 0.0)
-            count, first = _with_head(count, first, head_blk, in_head, n_kb)
+            in_head = head_blk >= 0
+            weight = (1.0 / (r * prob)).masked_fill_((count == in_head.sum(-1))[..., None], 0.0)
         pos, weight, exact = _census(pos, weight, count, first, r, bk, n_kb)
         if h:  # the head's keys first (weight 1, 0 for padding; summed by the census where it is exact)
-            head_pos, head_weight = _head_keys(head_blk, in_head, bk, S, h)
+            head_pos, head_weight = _head_keys(head_blk, bk, S, h)
             pos = torch.cat([head_pos, pos], -1)  # [B, Hq, c, h + r]
             weight = torch.cat([head_weight.masked_fill_(exact[..., None], 0.0), weight], -1)
         out[:, :, sl] = sample_rows(q, k, pos, weight, exact, lam[:, :, sl], sl.start, scale, window, z, m,
@@ -339,18 +338,25 @@ def _draw_keys(q_mean, k_blocks, unkept, S, scale, mix, r, rows):
 
 
 def draw_blocks_torch(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices: torch.Tensor,
-                      u: torch.Tensor, mix: float, need: int):
-    """The block proposal's first stage: blocks drawn from ``(1 - mix) * softmax(scores) + mix * uniform``
-    over every row's unkept candidate blocks, at the points ``u`` (:func:`_strata`).
+                      u: torch.Tensor, mix: float, need: int, head: int = 0):
+    """The block proposal's first stage: each row's exact head, its ``head`` unkept candidate blocks of highest
+    score, and blocks drawn from ``(1 - mix) * softmax(scores) + mix * uniform`` over the other unkept
+    candidate blocks (the tail), at the points ``u`` (:func:`_strata`).
 
     Args: scores float32 ``[B, H, c, nKB]`` (overwritten); lo, n ``[c]`` candidate ranges; indices kept blocks
-    ``[B, H, c, width]``; u float64 ``[B, H, c, m]``; need: how many of the first unkept blocks to return.
-    Returns ``(blocks, prob)`` ``[B, H, c, m]`` and :func:`_unkept_census`'s ``(count, first)``;
-    ``kernels.proposal.block_draw`` is the same in one fused pass pair on the GPU."""
+    ``[B, H, c, width]`` (-1 padded); u float64 ``[B, H, c, m]``; need: how many of the first unkept blocks to
+    return; head: the exact head's size.
+    Returns ``(blocks, prob)`` ``[B, H, c, m]`` (the tail's draws), :func:`_unkept_census`'s ``(count, first)``
+    of every unkept block (head and tail), and the head ``[B, H, c, head]`` (-1 where a row has fewer unkept
+    blocks). ``kernels.estimate.block_draw`` is the same in one fused pass pair on the GPU."""
     j = torch.arange(scores.shape[-1], device=scores.device)
     unkept = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, scores.shape[-1])
-    blk, p_block = _inverse_cdf(_mixture(scores[..., None, :], unkept[..., None, :], mix).flatten(-2).double(), u)
-    return (blk, p_block, *_unkept_census(unkept, need))
+    scores.masked_fill_(~unkept, -math.inf)
+    top, head_blocks = torch.topk(scores, head, dim=-1)
+    in_head = torch.isfinite(top)  # fewer than `head` unkept blocks: the rest is padding
+    tail = unkept.scatter(-1, head_blocks, ~in_head & unkept.gather(-1, head_blocks))
+    blk, p_block = _inverse_cdf(_mixture(scores[..., None, :], tail[..., None, :], mix).flatten(-2).double(), u)
+    return (blk, p_block, *_unkept_census(unkept, need), head_blocks.masked_fill(~in_head, -1))
 
 
 def keys_in_blocks_torch(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torch.Tensor, p_block: torch.Tensor,
@@ -372,28 +378,11 @@ def keys_in_blocks_torch(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torc
     return pos.flatten(-2), (p_block[..., None] * p_key).flatten(-2)
 
 
-def _exact_head(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices: torch.Tensor, head: int):
-    """The block proposal's exact head: each row's ``head`` unkept candidate blocks of highest score, ``[B, Hq,
-    c, head]`` (-1 where a row has fewer), and which are real."""
-    j = torch.arange(scores.shape[-1], device=scores.device)
-    unkept = (j >= lo[:, None]) & (j < n[:, None]) & ~kept_blocks(indices, scores.shape[-1])
-    top, blk = torch.topk(scores.masked_fill(~unkept, -math.inf), head, dim=-1)
-    in_head = torch.isfinite(top)
-    return blk.masked_fill(~in_head, -1), in_head
-
-
-def _with_head(count, first, head_blk, in_head, n_kb: int):
-    """The tail's census ``(count, first)`` (:func:`_unkept_census`) with the head's blocks put back: every
-    unkept block's count and first blocks, for a census of the whole unkept set."""
-    merged = torch.cat([first, head_blk.masked_fill(~in_head, n_kb)], -1).sort(-1).values
-    return count + in_head.sum(-1), merged[..., :first.shape[-1]]
-
-
-def _head_keys(head_blk, in_head, bk: int, S: int, width: int):
-    """Positions and weights (float64: 1, or 0 for padding and keys past S) of the head's keys, ``[B, Hq, c,
-    width]``, zero-weight columns past its ``head * bk`` keys."""
+def _head_keys(head_blk, bk: int, S: int, width: int):
+    """Positions and weights (float64: 1, or 0 for padding and keys past S) of the keys of the head's blocks
+    ``head_blk [B, Hq, c, head]`` (-1: none), ``[B, Hq, c, width]``, zero-weight columns past ``head * bk``."""
     pos = (head_blk.clamp(min=0)[..., None] * bk + torch.arange(bk, device=head_blk.device)).flatten(-2)
-    weight = ((in_head[..., None] & (pos.view(*head_blk.shape, bk) < S)).flatten(-2)).double()
+    weight = (((head_blk >= 0)[..., None] & (pos.view(*head_blk.shape, bk) < S)).flatten(-2)).double()
     pad = width - pos.shape[-1]
     return (torch.nn.functional.pad(pos, (0, pad)).clamp_(max=S - 1),
             torch.nn.functional.pad(weight, (0, pad)))

@@ -8,7 +8,7 @@ kernel runs, and the fallback to torch when one cannot, is decided in ``sparsetr
 ``scoring``  ``score_halves``: the block score of every half's representative, one program per query block
 ``flex``     ``flex_attention_lse`` (FlexAttention over the kept blocks) and ``block_mass`` (the mass pass)
 ``audit``    ``audit_scan``: the exact audit's dense pass over every causal key of the audited rows, fused
-``estimate`` ``block_draw`` and ``sample_rows``: the per-row estimate's block draw and sample step, fused
+``estimate`` ``block_draw``, ``keys_in_blocks``, ``sample_rows``: the per-row estimate's heavy steps, fused
 
 Results equal their CPU references (indices up to float32 score ties; attention and masses within the
 input dtype's tolerance); ``bench/gpu_check.py`` checks this on a GPU (docs/gpu.md).

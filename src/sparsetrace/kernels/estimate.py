@@ -1,21 +1,29 @@
-"""The per-row estimate's two heavy steps on the GPU: the block draw and the sample step, each fused.
+"""The per-row estimate's three heavy steps on the GPU, each fused: the block draw, the keys' draw inside the
+drawn blocks, and the sample step.
 
 **Block draw** (``block_draw``): one fused pass pair over each row's unkept key blocks.
 
-``audit.estimate.estimate_missed`` (block proposal) draws a few key blocks per row from the mixture
-``(1 - mix) * softmax(pre-score) + mix * uniform`` over the row's unkept causal blocks, by inverting the
-mixture's CDF at stratified points. In torch that is about twenty passes over a ``[rows, n_blocks]`` matrix
-(masks, the softmax, a float64 cumsum, searchsorted, the census's topk): at 1M tokens the estimate cost
-+70 % of the trace on an H200 (2026-12-02). ``_block_draw_kernel`` reads each row's pre-scores twice and
-writes only the draws: pass 1 is an online softmax (maximum, normaliser, support size, the first unkept
-blocks for the census), pass 2 accumulates the CDF tile by tile and records where it crosses each point.
-Weights and the CDF are float64, as in torch, so a draw's probability is the probability of drawing it.
+``audit.estimate.estimate_missed`` (block proposal) takes each row's exact head (its best pre-scored unkept
+blocks) and draws blocks from the mixture ``(1 - mix) * softmax(pre-score) + mix * uniform`` over the other
+unkept causal blocks, by inverting the mixture's CDF at stratified points. In torch that is about twenty
+passes over a ``[rows, n_blocks]`` matrix (masks, a topk for the head, the softmax, a float64 cumsum,
+searchsorted, the census's topk): at 1M tokens the estimate cost +70 % of the trace on an H200
+(2026-12-02). ``_block_draw_kernel`` reads each row's pre-scores twice and writes only the draws: pass 1 is
+an online softmax (maximum, normaliser, support size, the first unkept blocks for the census, the head),
+pass 2 accumulates the CDF of the tail tile by tile and records where it crosses each point. Weights and
+the CDF are float64, as in torch, so a draw's probability is the probability of drawing it.
 
-**Sample step** (``sample_rows``): for every row, the logits of its queries against its r drawn keys, the
-Hansen-Hurwitz terms, the units' spread and the interval, in one program a row; torch materialised
-``[rows, block_q, r]`` float32 tensors a dozen times over (``audit.estimate.sample_rows_torch`` is the
-reference).
+**Keys' draw** (``keys_in_blocks``): inside each drawn block, one key by ``qbar . k`` (mixed with uniform);
+one program a row reads each drawn block's keys once, where torch gathered ``[rows, r * block_k, D]``
+first (``audit.estimate.keys_in_blocks_torch`` is the reference).
+
+**Sample step** (``sample_rows``): for every row, the logits of its queries against its head and its r
+drawn keys, the Hansen-Hurwitz terms, the units' spread and the interval, in one program a row; torch
+materialised ``[rows, block_q, r]`` float32 tensors a dozen times over (``audit.estimate.sample_rows_torch``
+is the reference).
 """
+
+import math
 
 import torch
 import triton
@@ -29,26 +37,28 @@ WARPS = 2  # few warps a row: the loop is latency-bound (its reductions cross wa
 
 @triton.jit
 def _block_draw_kernel(
-    SCORES, LO, N, U, IDX, PROB, COUNT, FIRST,
+    SCORES, LO, N, U, IDX, PROB, COUNT, FIRST, HEAD_OUT,
     stride, c, mix,
-    TILE: tl.constexpr, M: tl.constexpr, NEED: tl.constexpr,
+    TILE: tl.constexpr, M: tl.constexpr, NEED: tl.constexpr, HEAD: tl.constexpr, HP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # (batch, head, query block of the slab), flattened
     i = row % c
     lo = tl.load(LO + i)
     n = tl.load(N + i)
     need = tl.arange(0, NEED)
+    hslot = tl.arange(0, HP)
     start = (lo // TILE) * TILE
     base = SCORES + row * stride  # kept blocks hold -inf (block_draw puts it there)
 
     # Pass 1: maximum and normaliser of the pre-scores over the support (the unkept candidates), its size,
-    # its last block, and its first NEED blocks (all a census needs). 0-d loop carries are made by reducing
-    # a tile, which every Triton version types the same way.
+    # its first NEED blocks (all a census needs) and its HEAD best blocks (the exact head). 0-d loop carries
+    # are made by reducing a tile, which every Triton version types the same way.
     top = tl.max(tl.full([TILE], -1e30, tl.float32), 0)
     total = tl.sum(tl.zeros([TILE], tl.float64), 0)
     count = tl.sum(tl.zeros([TILE], tl.int32), 0)
-    last = tl.max(tl.full([TILE], -1, tl.int32), 0)
     first = tl.full([NEED], 2**30, tl.int32)
+    head_s = tl.where(hslot < HEAD, float("-inf"), float("inf"))  # slots past HEAD are never replaced
+    head_j = tl.full([HP], -1, tl.int32)
     for j0 in range(start, n, TILE):
         j = j0 + tl.arange(0, TILE)
         s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf"))
@@ -61,27 +71,45 @@ def _block_draw_kernel(
             hit = support[:, None] & (rank[:, None] == need[None, :] + 1)  # [TILE, NEED]
             first = tl.minimum(first, tl.min(tl.where(hit, j[:, None], 2**30), 0))
         count += tl.sum(support.to(tl.int32), 0)
-        last = tl.maximum(last, tl.max(tl.where(support, j, -1), 0))
+        # the tile's HEAD best, each replacing the head's weakest if better (ties: the lower block first)
+        for _ in tl.static_range(HEAD):
+            best = tl.max(s, 0)
+            at = tl.min(tl.where(s == best, j, 2**30), 0)
+            s = tl.where(j == at, float("-inf"), s)
+            weakest = tl.min(head_s, 0)
+            slot = tl.min(tl.where(head_s == weakest, hslot, HP), 0)
+            take = ((hslot == slot).to(tl.int32) * (best > weakest).to(tl.int32)) > 0
+            head_s = tl.where(take, best, head_s)
+            head_j = tl.where(take, at, head_j)
     tl.store(COUNT + row, count)
     tl.store(FIRST + row * NEED + need, first)
+    in_head = (hslot < HEAD) & (head_s > float("-inf"))
+    head_j = tl.where(in_head, head_j, -1)
+    tl.store(HEAD_OUT + row * HP + hslot, head_j)
 
-    # Pass 2: the CDF of w = (1 - mix) * exp(s - top) / total + mix / count (exp in float32 as torch's
-    # mixture, sums in float64), crossed at the ascending points U in [0, 1). Only a tile that the next
-    # pending point falls in is scanned, and there each point in it costs one pass over the tile (not a
-    # [TILE, M] comparison, which at M = 64 points made this kernel 12x slower); a draw's probability is its
-    # w over the CDF's end.
+    # Pass 2: the CDF over the tail (the support less the head) of w = (1 - mix) * exp(s - top) / total +
+    # mix / count (exp in float32 as torch's mixture, sums in float64), crossed at the ascending points U in
+    # [0, 1). Only a tile that the next pending point falls in is scanned, and there each point in it costs
+    # one pass over the tile (not a [TILE, M] comparison, which at M = 64 points made this kernel 12x
+    # slower); a draw's probability is its w over the CDF's end.
+    total -= tl.sum(tl.where(in_head, tl.exp(head_s - top).to(tl.float64), 0.0), 0)
+    total = tl.maximum(total, 1e-300)
+    tail_count = count - tl.sum(in_head.to(tl.int32), 0)
     slots = tl.arange(0, M)
-    uniform = mix / tl.maximum(count, 1).to(tl.float64)
+    uniform = mix / tl.maximum(tail_count, 1).to(tl.float64)
     below = tl.sum(tl.zeros([TILE], tl.float64), 0)  # CDF before the tile
     idx = tl.full([M], -1, tl.int64)
     prob = tl.zeros([M], tl.float64)
+    last = tl.max(tl.full([TILE], -1, tl.int32), 0)  # the last tail block
     p = tl.sum(tl.zeros([TILE], tl.int32), 0)  # the next pending point
     u_next = tl.load(U + row * M)
     for j0 in range(start, n, TILE):
         j = j0 + tl.arange(0, TILE)
         s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf"))
-        w = tl.where(s > float("-inf"), (1 - mix) * tl.exp(s - top).to(tl.float64) / total + uniform, 0.0)
+        tail = (s > float("-inf")) & (tl.sum(((j[:, None] == head_j[None, :]) & in_head[None, :]).to(tl.int32), 1) == 0)
+        w = tl.where(tail, (1 - mix) * tl.exp(s - top).to(tl.float64) / total + uniform, 0.0)
         tile_sum = tl.sum(w, 0)
+        last = tl.maximum(last, tl.max(tl.where(tail, j, -1), 0))
         if u_next < below + tile_sum:
             cdf = below + tl.cumsum(w, 0)
             while u_next < below + tile_sum:  # points are ascending; past M, u_next is 2 (never crossed)
@@ -92,7 +120,7 @@ def _block_draw_kernel(
                 u_next = tl.load(U + row * M + tl.minimum(p, M - 1))
                 u_next = tl.where(p < M, u_next, 2.0)
         below += tile_sum
-    # A point that rounding left past the CDF's end takes the last support block.
+    # A point that rounding left past the CDF's end takes the last tail block.
     s_last = tl.load(base + tl.maximum(last, 0))
     w_last = (1 - mix) * tl.exp(s_last - top).to(tl.float64) / total + uniform
     missing = idx < 0
@@ -103,40 +131,43 @@ def _block_draw_kernel(
 
 
 def block_draw(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices: torch.Tensor, u: torch.Tensor,
-               mix: float, need: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw key blocks of every row from ``(1 - mix) * softmax(scores) + mix * uniform`` over its unkept
-    candidate blocks (Triton; ``audit.estimate.draw_blocks_torch`` is the reference).
+               mix: float, need: int, head: int = 0) -> tuple[torch.Tensor, ...]:
+    """Each row's exact head and blocks drawn from ``(1 - mix) * softmax(scores) + mix * uniform`` over the
+    rest of its unkept candidate blocks (Triton; ``audit.estimate.draw_blocks_torch`` is the reference).
 
     Args:
-        scores: float32 ``[B, H, c, nKB]`` pre-scores; lo, n: ``[c]`` candidate ranges ``[lo, n)``;
-        indices: kept blocks ``[B, H, c, width]`` (-1 padded); u: float64 ``[B, H, c, m]`` ascending points in
-        [0, 1); mix: the uniform share; need: how many of the first unkept blocks to return.
+        scores: float32 ``[B, H, c, nKB]`` pre-scores (overwritten: kept blocks become -inf); lo, n: ``[c]``
+        candidate ranges ``[lo, n)``; indices: kept blocks ``[B, H, c, width]`` (-1 padded); u: float64
+        ``[B, H, c, m]`` ascending points in [0, 1); mix: the uniform share; need: how many of the first unkept
+        blocks to return; head: the exact head's size.
     Returns:
-        ``blocks`` int64 and ``prob`` float64 ``[B, H, c, m]`` (the block whose CDF first passes each point, and
-        its probability), ``count`` int64 ``[B, H, c]`` (unkept candidate blocks), ``first`` int64
-        ``[B, H, c, need]`` (the first unkept blocks, ascending, ``nKB`` past the last).
+        ``blocks`` int64 and ``prob`` float64 ``[B, H, c, m]`` (the tail block whose CDF first passes each point,
+        and its probability), ``count`` int64 ``[B, H, c]`` (unkept candidate blocks, head included),
+        ``first`` int64 ``[B, H, c, need]`` (the first unkept blocks, ascending, ``nKB`` past the last), the
+        head int64 ``[B, H, c, head]`` (-1 where a row has fewer unkept blocks).
     """
     B, H, c, n_kb = scores.shape
     m = u.shape[-1]
-    M, NEED = triton.next_power_of_2(m), triton.next_power_of_2(need)
+    M, NEED, HP = triton.next_power_of_2(m), triton.next_power_of_2(need), triton.next_power_of_2(max(head, 1))
     rows = B * H * c
-    # Kept blocks become -inf in a copy with one spare column, where the -1 padding of the rows lands.
-    masked = torch.nn.functional.pad(scores.float(), (0, 1)).view(rows, n_kb + 1)
+    # Kept blocks become -inf in place; a -1 padding entry writes +inf, which the minimum ignores.
+    flat = scores.float().contiguous().view(rows, n_kb)
     kept = indices.reshape(rows, -1).long()
-    masked.scatter_(1, kept.masked_fill(kept < 0, n_kb), float("-inf"))
+    flat.scatter_reduce_(1, kept.clamp(min=0), torch.where(kept >= 0, -math.inf, math.inf).float(), "amin")
     u_pad = torch.nn.functional.pad(u.reshape(rows, m).double(), (0, M - m), value=2.0)  # never crossed
     blocks = torch.empty(rows, M, dtype=torch.int64, device=scores.device)
     prob = torch.empty(rows, M, dtype=torch.float64, device=scores.device)
     count = torch.empty(rows, dtype=torch.int32, device=scores.device)
     first = torch.empty(rows, NEED, dtype=torch.int32, device=scores.device)
+    head_blocks = torch.empty(rows, HP, dtype=torch.int32, device=scores.device)
     _block_draw_kernel[(rows,)](
-        masked, lo.to(torch.int32).contiguous(), n.to(torch.int32).contiguous(), u_pad, blocks, prob, count,
-        first, n_kb + 1, c, float(mix), TILE=TILE, M=M, NEED=NEED, num_warps=WARPS,
+        flat, lo.to(torch.int32).contiguous(), n.to(torch.int32).contiguous(), u_pad, blocks, prob, count,
+        first, head_blocks, n_kb, c, float(mix), TILE=TILE, M=M, NEED=NEED, HEAD=head, HP=HP, num_warps=WARPS,
     )
     shape = (B, H, c)
     first = first[:, :need].long().clamp(max=n_kb)
     return (blocks[:, :m].view(*shape, m), prob[:, :m].view(*shape, m), count.long().view(shape),
-            first.view(*shape, need))
+            first.view(*shape, need), head_blocks[:, :head].long().view(*shape, head))
 
 
 @triton.jit
