@@ -136,7 +136,7 @@ def run_mode(model, name: str, config, ids: torch.Tensor, trace_config: TraceCon
         "model": f"{name}-shape", "tokens": tokens, "layers": trace.num_layers, "heads": trace.num_heads,
         "kv_heads": config.num_key_value_heads, "block": trace_config.mask.block_q, "top_k": trace_config.mask.top_k,
         "chunk": trace_config.chunk_size, "device": device_name(model), "device_map": device_map,
-        "gpus": len(gpus), "build_s": round(build_s, 1), "wall_s": round(wall, 1),
+        "gpus": len(gpus), "build_s": round(build_s, 1), "wall_s": round(wall, 3),
         "peak_gpu_gib": round(sum(peaks), 2) if peaks else None, "peak_gpu_gib_per_device": peaks,
         "sparsity": round(trace.sparsity, 5), "trace_bytes": trace.nbytes,
         "dense_fp16_bytes": trace.dense_bytes, "bytes_ratio": round(trace.dense_bytes / trace.nbytes),
