@@ -184,6 +184,23 @@ def test_estimate_draws_do_not_depend_on_chunking():
     assert_close("estimate, small vs large slabs", small, large, atol=1e-6)
 
 
+def test_block_proposal_scores_drawn_keys_the_same_either_way(monkeypatch):
+    """The torch draw inside the drawn blocks scores every key with one product (up to SCORE_EVERY_KEY_MAX
+    keys) or gathers the drawn blocks' keys (past it): in float64 both give the same draws, so the same
+    estimate."""
+    from sparsetrace.audit import estimate as est_module
+
+    q, k = make_qkv(dict(B=2, Hkv=2, group=3, T=96, S=700, D=8, seed=11))
+    q, k = q.double(), k.double() * 1.5
+    config = MaskConfig(block_q=16, block_k=16, top_k=4)
+    indices = sp.stream_mask(q, k, config, window=500).indices
+    every = estimate_missed(q, k, indices, config, window=500, samples=16, proposal="block")
+    monkeypatch.setattr(est_module, "SCORE_EVERY_KEY_MAX", 0)
+    gathered = estimate_missed(q, k, indices, config, window=500, samples=16, proposal="block")
+    assert (every[..., 2] > every[..., 1]).any()  # sampled rows, not only censuses
+    assert_close("estimate, every key scored vs drawn blocks gathered", every, gathered, atol=1e-12)
+
+
 def test_sampler_is_seeded_and_stratified():
     rows = audit_query_blocks(200, 10, seed=1, layer=3, first=20)
     assert torch.equal(rows, audit_query_blocks(200, 10, seed=1, layer=3, first=20))

@@ -36,6 +36,11 @@ PER_BLOCK = 1
 # (a census stratum, weight 1) and the r draws come from the other unkept blocks (vAttention's
 # deterministic top plus sampled tail, arXiv 2510.05688).
 HEAD_BLOCKS = 2
+# proposal="block", the torch draw inside the drawn blocks: up to this many keys it scores every key with one
+# dense product per kv head (O(S * D) a row, but a GEMM) and picks the drawn blocks' scores; past it, it
+# gathers the drawn blocks' keys (O(samples * block_k * D) a row, but copies and a product a row, about 3x
+# slower per key scored on the CPU). The fused GPU step reads the drawn blocks in place either way.
+SCORE_EVERY_KEY_MAX = 65536
 
 
 def kept_block_logsumexp(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, config: MaskConfig, *,
@@ -209,10 +214,13 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     draw_blocks = steps.draw_blocks or draw_blocks_torch
     keys_in_blocks = steps.keys_in_blocks or keys_in_blocks_torch
     sample_rows = steps.sample_rows or sample_rows_torch
-    # a slab's largest temporaries a row: the key proxy, or the block scores and, in torch, the drawn blocks'
-    # keys (the fused step reads them in place)
-    per_row = n_kb * bk if proposal == "key" else max(
-        n_kb, 0 if steps.keys_in_blocks else (r // m + head_blocks) * bk * D)
+    # a slab's largest temporary, per row
+    if proposal == "key" or (not steps.keys_in_blocks and n_kb * bk <= SCORE_EVERY_KEY_MAX):
+        per_row = n_kb * bk  # the key proxy, or every key's score
+    elif steps.keys_in_blocks:
+        per_row = n_kb  # the block scores (the fused step reads the drawn blocks in place)
+    else:
+        per_row = (r // m + head_blocks) * bk * D  # the drawn blocks' keys
     step = max(1, max_elements // max(1, B * Hq * max(per_row, bq * (h + r))))
     for i0 in range(0, nQ, step):
         sl = slice(i0, min(i0 + step, nQ))
@@ -367,10 +375,15 @@ def keys_in_blocks_torch(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torc
     ``kernels.estimate.keys_in_blocks`` is the same step fused on the GPU."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c, units = q_mean.shape[1], q_mean.shape[2], blk.shape[-1]
-    keys = gather_blocks(k_blocks, blk)  # the drawn blocks' keys, [B, Hq, c, units * bk, D]
-    # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight; one
-    # [1, D] x [D, units * bk] product a row (4x faster on the CPU than a batched matrix-vector product)
-    inner = torch.matmul(q_mean.to(keys.dtype)[..., None, :], keys.mT).view(B, Hq, c, units, bk).float() * scale
+    # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight
+    q_key = q_mean.to(k_blocks.dtype)
+    if n_kb * bk <= SCORE_EVERY_KEY_MAX:  # one dense product a kv head, then the drawn blocks' scores
+        every = torch.matmul(q_key.reshape(B, Hkv, Hq // Hkv * c, D), k_blocks.view(B, Hkv, n_kb * bk, D).mT)
+        inner = every.view(B, Hq, c, n_kb, bk).gather(3, blk[..., None].expand(-1, -1, -1, -1, bk))
+    else:  # the drawn blocks' keys gathered, one [1, D] x [D, units * bk] product a row
+        keys = gather_blocks(k_blocks, blk)  # [B, Hq, c, units * bk, D]
+        inner = torch.matmul(q_key[..., None, :], keys.mT).view(B, Hq, c, units, bk)
+    inner = inner.float() * scale
     inside = (blk[..., None] * bk + torch.arange(bk, device=blk.device)) < S  # [B, Hq, c, units, bk]
     w_key = _mixture(inner[..., None, :], inside[..., None, :], mix).flatten(-2).double()
     offset, p_key = _inverse_cdf(w_key, u)  # [B, Hq, c, units, m]
