@@ -194,7 +194,7 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     # Contiguous once: the gathers of every slab would otherwise copy all of k (a model's k is usually a
     # transposed view).
     k = k.contiguous()
-    k_blocks = key_blocks(k, bk).contiguous()  # [B, Hkv, nKB, bk, D]
+    k_blocks = key_blocks(k, bk)  # [B, Hkv, nKB, bk, D], contiguous
     if proposal == "block":
         pooled = pool_keys(k, bk)  # mean and per-dimension variance of every block's keys, [B, Hkv, nKB, D] each
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
@@ -393,12 +393,12 @@ def keys_in_blocks_torch(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torc
 
 def _head_keys(head_blk, bk: int, S: int, width: int):
     """Positions and weights (float64: 1, or 0 for padding and keys past S) of the keys of the head's blocks
-    ``head_blk [B, Hq, c, head]`` (-1: none), ``[B, Hq, c, width]``, zero-weight columns past ``head * bk``."""
+    ``head_blk [B, Hq, c, head]`` (-1: none), ``[B, Hq, c, width]``, zero-weight columns past ``head * bk``.
+    A position past S stays as it is: the sample step reads key S - 1 there and no query may attend it."""
     pos = (head_blk.clamp(min=0)[..., None] * bk + torch.arange(bk, device=head_blk.device)).flatten(-2)
     weight = (((head_blk >= 0)[..., None] & (pos.view(*head_blk.shape, bk) < S)).flatten(-2)).double()
     pad = width - pos.shape[-1]
-    return (torch.nn.functional.pad(pos, (0, pad)).clamp_(max=S - 1),
-            torch.nn.functional.pad(weight, (0, pad)))
+    return torch.nn.functional.pad(pos, (0, pad)), torch.nn.functional.pad(weight, (0, pad))
 
 
 def _unkept_census(unkept: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
