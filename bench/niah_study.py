@@ -8,7 +8,9 @@ mass, the share of heads per layer whose answer block keeps the needle's block, 
 answer route from the sparse prefill's trace. ``--estimators stream,shortlist,oracle`` labels each sparse
 cell ``estimator:k`` (STREAM alone keeps the plain k of earlier results). Results accumulate in
 bench/results/niah.json (cases already there are skipped); while a run lasts each finished case is kept in
-bench/results/niah.parts/, so a killed run resumes. Prints a table and ends with one JSON line.
+bench/results/niah.parts/, so a killed run resumes. ``--coverage 0.9,0.95,0.99 --max-k 64`` adds cells
+``P<p>`` traced under coverage budgets (issue 17) beside the fixed k, with mean kept blocks per row.
+Prints a table and ends with one JSON line.
 
     python bench/niah_study.py --models smollm2-135m,gemma-3-270m --lengths 1k,2k,4k \
         --depths 0,25,50,75,100 --top-k dense,16,8,4,3 --budget-min 40
@@ -67,9 +69,9 @@ def forced(report: dict) -> bool:
     return any(j < 1 or j >= route["answer_block"] for j in route["needle_blocks"])
 
 
-def cell_label(estimator: str, k: int, estimators: list[str]):
-    """The ``k`` field of a sparse cell: the plain k when STREAM is the only selection (earlier results),
-    else ``estimator:k``."""
+def cell_label(estimator: str, k: int | str, estimators: list[str]):
+    """The ``k`` field of a sparse cell (k, or ``P<p>`` for a coverage budget): the plain k when STREAM is the
+    only selection (earlier results), else ``estimator:k``."""
     return k if estimators == ["stream"] else f"{estimator}:{k}"
 
 
@@ -95,8 +97,10 @@ def summarize(rows: list[dict], reports: list[dict], ks) -> dict:
                 by_depth = {}
                 for d in sorted({r["depth"] for r in cell}):
                     by_depth[str(d)] = statistics.mean(r["score"] for r in cell if r["depth"] == d)
+                kept = [r["kept_blocks"] for r in cell if r.get("kept_blocks") is not None]  # older rows lack it
                 by_len[str(n)] = {"score": statistics.mean(r["score"] for r in cell),
                                   "sparsity": statistics.mean(r["sparsity"] for r in cell),
+                                  "kept_blocks": statistics.mean(kept) if kept else None,
                                   "criterion": statistics.mean(float(r["criterion"]) for r in cell),
                                   "by_depth": by_depth, "n": len(cell)}
             out[key] = by_len
@@ -160,6 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", default="dense,16,8,4,3")
     p.add_argument("--estimators", default="stream", help="selections compared at each k (stream, "
                    "shortlist, oracle); the tracer's audit is off, it does not change the answer")
+    p.add_argument("--coverage", default="", help="coverage budgets P beside the fixed k, e.g. 0.9,0.95,0.99: "
+                   "each row keeps its fewest selected blocks whose estimated mass reaches P (docs/coverage.md)")
+    p.add_argument("--max-k", type=int, default=64, help="with --coverage: key blocks a row keeps at most")
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -183,6 +190,10 @@ def main(argv=None) -> int:
         configs = {cell_label(e, k, estimators): TraceConfig.of(block_size=args.block_size, top_k=k, estimator=e,
                                                                 audit_rate=0, missed_samples=0)
                    for e in estimators for k in ks if k != "dense"}
+        for e in estimators:  # a budget cuts its rows by the missed-mass estimate, so that stays on
+            configs.update({cell_label(e, f"P{cov:g}", estimators): TraceConfig.of(
+                block_size=args.block_size, top_k=args.max_k, coverage=cov, max_k=args.max_k, estimator=e,
+                audit_rate=0) for cov in map(float, filter(None, args.coverage.split(",")))})
         ks = (["dense"] if "dense" in ks else []) + list(configs)
         grid = [] if args.summary_only else todo(args, lengths, depths, done)
         loaded: dict = {}
@@ -214,7 +225,7 @@ def main(argv=None) -> int:
 
         # one part file per case while the sweep runs: a killed run (any number of ranks) resumes
         settings = {"top_k": args.top_k, "block_size": args.block_size, "seed": args.seed,
-                    "estimators": args.estimators}
+                    "estimators": args.estimators, "coverage": args.coverage, "max_k": args.max_k}
         if not args.summary_only:
             ranks.sweep([f"{m}|{c.id}" for m, c in grid], run_one, args.out.with_suffix(".parts"),
                         merge=merge, settings=settings, log=print)
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
                           for m in sorted({r["model"] for r in rows})}
     args.out.write_text(json.dumps(data) + "\n")
 
-    print(f"\n{'model':<14}{'len':>6} {'k':>13} {'sparsity':>9} {'crit':>5}  score by depth "
+    print(f"\n{'model':<14}{'len':>6} {'k':>13} {'sparsity':>9} {'blocks':>7} {'crit':>5}  score by depth "
           f"{' '.join(f'{d:>5g}' for d in depths)}   mean")
     for key, by_len in data["summary"].items():
         model_name, k = key.split("/k=")
@@ -236,7 +247,8 @@ def main(argv=None) -> int:
             if not n.isdigit():
                 continue
             dep = " ".join(f"{cell['by_depth'].get(str(d), math.nan):5.2f}" for d in depths)
-            print(f"{model_name:<14}{n:>6} {k:>13} {cell['sparsity']:9.3f} {cell['criterion']:5.2f}"
+            blocks = "" if cell.get("kept_blocks") is None else f"{cell['kept_blocks']:.1f}"
+            print(f"{model_name:<14}{n:>6} {k:>13} {cell['sparsity']:9.3f} {blocks:>7} {cell['criterion']:5.2f}"
                   f"                {dep}   {cell['score']:.2f}")
     for m, comp in data["comparison"].items():
         for k, sep in comp.items():

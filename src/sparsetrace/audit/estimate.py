@@ -24,7 +24,7 @@ PROPOSALS = ("auto", "key", "block")
 # "auto" scores every unkept key (proposal "key") up to this many key blocks, then samples blocks first:
 # the key proposal's proxy costs O(S) per row, which stops being a small share of the trace past a few
 # thousand tokens; the block proposal costs O(S / block_k + (samples + HEAD_BLOCKS) * block_k) per row.
-KEY_PROPOSAL_MAX_BLOCKS = 256
+KEY_PROPOSAL_MAX_BLOCKS = 128
 # proposal="block", first stage: a block is scored by the pooled estimate of its top logit, mean key plus
 # BLOCK_Z standard deviations (SHORTLIST's pre-score), so a block with one heavy key among weak ones is
 # drawn; the uniform part of the block mixture is BLOCK_MIX (the block score is a cruder proxy than the
@@ -269,18 +269,22 @@ def sample_rows_torch(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, weigh
     real, q_pos = t < T, t + (S - T)  # [c, bq] each
     q_rows = q[:, :, first * bq:(first + c) * bq]
     q_rows = torch.nn.functional.pad(q_rows, (0, 0, 0, c * bq - q_rows.shape[2]))  # [B, Hq, c * bq, D]
-    keys = _gather_keys(k, pos)  # [B, Hq, c, r, D] float32
-    logits = torch.matmul(q_rows.view(B, Hq, c, bq, D).float(), keys.transpose(-1, -2)) * scale  # [B,Hq,c,bq,r]
+    q_rows = q_rows.reshape(-1, bq, D).float() * scale  # [B * Hq * c, bq, D]
+    keys = _gather_keys(k, pos).flatten(0, 2)  # [B * Hq * c, head + r, D] float32
+    # scale * q . k - lambda_t in one batched product; then in place (the CPU step is memory-bound)
+    logits = torch.baddbmm(-lam.reshape(-1, bq, 1).float(), q_rows, keys.mT).view(B, Hq, c, bq, -1)
     ok = may_attend(pos[..., None, :], q_pos[:, :, None], window) & real[:, :, None]
     # y_ts / r; exp is capped at e^60 (an unkept key e^60 times the kept mass means M = 1 anyway)
-    terms = torch.exp((logits - lam[..., None]).clamp(max=60)).masked_fill_(~ok, 0.0)
-    terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, r]
-    R_tail = terms[..., head:].sum(-1)  # [B, Hq, c, bq]: the sampled part
-    R = terms[..., :head].sum(-1) + R_tail
+    terms = logits.clamp_(max=60).masked_fill_(~ok, -math.inf).exp_()
+    terms.mul_(weight.float()[..., None, :])  # [B, Hq, c, bq, head + r]
+    tail = terms[..., head:]
+    R_tail = tail.sum(-1)  # [B, Hq, c, bq]: the sampled part
+    R = terms[..., :head].sum(-1) + R_tail if head else R_tail
     n_units = r // m
-    units = terms[..., head:].unflatten(-1, (n_units, m)).sum(-1)  # [B, Hq, c, bq, r/m]: unit estimates / n_units
-    rel = units * n_units / R_tail[..., None].clamp(min=torch.finfo(R.dtype).tiny) - 1  # relative deviations
-    sd = R_tail * (rel.square().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
+    # [B, Hq, c, bq, r/m]: unit estimates / n_units
+    units = tail if m == 1 else tail.unflatten(-1, (n_units, m)).sum(-1)
+    rel = units * (n_units / R_tail.clamp(min=torch.finfo(R.dtype).tiny))[..., None]  # relative deviations + 1
+    sd = R_tail * (rel.sub_(1).square_().sum(-1) / (n_units * (n_units - 1))).sqrt()  # sd of R^, relative form
     sd = torch.where(exact[..., None] | (R_tail == 0), 0.0, sd)
     no_kept = torch.isinf(lam)  # such a query's missed mass is 1
     out = torch.empty(B, Hq, c, bq if per_query else 1, 3, device=q.device)
@@ -321,6 +325,14 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.
     return idx, w.gather(-1, idx) / total
 
 
+def _proxy_dtype(keys: torch.Tensor) -> torch.dtype:
+    """The dtype the proposals' ``q̄ · k`` scores are computed in: the keys' own, except float32 on the CPU,
+    which is scored in bf16. The scores only shape the draw (a draw's weight is its probability under the
+    same scores, so the estimate stays unbiased); their product writes a value per key and row and is
+    memory-bound on the CPU, where bf16 halves it (2 cores, SmolLM2 shapes, 32k keys: 12 against 32 ms)."""
+    return torch.bfloat16 if keys.dtype == torch.float32 and keys.device.type == "cpu" else keys.dtype
+
+
 def _mixture(scores: torch.Tensor, support: torch.Tensor, mix: float) -> torch.Tensor:
     """``(1 - mix) * softmax(scores over support) + mix * uniform(support)`` over the last two dims (key
     blocks x keys, or 1 x keys), 0 off support. Overwrites ``scores`` (in-place passes: this runs on
@@ -338,8 +350,10 @@ def _draw_keys(q_mean, k_blocks, unkept, S, scale, mix, r, rows):
     """proposal="key": every unkept key scored by ``qbar . k``; ``(positions, probabilities) [B,Hq,c,r]``."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c = q_mean.shape[1], q_mean.shape[2]
-    q_scaled = (q_mean * scale).reshape(B, Hkv, Hq // Hkv * c, D)
-    proxy = torch.matmul(q_scaled, k_blocks.view(B, Hkv, n_kb * bk, D).float().mT).view(B, Hq, c, n_kb, bk)
+    dtype = _proxy_dtype(k_blocks)
+    q_scaled = (q_mean * scale).reshape(B, Hkv, Hq // Hkv * c, D).to(dtype)
+    proxy = torch.matmul(q_scaled, k_blocks.view(B, Hkv, n_kb * bk, D).to(dtype).mT).view(B, Hq, c, n_kb, bk)
+    proxy = proxy.float()
     in_range = (torch.arange(n_kb * bk, device=proxy.device) < S).view(n_kb, bk)
     support = unkept[..., None] & in_range  # [B, Hq, c, nKB, bk]
     return _inverse_cdf(_mixture(proxy, support, mix).flatten(-2).double(), _strata(rows, r))
@@ -375,7 +389,7 @@ def keys_in_blocks_torch(q_mean: torch.Tensor, k_blocks: torch.Tensor, blk: torc
     ``kernels.estimate.keys_in_blocks`` is the same step fused on the GPU."""
     B, Hkv, n_kb, bk, D = k_blocks.shape
     Hq, c, units = q_mean.shape[1], q_mean.shape[2], blk.shape[-1]
-    # a proposal's score: in the keys' dtype (bf16 on a GPU), which only shapes the draw, not its weight
+    k_blocks = k_blocks.to(_proxy_dtype(k_blocks))
     q_key = q_mean.to(k_blocks.dtype)
     if n_kb * bk <= SCORE_EVERY_KEY_MAX:  # one dense product a kv head, then the drawn blocks' scores
         every = torch.matmul(q_key.reshape(B, Hkv, Hq // Hkv * c, D), k_blocks.view(B, Hkv, n_kb * bk, D).mT)

@@ -103,15 +103,21 @@ def scan_torch(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, kept: torch
         raw = raw.view(B, Hq, r, bq, j1 - j0, bk)  # [B, Hq, r, bq, w, bk]
         k_pos = torch.arange(j0 * bk, j1 * bk, device=q.device).view(j1 - j0, bk)  # [w, bk]
         ok = may_attend(k_pos, q_pos[:, :, None, None], window) & real[:, :, None, None]  # [r, bq, w, bk]
-        logits = (raw * scale).masked_fill(~ok, -math.inf)
-        per_block = logits.logsumexp(-1)  # [B, Hq, r, bq, w]
+        if not ok.all():  # most chunks lie wholly before the rows' queries: nothing to mask there
+            raw.masked_fill_(~ok, -math.inf)
+        # In place, a handful of passes over the logits (the CPU pass is memory-bound): block maxima, then
+        # exp(scale * (raw - m)) with m each query's maximum over the chunk, summed per block. A block far
+        # below m (e^-87 in float32) sums to 0 and its log-sum-exp to -inf: nothing against the chunk's total.
+        block_max = raw.amax(-1)  # [B, Hq, r, bq, w]
+        m = block_max.amax(-1, keepdim=True).clamp(min=torch.finfo(raw.dtype).min)  # [B, Hq, r, bq, 1]
+        per_block = raw.sub_(m[..., None]).mul_(scale).exp_().sum(-1).log_().add_(m * scale)  # [B,Hq,r,bq,w]
         lse_all = torch.logaddexp(lse_all, per_block.logsumexp(-1))
         chunk_kept = kept[:, :, :, None, j0:j1]  # [B, Hq, r, 1, w]
         lse_kept = torch.logaddexp(lse_kept, per_block.masked_fill(~chunk_kept, -math.inf).logsumexp(-1))
         if config.score == "max":
-            scores.append(raw.masked_fill(~ok, -math.inf).amax(dim=(3, 5)))  # [B, Hq, r, w]
+            scores.append(block_max.amax(dim=3))  # [B, Hq, r, w]
         else:
-            scores.append(logits.transpose(3, 4).reshape(B, Hq, r, j1 - j0, bq * bk).logsumexp(-1))
+            scores.append(per_block.logsumexp(3))
     return lse_all, lse_kept, torch.cat(scores, dim=-1)
 
 

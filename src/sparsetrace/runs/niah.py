@@ -29,7 +29,7 @@ from ..tracing.backend import sparse_model
 from ..tracing.forward import greedy_decode
 from ..tracing.tracer import join_chunks, trace_meta
 
-COLUMNS = ["id", "variant", "length", "depth", "k", "sparsity", "score", "criterion", "output",
+COLUMNS = ["id", "variant", "length", "depth", "k", "sparsity", "kept_blocks", "score", "criterion", "output",
            "num_tokens", "seconds"]
 
 
@@ -159,11 +159,11 @@ def case_results(model, tokenizer, case, ks, configs, *, max_new=None, model_id=
     spans = case.needle_token_spans
     dense = run_case(model, tokenizer, case, max_new=max_new, model_id=model_id)
     if "dense" in ks:
-        rows.append(_row(case, "dense", 0.0, dense, True))
+        rows.append(_row(case, "dense", None, dense, True))
     for k, config in configs.items():
         sparse = run_case(model, tokenizer, case, config, max_new=max_new, model_id=model_id)
         ok = two_token_criterion(dense.tokens, sparse.tokens)
-        rows.append(_row(case, k, sparse.trace.sparsity, sparse, ok))
+        rows.append(_row(case, k, sparse.trace, sparse, ok))
         report = case_report(sparse.trace, spans)
         reports.append({"id": case.id, "variant": case.variant, "length": case.length,
                         "depth": case.depth, "k": k, "score": sparse.score,
@@ -193,9 +193,11 @@ def sweep(model, tokenizer, cases, ks, configs, *, max_new=None, model_id="", lo
     return rows, reports
 
 
-def _row(case, k, sparsity, run, criterion) -> dict:
-    return {"id": case.id, "variant": case.variant, "length": case.length, "depth": case.depth,
-            "k": k, "sparsity": round(float(sparsity), 4), "score": run.score,
+def _row(case, k, trace, run, criterion) -> dict:
+    """One CSV row; ``trace`` None for the dense run (sparsity 0, every causal block kept)."""
+    return {"id": case.id, "variant": case.variant, "length": case.length, "depth": case.depth, "k": k,
+            "sparsity": 0.0 if trace is None else round(float(trace.sparsity), 4),
+            "kept_blocks": None if trace is None else round(float(trace.mean_kept_blocks), 2), "score": run.score,
             "criterion": bool(criterion), "output": run.output, "num_tokens": case.num_tokens,
             "seconds": round(run.seconds, 2)}
 
