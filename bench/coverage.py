@@ -6,13 +6,14 @@ demo`; about 2.85k tokens) is traced in memory (at most ``--tokens``) with every
 every coverage budget ``--ps`` (at most ``--max-k`` blocks a row, block 32, 1 sink + 1 local, STREAM, 32
 audited query blocks per layer, 64 samples a row). For each: mean kept blocks per row, block sparsity,
 capped rows, and on the audited rows the mean true kept mass (1 - exact missed) and the share of rows with
-true kept mass >= P - 0.02 (all audited rows, and those not capped). With ``--fidelity`` lengths, SmolLM2's
+true kept mass >= P - 0.02 (all audited rows, and those not capped). With ``--fidelity`` lengths, each model's
 KL(dense || sparse) and top-1 agreement over the last 64 positions at each k and P (``sparsetrace
 fidelity``'s check).
 Prints tables and ends with one JSON line; writes bench/results/coverage.json after every run.
 
     python bench/coverage.py [--tokens 2048] [--ps 0.9,0.95,0.99] [--max-k 32] [--fixed-ks 16,32]
-                             [--models smollm2-135m,gemma-3-270m] [--fidelity 1024,2048] [--out FILE]
+                             [--models smollm2-135m,gemma-3-270m] [--fidelity 1024,2048] [--no-traces]
+                             [--device cpu] [--out FILE]
 """
 
 from __future__ import annotations
@@ -90,24 +91,29 @@ def main() -> None:
     ap.add_argument("--max-k", type=int, default=32)
     ap.add_argument("--fixed-ks", default="16,32")
     ap.add_argument("--models", default="smollm2-135m,gemma-3-270m")
-    ap.add_argument("--fidelity", default="", help="SmolLM2 lengths for the fidelity check, e.g. 1024,2048")
+    ap.add_argument("--fidelity", default="", help="lengths for the fidelity check of every model, e.g. 1024,2048")
+    ap.add_argument("--no-traces", dest="trace_tokens", action="store_false",
+                    help="skip the audited traces of the demo text (fidelity only)")
+    ap.add_argument("--device", default="cpu", help="run the models here (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=OUT, help=f"JSON to write (default {OUT})")
     args = ap.parse_args()
     ps = [float(p) for p in args.ps.split(",") if p]
     ks = [int(k) for k in args.fixed_ks.split(",") if k]
     text = haystack_text(12000)
     results: dict = {"tokens": args.tokens, "max_k": args.max_k, "slack": COVERAGE_SLACK, "traces": {},
-                     "fidelity": [], "torch": torch.__version__, "threads": torch.get_num_threads()}
+                     "fidelity": [], "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
-    smollm = None
+    loaded = {}
     for name in [m for m in args.models.split(",") if m]:
         model, tokenizer = load_model(name)
-        if name == "smollm2-135m":
-            smollm = (model, tokenizer)
+        model, tokenizer = loaded[name] = model.to(args.device), tokenizer
+        if not args.trace_tokens:
+            continue
         ids, _ = tokenize(tokenizer, text, args.tokens)
         rows = results["traces"][name] = []
         runs = [(f"k={k}", TraceConfig.of(top_k=k), None) for k in ks]
@@ -120,24 +126,24 @@ def main() -> None:
 
     lengths = [int(t) for t in args.fidelity.split(",") if t]
     if lengths:
-        model, tokenizer = smollm if smollm is not None else load_model()
-        for T in lengths:
-            ids, _ = tokenize(tokenizer, text, T)
-            dense = fidelity.dense_reference(model, ids, chunk_size=1024, last_n=64, block_size=32)
-            runs = [(f"k={k}", TraceConfig.of(top_k=k)) for k in ks]
-            runs += [(f"P={p}", TraceConfig.of(coverage=p, max_k=args.max_k)) for p in ps]
-            for run_name, config in runs:
-                r = fidelity.check(model, ids, config, last_n=64, dense=dense)
-                results["fidelity"].append({"tokens": T, "run": run_name, "kl": r.kl, "kl_max": r.kl_max,
-                                            "top1": r.top1_agreement, "criterion": r.criterion_passed,
-                                            "sparsity": r.sparsity})
-                print(json.dumps(results["fidelity"][-1]), flush=True)
-                save()
-        print("\n| tokens | run | block sparsity | KL mean | KL max | top-1 | criterion |")
-        print("|---:|---|---:|---:|---:|---:|---|")
+        for name, (model, tokenizer) in loaded.items():
+            for T in lengths:
+                ids, _ = tokenize(tokenizer, text, T)
+                dense = fidelity.dense_reference(model, ids, chunk_size=1024, last_n=64, block_size=32)
+                runs = [(f"k={k}", TraceConfig.of(top_k=k)) for k in ks]
+                runs += [(f"P={p}", TraceConfig.of(coverage=p, max_k=args.max_k)) for p in ps]
+                for run_name, config in runs:
+                    r = fidelity.check(model, ids, config, last_n=64, dense=dense)
+                    results["fidelity"].append({"model": name, "tokens": ids.shape[0], "run": run_name, "kl": r.kl,
+                                                "kl_max": r.kl_max, "top1": r.top1_agreement,
+                                                "criterion": r.criterion_passed, "sparsity": r.sparsity})
+                    print(json.dumps(results["fidelity"][-1]), flush=True)
+                    save()
+        print("\n| model | tokens | run | block sparsity | KL mean | KL max | top-1 | criterion |")
+        print("|---|---:|---|---:|---:|---:|---:|---|")
         for r in results["fidelity"]:
-            print(f"| {r['tokens']} | {r['run']} | {r['sparsity']:.3f} | {r['kl']:.3e} | {r['kl_max']:.3e} | "
-                  f"{r['top1']:.3f} | {'pass' if r['criterion'] else 'fail'} |")
+            print(f"| {r.get('model', 'smollm2-135m')} | {r['tokens']} | {r['run']} | {r['sparsity']:.3f} | "
+                  f"{r['kl']:.3e} | {r['kl_max']:.3e} | {r['top1']:.3f} | {'pass' if r['criterion'] else 'fail'} |")
     save()
     print(json.dumps(results))
 

@@ -271,9 +271,11 @@ def test_cli_end_to_end(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    assert list(rows[0]) == ["id", "variant", "length", "depth", "k", "sparsity", "score", "criterion",
-                             "output", "num_tokens", "seconds"]
+    assert list(rows[0]) == ["id", "variant", "length", "depth", "k", "sparsity", "kept_blocks", "score",
+                             "criterion", "output", "num_tokens", "seconds"]
     assert sorted(r["k"] for r in rows) == ["8", "8", "dense", "dense"]
+    for r in rows:  # kept blocks per row: none recorded for dense, at most k and more than the forced 2 at k 8
+        assert (r["kept_blocks"] == "") if r["k"] == "dense" else 2 < float(r["kept_blocks"]) <= 8, r
     answers = {c["id"]: c["answers"] for c in cases}
     for r in rows:
         assert 0.0 <= float(r["score"]) <= 1.0

@@ -196,7 +196,9 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
     k = k.contiguous()
     k_blocks = key_blocks(k, bk)  # [B, Hkv, nKB, bk, D], contiguous
     if proposal == "block":
-        pooled = pool_keys(k, bk)  # mean and per-dimension variance of every block's keys, [B, Hkv, nKB, D] each
+        # mean and per-dimension variance of every block's keys, [B, Hkv, nKB, D] each; the pre-scores in the
+        # keys' dtype (bf16 on a GPU: the products over [rows, nKB] were a fifth of the estimate at 1M tokens)
+        pooled = [x.to(k.dtype) for x in pool_keys(k, bk)] if k.dtype == torch.bfloat16 else pool_keys(k, bk)
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
     j = torch.arange(n_kb, device=q.device)
     # One random stream per row: (seed, batch, head, absolute query block) -> counter-based uniforms.
@@ -231,7 +233,9 @@ def estimate_missed(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, con
             pos, prob = _draw_keys(q_mean[:, :, sl], k_blocks, unkept, S, scale, mix, r, row_ids[:, :, sl])
             weight = 1.0 / (r * prob)
         else:
-            proxy = pre_scores(q_mean[:, :, sl] * scale, *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
+            proxy = pre_scores((q_mean[:, :, sl] * scale).to(pooled[0].dtype), *pooled, BLOCK_Z)  # [B, Hq, c, nKB]
+            if not steps.draw_blocks:  # the torch draw's softmax and CDF want float32 scores
+                proxy = proxy.float()
             # the head, and the tail's blocks drawn by the pooled top-logit score; then keys inside them
             blk, p_block, count, first, head_blk = draw_blocks(proxy, lo[sl], n[sl], indices[:, :, sl],
                                                                _strata(row_ids[:, :, sl], r // m), BLOCK_MIX,

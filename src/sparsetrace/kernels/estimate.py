@@ -61,7 +61,7 @@ def _block_draw_kernel(
     head_j = tl.full([HP], -1, tl.int32)
     for j0 in range(start, n, TILE):
         j = j0 + tl.arange(0, TILE)
-        s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf"))
+        s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf")).to(tl.float32)
         support = s > float("-inf")
         new_top = tl.maximum(top, tl.max(s, 0))
         total = total * tl.exp(top - new_top).to(tl.float64) + tl.sum(tl.exp(s - new_top).to(tl.float64), 0)
@@ -105,7 +105,7 @@ def _block_draw_kernel(
     u_next = tl.load(U + row * M)
     for j0 in range(start, n, TILE):
         j = j0 + tl.arange(0, TILE)
-        s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf"))
+        s = tl.load(base + j, mask=(j >= lo) & (j < n), other=float("-inf")).to(tl.float32)
         tail = (s > float("-inf")) & (tl.sum(((j[:, None] == head_j[None, :]) & in_head[None, :]).to(tl.int32), 1) == 0)
         w = tl.where(tail, (1 - mix) * tl.exp(s - top).to(tl.float64) / total + uniform, 0.0)
         tile_sum = tl.sum(w, 0)
@@ -121,7 +121,7 @@ def _block_draw_kernel(
                 u_next = tl.where(p < M, u_next, 2.0)
         below += tile_sum
     # A point that rounding left past the CDF's end takes the last tail block.
-    s_last = tl.load(base + tl.maximum(last, 0))
+    s_last = tl.load(base + tl.maximum(last, 0)).to(tl.float32)
     w_last = (1 - mix) * tl.exp(s_last - top).to(tl.float64) / total + uniform
     missing = idx < 0
     idx = tl.where(missing, tl.maximum(last, 0).to(tl.int64), idx)
@@ -136,7 +136,8 @@ def block_draw(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices:
     rest of its unkept candidate blocks (Triton; ``audit.estimate.draw_blocks_torch`` is the reference).
 
     Args:
-        scores: float32 ``[B, H, c, nKB]`` pre-scores (overwritten: kept blocks become -inf); lo, n: ``[c]``
+        scores: float32 or bf16 ``[B, H, c, nKB]`` pre-scores, read as float32 (overwritten: kept blocks
+            become -inf); lo, n: ``[c]``
         candidate ranges ``[lo, n)``; indices: kept blocks ``[B, H, c, width]`` (-1 padded); u: float64
         ``[B, H, c, m]`` ascending points in [0, 1); mix: the uniform share; need: how many of the first unkept
         blocks to return; head: the exact head's size.
@@ -151,9 +152,9 @@ def block_draw(scores: torch.Tensor, lo: torch.Tensor, n: torch.Tensor, indices:
     M, NEED, HP = triton.next_power_of_2(m), triton.next_power_of_2(need), triton.next_power_of_2(max(head, 1))
     rows = B * H * c
     # Kept blocks become -inf in place; a -1 padding entry writes +inf, which the minimum ignores.
-    flat = scores.float().contiguous().view(rows, n_kb)
+    flat = scores.contiguous().view(rows, n_kb)  # any float dtype: the kernel reads float32
     kept = indices.reshape(rows, -1).long()
-    flat.scatter_reduce_(1, kept.clamp(min=0), torch.where(kept >= 0, -math.inf, math.inf).float(), "amin")
+    flat.scatter_reduce_(1, kept.clamp(min=0), torch.where(kept >= 0, -math.inf, math.inf).to(flat.dtype), "amin")
     u_pad = torch.nn.functional.pad(u.reshape(rows, m).double(), (0, M - m), value=2.0)  # never crossed
     blocks = torch.empty(rows, M, dtype=torch.int64, device=scores.device)
     prob = torch.empty(rows, M, dtype=torch.float64, device=scores.device)

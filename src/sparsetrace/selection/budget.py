@@ -75,7 +75,9 @@ def coverage_rows(indices: torch.Tensor, mass: torch.Tensor, forced: torch.Tenso
     order = by_block.gather(-1, torch.sort(key, dim=-1, descending=True, stable=True).indices)  # [..., W]
 
     m_sorted = torch.where(valid, mass.double(), 0.0).gather(-1, order)  # [..., W]
-    before = m_sorted.cumsum(-1) - m_sorted  # mass kept before each entry in the order
+    # mass kept before each entry in the order: an exclusive running sum, not cumsum - m (whose rounding can
+    # put a row that reaches P exactly a hair below it, and keep one entry too many)
+    before = torch.nn.functional.pad(m_sorted.cumsum(-1)[..., :-1], (1, 0))
     n_valid = valid.sum(-1, keepdim=True)
     n_forced = forced.sum(-1, keepdim=True)
     rank = torch.arange(W, device=indices.device)
