@@ -8,7 +8,7 @@ audited query blocks per layer, 64 samples a row). For each: mean kept blocks pe
 capped rows, and on the audited rows the mean true kept mass (1 - exact missed) and the share of rows with
 true kept mass >= P - 0.02 (all audited rows, and those not capped). With ``--fidelity`` lengths, each model's
 KL(dense || sparse) and top-1 agreement over the last 64 positions at each k and P (``sparsetrace
-fidelity``'s check).
+fidelity``'s check) on the first T tokens of the essays (the demo text is their first 12000 characters).
 Prints tables and ends with one JSON line; writes bench/results/coverage.json after every run.
 
     python bench/coverage.py [--tokens 2048] [--ps 0.9,0.95,0.99] [--max-k 32] [--fixed-ks 16,32]
@@ -126,9 +126,10 @@ def main() -> None:
 
     lengths = [int(t) for t in args.fidelity.split(",") if t]
     if lengths:
+        long_text = haystack_text(max(12000, 6 * max(lengths)))  # the demo text is its first 12000 characters
         for name, (model, tokenizer) in loaded.items():
             for T in lengths:
-                ids, _ = tokenize(tokenizer, text, T)
+                ids, _ = tokenize(tokenizer, long_text, T)
                 dense = fidelity.dense_reference(model, ids, chunk_size=1024, last_n=64, block_size=32)
                 runs = [(f"k={k}", TraceConfig.of(top_k=k)) for k in ks]
                 runs += [(f"P={p}", TraceConfig.of(coverage=p, max_k=args.max_k)) for p in ps]
