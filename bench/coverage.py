@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--fixed-ks", default="16,32")
     ap.add_argument("--models", default="smollm2-135m,gemma-3-270m")
     ap.add_argument("--fidelity", default="", help="lengths for the fidelity check of every model, e.g. 1024,2048")
-    ap.add_argument("--no-traces", dest="trace_tokens", action="store_false",
+    ap.add_argument("--no-traces", dest="traces", action="store_false",
                     help="skip the audited traces of the demo text (fidelity only)")
     ap.add_argument("--device", default="cpu", help="run the models here (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=OUT, help=f"JSON to write (default {OUT})")
@@ -112,7 +112,7 @@ def main() -> None:
     for name in [m for m in args.models.split(",") if m]:
         model, tokenizer = load_model(name)
         model, tokenizer = loaded[name] = model.to(args.device), tokenizer
-        if not args.trace_tokens:
+        if not args.traces:
             continue
         ids, _ = tokenize(tokenizer, text, args.tokens)
         rows = results["traces"][name] = []
