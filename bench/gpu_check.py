@@ -350,10 +350,13 @@ SAMPLE_CASES = (  # B, Hq, Hkv, T, S, D, block_q, r, draws per unit, exact head 
     (1, 4, 2, 100, 300, 32, 32, 16, 4, 0, None, False), (2, 2, 1, 64, 64, 16, 16, 32, 1, 32, 40, True),
     (1, 12, 2, 700, 5000, 128, 64, 64, 1, 128, None, False), (1, 2, 2, 90, 200, 64, 32, 64, 4, 0, 77, True),
     (1, 4, 1, 300, 3000, 64, 32, 64, 1, 64, None, True))
-KEYS_CASES = (  # B, Hq, Hkv, c, key blocks, block_k, D, units, draws per unit, keys cut from the last block, dtype
-    (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.bfloat16), (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.float32),
-    (2, 4, 4, 9, 50, 32, 64, 16, 4, 0, torch.float32), (1, 2, 1, 7, 30, 24, 32, 8, 2, 5, torch.float32),
-    (1, 3, 1, 5, 20, 4, 16, 64, 1, 3, torch.bfloat16))
+KEYS_CASES = (  # B, Hq, Hkv, c, key blocks, block_k, D, units, draws per unit, keys cut from the last block, dtype,
+    # blocks drawn among the first (None: all; few: many rows draw the same blocks, which the kernel splits)
+    (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.bfloat16, None),
+    (1, 12, 2, 64, 4096, 64, 128, 64, 1, 17, torch.float32, None),
+    (2, 4, 4, 9, 50, 32, 64, 16, 4, 0, torch.float32, None), (1, 2, 1, 7, 30, 24, 32, 8, 2, 5, torch.float32, None),
+    (1, 3, 1, 5, 20, 4, 16, 64, 1, 3, torch.bfloat16, None),
+    (2, 12, 2, 32, 4096, 64, 128, 64, 1, 17, torch.bfloat16, 3))
 DRAW_CASES = (  # B, H, c, key blocks, kept width, points, census need, exact head
     (1, 12, 64, 16384, 16, 64, 2, 2), (2, 3, 37, 700, 5, 16, 4, 2), (1, 2, 9, 9, 8, 16, 2, 2),
     (1, 4, 33, 2048, 64, 8, 1, 0), (1, 4, 20, 12, 9, 64, 2, 3))
@@ -393,11 +396,11 @@ def check_block_draw(device: str, gen: torch.Generator) -> list[str]:
                             f"equal {same}")
     # The keys' draw inside the drawn blocks: float32 (scores equal to rounding) and bf16 (scores rounded to
     # bf16 on both sides, summed in another order: a draw may cross a CDF step that moved by an ulp).
-    for B, Hq, Hkv, c, n_kb, bk, D, units, per, S_cut, dtype in KEYS_CASES:
-        name = f"{B}x{Hq}/{Hkv}x{c} nKB {n_kb} bk {bk} D {D} {units}x{per}"
+    for B, Hq, Hkv, c, n_kb, bk, D, units, per, S_cut, dtype, few in KEYS_CASES:
+        name = f"{B}x{Hq}/{Hkv}x{c} nKB {n_kb}{f' (<{few})' if few else ''} bk {bk} D {D} {units}x{per}"
         k_blocks = (torch.randn(B, Hkv, n_kb, bk, D, generator=gen) * 2).to(dtype)
         q_mean = torch.randn(B, Hq, c, D, generator=gen)
-        blk = torch.randint(0, n_kb, (B, Hq, c, units), generator=gen)
+        blk = torch.randint(0, few or n_kb, (B, Hq, c, units), generator=gen)
         blk[..., 0] = n_kb - 1  # the last block, cut at S
         p_block = torch.rand(B, Hq, c, units, generator=gen, dtype=torch.float64)
         u = _strata(torch.randint(0, 2**40, (B, Hq, c, units), generator=gen), per)
