@@ -425,7 +425,7 @@ def test_sparsity_matches_dense_count(T, bq, bk, k):
     L, H = 2, 2  # ragged blocks, block_q < / = / > block_k
     tr = make_trace(L, H, T, bq, bk, k, seed=3, text=False)
     idx = tr._arrays["indices"]
-    kept = 0
+    kept = [0] * L
     pos = torch.arange(T)
     for layer in range(L):
         for h in range(H):
@@ -434,10 +434,12 @@ def test_sparsity_matches_dense_count(T, bq, bk, k):
                 for j in idx[layer, h, i].tolist():
                     if j >= 0:
                         dense[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk] = True
-            kept += int((dense & (pos[None, :] <= pos[:, None])).sum())
-    want = 1 - kept / (L * H * T * (T + 1) / 2)
+            kept[layer] += int((dense & (pos[None, :] <= pos[:, None])).sum())
+    want = 1 - sum(kept) / (L * H * T * (T + 1) / 2)
     print(f"sparsity {tr.sparsity:.6f} vs dense count {want:.6f}")
     assert tr.sparsity == pytest.approx(want, abs=1e-12)
+    for layer in range(L):  # one layer's own count
+        assert tr.layer_sparsity(layer) == pytest.approx(1 - kept[layer] / (H * T * (T + 1) / 2), abs=1e-12)
     # top_k >= key blocks keeps every causal block: sparsity 0
     full, _ = random_arrays(1, 1, T, bq, bk, k=-(-T // bk))
     dense_tr = Trace.from_arrays(

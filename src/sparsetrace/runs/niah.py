@@ -168,6 +168,8 @@ def case_results(model, tokenizer, case, ks, configs, *, max_new=None, model_id=
         reports.append({"id": case.id, "variant": case.variant, "length": case.length,
                         "depth": case.depth, "k": k, "score": sparse.score,
                         "dense_score": dense.score, "sparsity": sparse.trace.sparsity,
+                        "layer_sparsity": [round(sparse.trace.layer_sparsity(li), 4)
+                                           for li in range(sparse.trace.num_layers)],
                         "needle_spans": [list(s) for s in spans], **report})
     return rows, reports
 

@@ -395,6 +395,12 @@ class Trace:
         T = self.num_tokens
         return self.num_layers * self.num_heads * T * (T + 1) // 2 * 2
 
+    def layer_sparsity(self, layer: int) -> float:
+        """:attr:`sparsity` of one layer, over its heads. A sliding-window layer's pairs outside the window
+        count as pruned, as in :attr:`sparsity`: compare layers of one kind."""
+        indices = self._read("indices", self._check(layer, self.num_layers, "layer"), slice(None), slice(None))
+        return block_sparsity(indices[None], self.block_q, self.block_k, self.num_tokens)
+
     @property
     def sparsity(self) -> float:
         """1 - kept / causal (query, key) TOKEN pairs, over all layers and heads. The pair (q, x)
