@@ -104,6 +104,22 @@ def test_equals_the_oracle_when_the_shortlist_covers_every_candidate(case, windo
         assert torch.equal(got, want), _diff(f"shortlist(all) vs oracle {dtype} {kw}", got, want)
 
 
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_one_query_block_is_the_oracles_row(T, window):
+    """A decode step (one query block, many key blocks): the default shortlist holds every candidate, so the
+    row is the exact top-k, where a prefill row of the same keys keeps only C of them."""
+    torch.manual_seed(T)
+    S, kw = 2000, dict(block_q=16, block_k=8, top_k=6, sink_blocks=1, local_blocks=1)
+    q, k = torch.randn(1, 4, T, 16), torch.randn(1, 2, S, 16)
+    got = shortlist_select(q, k, MaskConfig(**kw), window=window).indices
+    assert torch.equal(got, sp.oracle_mask(q, k, window=window, **kw).indices)
+    assert torch.equal(got, shortlist_reference(q, k, MaskConfig(**kw), window=window).indices)
+    sized = shortlist_select(q, k, MaskConfig(**kw), window=window, size=4).indices  # an explicit C is kept
+    assert torch.equal(sized, shortlist_reference(q, k, MaskConfig(**kw), window=window, size=4).indices)
+    assert not torch.equal(sized, got)
+
+
 def test_finds_a_peak_the_halving_search_misses():
     """Issue 16 in miniature. Key blocks carry a gentle ramp along e0 (block j scores about 0.1 j) and block 9
     holds one spike (30) among its 32 keys. STREAM judges the half [9, 16) by its centre block 12, so the

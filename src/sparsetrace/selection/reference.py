@@ -132,6 +132,8 @@ def oracle_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> Bl
 
 def shortlist_reference(q, k, config: MaskConfig, *, scale=None, window=None, size=None, z=3.0) -> BlockMask:
     """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``)."""
+    if size is None and math.ceil(q.shape[2] / config.block_q) == 1:  # one query block: every candidate
+        size = math.ceil(k.shape[2] / config.block_k)
     chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "shortlist",
                        window, size, z)
     return _mask(q, k, config, chooser, window)

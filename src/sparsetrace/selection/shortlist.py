@@ -27,6 +27,11 @@ Cost per query block: ``2 * count * D`` multiply-adds for the pre-score plus C t
 tiles); the ``[nQ, nKB]`` pre-scores are made a few query blocks at a time, so memory stays bounded. With
 ``size >= count`` every row is the oracle's. The GPU rescorer (``sparsetrace.kernels.scoring.score_blocks``)
 plugs into step 4 through ``rescore``; ``sparsetrace.ops`` chooses.
+
+**One query block** (each step of greedy decoding, or a last prefill chunk shorter than a block): C is every
+candidate, so the row is the oracle's. The pre-pass saves the exact tiles of ``T^2 / (bq * bk)`` pairs in a
+prefill; for one query block the exact scores over S keys cost what its dense attention scores cost, so
+there is nothing to save there, and the answers of a needle-in-a-haystack test are read in these steps.
 """
 
 from __future__ import annotations
@@ -177,6 +182,8 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
     nQ, n_kb = lo.shape[0], math.ceil(S / config.block_k)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)  # [nQ] middle candidates
+    if size is None and nQ == 1:  # one query block (a decode step): rescore every candidate, see above
+        size = n_kb
     sizes = shortlist_sizes(count, m, size)  # [nQ]
     width = min(int(sizes.max()), n_kb)
     if width < m:  # no row searches (a searched row has count > m); assemble keeps everything
