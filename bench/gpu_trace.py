@@ -89,10 +89,10 @@ def build(config, device: str, device_map: str | None):
 
 # What a trace records beside its rows, and which selection: --modes runs the same input once per mode, in
 # one process ("shortlist": the unaudited trace with SHORTLIST's selection instead of STREAM's; "coverage":
-# the default trace under a coverage budget P 0.95, at most 32 blocks a row, docs/coverage.md).
+# the default trace under the recommended coverage budget P 0.95, at most 64 blocks a row, docs/fidelity.md).
 MODES = {"unaudited": dict(audit_rate=0, missed_samples=0), "audit": dict(missed_samples=0),
          "audit+estimate": {}, "shortlist": dict(estimator="shortlist", audit_rate=0, missed_samples=0),
-         "coverage": dict(coverage=0.95, max_k=32)}
+         "coverage": dict(coverage=0.95, max_k=64)}
 
 
 def run(name: str, config, tokens: int, trace_config: TraceConfig, out_dir: Path, device: str,

@@ -105,19 +105,21 @@ def test_equals_the_oracle_when_the_shortlist_covers_every_candidate(case, windo
 
 
 @pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("T", [1, 5, 16])
-def test_one_query_block_is_the_oracles_row(T, window):
-    """A decode step (one query block, many key blocks): the default shortlist holds every candidate, so the
-    row is the exact top-k, where a prefill row of the same keys keeps only C of them."""
+@pytest.mark.parametrize("T", [1, 5, 16, 200, 1000])
+def test_last_query_block_is_the_oracles_row(T, window):
+    """A decode step (T <= one query block) and the last block of a prefill, whose last row predicts the next
+    token: the default shortlist holds every candidate, so that row is the exact top-k, where a prefill row
+    of the same keys keeps only C of them; the other rows stay the loop reference's."""
     torch.manual_seed(T)
     S, kw = 2000, dict(block_q=16, block_k=8, top_k=6, sink_blocks=1, local_blocks=1)
     q, k = torch.randn(1, 4, T, 16), torch.randn(1, 2, S, 16)
-    got = shortlist_select(q, k, MaskConfig(**kw), window=window).indices
-    assert torch.equal(got, sp.oracle_mask(q, k, window=window, **kw).indices)
-    assert torch.equal(got, shortlist_reference(q, k, MaskConfig(**kw), window=window).indices)
-    sized = shortlist_select(q, k, MaskConfig(**kw), window=window, size=4).indices  # an explicit C is kept
-    assert torch.equal(sized, shortlist_reference(q, k, MaskConfig(**kw), window=window, size=4).indices)
-    assert not torch.equal(sized, got)
+    config = MaskConfig(**kw)
+    got = shortlist_select(q, k, config, window=window).indices
+    assert torch.equal(got[:, :, -1], sp.oracle_mask(q, k, window=window, **kw).indices[:, :, -1])
+    assert torch.equal(got, shortlist_reference(q, k, config, window=window).indices)
+    sized = shortlist_select(q, k, config, window=window, size=4).indices  # an explicit C is kept, last row too
+    assert torch.equal(sized, shortlist_reference(q, k, config, window=window, size=4).indices)
+    assert not torch.equal(sized[:, :, -1], got[:, :, -1])
 
 
 def test_finds_a_peak_the_halving_search_misses():

@@ -49,7 +49,8 @@ def _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, query_stride, z)
 
 
 def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, window=None):
-    """Loop over (b, h, i); ``choose(score_of, lo, hi, m)`` returns the m middle blocks of one row."""
+    """Loop over (b, h, i); ``choose(score_of, lo, hi, m, pre_score_of, last)`` returns the m middle blocks of
+    one row (``last``: i is the last query block)."""
     B, Hq, T, _ = q.shape
     S = k.shape[2]
     group = Hq // k.shape[1]
@@ -74,7 +75,7 @@ def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, wind
                     def pre_score_of(j, z, b=b, h=h, i=i):
                         return _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, choose.stride, z)
 
-                    middle = choose(score_of, lo + sinks, n - local_blocks, m, pre_score_of)
+                    middle = choose(score_of, lo + sinks, n - local_blocks, m, pre_score_of, i == nQ - 1)
                     row = list(range(sinks)) + sorted(middle) + list(range(n - local_blocks, n))
                 out[b, h, i, : len(row)] = torch.tensor(row, dtype=torch.int32)
     return out
@@ -96,10 +97,12 @@ class _Chooser:
             self.window,
         )
 
-    def __call__(self, score_of, lo, hi, m, pre_score_of):
+    def __call__(self, score_of, lo, hi, m, pre_score_of, last):
         if self.search == "shortlist":  # C best pre-scores, then the m best exact scores among them
             levels = math.ceil(math.log2(math.ceil((hi - lo) / m)))
             size = min(hi - lo, m * max(2, levels) if self.size is None else max(self.size, m))
+            if self.size is None and last:  # the last query block: every candidate
+                size = hi - lo
             short = sorted(range(lo, hi), key=lambda j: (-pre_score_of(j, self.z), j))[:size]
             return sorted(short, key=lambda j: (-score_of(j), j))[:m]
         if self.search == "oracle":  # exact top-m, ties to the lower index
@@ -131,9 +134,8 @@ def oracle_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> Bl
 
 
 def shortlist_reference(q, k, config: MaskConfig, *, scale=None, window=None, size=None, z=3.0) -> BlockMask:
-    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``)."""
-    if size is None and math.ceil(q.shape[2] / config.block_q) == 1:  # one query block: every candidate
-        size = math.ceil(k.shape[2] / config.block_k)
+    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``). Without ``size`` the
+    last query block shortlists every candidate."""
     chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "shortlist",
                        window, size, z)
     return _mask(q, k, config, chooser, window)

@@ -28,10 +28,11 @@ tiles); the ``[nQ, nKB]`` pre-scores are made a few query blocks at a time, so m
 ``size >= count`` every row is the oracle's. The GPU rescorer (``sparsetrace.kernels.scoring.score_blocks``)
 plugs into step 4 through ``rescore``; ``sparsetrace.ops`` chooses.
 
-**One query block** (each step of greedy decoding, or a last prefill chunk shorter than a block): C is every
-candidate, so the row is the oracle's. The pre-pass saves the exact tiles of ``T^2 / (bq * bk)`` pairs in a
-prefill; for one query block the exact scores over S keys cost what its dense attention scores cost, so
-there is nothing to save there, and the answers of a needle-in-a-haystack test are read in these steps.
+**The last query block** (each step of greedy decoding, and the block of a prefill whose last row predicts
+the next token): C is every candidate, so the row is the oracle's. The pre-pass saves the exact tiles of
+``T^2 / (bq * bk)`` pairs in a prefill; for one query block the exact scores over S keys cost what its dense
+attention scores cost, so there is nothing to save there, and the answers of a needle-in-a-haystack test are
+read from these rows: the first answer token from the prefill's last row, the others from decode steps.
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     """SHORTLIST on post-RoPE ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``: :class:`BlockMask` with int32
     ``indices [B, Hq, nQ, top_k]``.
 
-    ``rescore(candidates [B, Hq, nQ, width]) -> float32 [B, Hq, nQ, width]`` gives step 4's exact scores
-    (default: the torch tile scorer); ``size`` fixes C; ``max_elements`` bounds each chunk's float32 slab.
+    ``rescore(q, candidates [B, Hq, nQ, width]) -> float32 [B, Hq, nQ, width]`` gives step 4's exact scores
+    (default: the torch tile scorer); ``size`` fixes C (every row's: the last block is then not made exact);
+    ``max_elements`` bounds each chunk's float32 slab.
     """
     check_qk(q, k)
     if size is not None and (not isinstance(size, int) or size <= 0):
@@ -182,7 +184,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
     nQ, n_kb = lo.shape[0], math.ceil(S / config.block_k)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)  # [nQ] middle candidates
-    if size is None and nQ == 1:  # one query block (a decode step): rescore every candidate, see above
+    if size is None and nQ == 1:  # one query block, the last (a decode step): every candidate, see above
         size = n_kb
     sizes = shortlist_sizes(count, m, size)  # [nQ]
     width = min(int(sizes.max()), n_kb)
@@ -204,20 +206,28 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
 
     # Step 4; entries past a row's C, or outside its middle (rows with fewer candidates), never win.
     if rescore is None:
-        rescore = _torch_rescorer(q, k, config, scale, window, max_elements)
-    exact = rescore(candidates)
+        rescore = _torch_rescorer(k, config, scale, window, max_elements)
+    exact = rescore(q, candidates)
     in_shortlist = torch.arange(width, device=q.device) < sizes[:, None]  # [nQ, width]
     exact = exact.masked_fill(~(in_shortlist & in_middle(candidates, lo, n, sinks, config)), -math.inf)
     selected = keep_best(candidates, exact, m)  # [B, Hq, nQ, m]
-    return BlockMask(assemble(selected, lo, n, sinks, config), config.block_q, config.block_k)
+    indices = assemble(selected, lo, n, sinks, config)
+    if size is None and nQ > 1:  # the last query block alone (see above), so the others' width stays small
+        last = shortlist_select(q[:, :, (nQ - 1) * config.block_q:], k, config, scale=scale, window=window,
+                                rescore=rescore, z=z, max_elements=max_elements)
+        indices[:, :, -1:] = last.indices
+    return BlockMask(indices, config.block_q, config.block_k)
 
 
-def _torch_rescorer(q, k, config: MaskConfig, scale: float, window: int | None, max_elements: int):
+def _torch_rescorer(k, config: MaskConfig, scale: float, window: int | None, max_elements: int):
     """Step 4 with ``tile_scores`` (the CPU path), chunked over query blocks to bound the logit tiles."""
     S = k.shape[2]
-    q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
     k_blocks = key_blocks(k, config.block_k)
-    visible = middle_is_visible(q.shape[2], S, config, window)
 
-    return lambda candidates: chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, candidates, config, scale,
-                                                  window, visible, max_elements=max_elements)
+    def rescore(q: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
+        visible = middle_is_visible(q.shape[2], S, config, window)
+        return chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, candidates, config, scale, window, visible,
+                                   max_elements=max_elements)
+
+    return rescore
