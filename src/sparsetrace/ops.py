@@ -119,7 +119,7 @@ def _gpu_scorer(q, k, config: MaskConfig, scale: float | None, window: int | Non
 
 
 def _gpu_rescorer(q, k, config: MaskConfig, scale: float | None, window: int | None):
-    """``rescore(q, block_ids)`` for SHORTLIST's step 4 on CUDA: the Triton kernel, or None (the torch tile
+    """``rescore(q, block_ids, sizes)`` for SHORTLIST's step 4 on CUDA: the Triton kernel, or None (the torch tile
     scorer, with one warning) for sizes and dtypes the kernel does not take."""
     from .kernels import scoring
 
@@ -127,7 +127,7 @@ def _gpu_rescorer(q, k, config: MaskConfig, scale: float | None, window: int | N
         return None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k = k.to(q.dtype)
-    return lambda q, block_ids: scoring.score_blocks(q, k, block_ids, config, scale, window)
+    return lambda q, block_ids, sizes: scoring.score_blocks(q, k, block_ids, config, scale, window, sizes=sizes)
 
 
 def audit_scanner(q: torch.Tensor, config: MaskConfig, impl: str = "auto"):

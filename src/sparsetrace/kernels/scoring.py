@@ -109,19 +109,46 @@ def score_halves(q, k, half_starts, half_ends, config: MaskConfig, scale: float,
 
 
 def score_blocks(q, k, block_ids, config: MaskConfig, scale: float, window: int | None = None, *,
-                 columns: int = 32) -> torch.Tensor:
+                 sizes: torch.Tensor | None = None, columns: int = 32) -> torch.Tensor:
     """The exact score of the given key blocks ``block_ids [B, Hq, nQ, W]`` (in range) of every query block:
     float32 ``[B, Hq, nQ, W]``, SHORTLIST's rescoring (``selection.shortlist``).
 
     Block b is the one-block half ``[b, b + 1)`` of the halves kernel (its centre is b), without the
-    keep-all shortcut (every block needs its score). ``columns`` blocks per launch, so one compiled kernel
-    serves every W (the last launch is padded with its first column).
+    keep-all shortcut (every block needs its score). ``columns`` blocks per program, so one compiled kernel
+    serves every W (the last columns are padded with the first).
+
+    The kernel runs one program per (batch, head, query block). A single query block (SHORTLIST's last
+    block, every candidate of it) would leave the GPU nearly idle and take W / columns launches in a row
+    (41 ms at 1M tokens on an H200, 2026-12-03), so there its columns are spread over the batch axis
+    instead: stride-0 views of q and k, one program per (column group, head), one launch.
+
+    ``sizes [nQ]`` (optional): only a row's first ``sizes[i]`` columns are needed. A launch of columns
+    ``[c, c + columns)`` then starts at the first query block that needs one of them (the rows are the last
+    of q, so a suffix of q is still the last queries of S) and the rows before it score -inf: in a prefill
+    early rows have fewer candidates, so SHORTLIST's last columns serve only the later rows.
     """
-    W = block_ids.shape[-1]
+    B, Hq, nQ, W = block_ids.shape
     pad = (-W) % columns
-    ids = torch.cat([block_ids, block_ids[..., :1].expand(*block_ids.shape[:-1], pad)], dim=-1) if pad else block_ids
-    out = torch.cat([_launch(q, k, part, part + 1, config, scale, window, -1)
-                     for part in ids.split(columns, dim=-1)], dim=-1)
+    ids = torch.cat([block_ids, block_ids[..., :1].expand(B, Hq, nQ, pad)], dim=-1) if pad else block_ids
+    if nQ == 1:
+        groups = ids.shape[-1] // columns
+        out = []
+        for b in range(B):  # a batch of one in practice; more would need k repeated per group
+            spread = ids[b, :, 0].reshape(Hq, groups, columns).transpose(0, 1)[:, :, None]  # [groups, Hq, 1, c]
+            scores = _launch(q[b:b + 1].expand(groups, -1, -1, -1), k[b:b + 1].expand(groups, -1, -1, -1),
+                             spread, spread + 1, config, scale, window, -1)  # [groups, Hq, 1, c]
+            out.append(scores[:, :, 0].transpose(0, 1).reshape(1, Hq, 1, groups * columns))
+        return torch.cat(out)[..., :W]
+    starts = [0] * math.ceil(W / columns)
+    if sizes is not None:  # the first row whose size exceeds each launch's first column (nQ if none)
+        starts = torch.searchsorted(torch.cummax(sizes, 0).values,
+                                    torch.arange(0, W, columns, device=sizes.device), right=True).tolist()
+    out = torch.full(ids.shape, -math.inf, dtype=torch.float32, device=q.device)
+    for g, i in enumerate(starts):
+        if i < nQ:
+            part = ids[:, :, i:, g * columns:(g + 1) * columns]
+            out[:, :, i:, g * columns:(g + 1) * columns] = _launch(
+                q[:, :, i * config.block_q:], k, part, part + 1, config, scale, window, -1)
     return out[..., :W]
 
 

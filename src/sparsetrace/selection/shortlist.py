@@ -169,8 +169,8 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     """SHORTLIST on post-RoPE ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``: :class:`BlockMask` with int32
     ``indices [B, Hq, nQ, top_k]``.
 
-    ``rescore(q, candidates [B, Hq, nQ, width]) -> float32 [B, Hq, nQ, width]`` gives step 4's exact scores
-    (default: the torch tile scorer); ``size`` fixes C (every row's: the last block is then not made exact);
+    ``rescore(q, candidates [B, Hq, nQ, width], sizes [nQ]) -> float32 [B, Hq, nQ, width]`` gives step 4's
+    exact scores (default: the torch tile scorer), where only a row's first ``sizes`` entries count; ``size`` fixes C (every row's: the last block is then not made exact);
     ``max_elements`` bounds each chunk's float32 slab.
     """
     check_qk(q, k)
@@ -192,22 +192,26 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
         selected = torch.zeros(B, Hq, nQ, m, dtype=torch.long, device=q.device)
         return BlockMask(assemble(selected, lo, n, sinks, config), config.block_q, config.block_k)
 
-    # Steps 1-3, a few query blocks at a time: [B, Hq, c, nKB] pre-scores -> the width best blocks.
-    _, q_pos, q_used = query_blocks(q[:1, :1, :, :1], config, S)  # [nQ, bq] each: they depend on T, S only
-    k_mean, k_var = pool_keys(k, config.block_k)
-    q_sum = pool_queries(q, q_used)
-    step = max(1, max_elements // (B * Hq * n_kb))
-    first, end = (lo + sinks).tolist(), (n - config.local_blocks).tolist()  # middle: [first, end) per row
-    candidates = torch.cat([
-        chunk_candidates(q_sum[:, :, i:i + step], k_mean, k_var, lo[i:i + step], n[i:i + step], sinks, config,
-                         width, z, min(first[i:i + step]), max(end[i:i + step]))
-        for i in range(0, nQ, step)
-    ], dim=2)  # [B, Hq, nQ, width], best pre-score first
+    if bool((sizes == count).all()):  # every row shortlists all its candidates (a last block): no pre-score
+        # a row's middle in order; past its count the ids are padding that step 4 masks out
+        candidates = torch.clamp((lo + sinks)[:, None] + torch.arange(width, device=q.device), max=n_kb - 1)
+        candidates = candidates.expand(B, Hq, nQ, width)
+    else:  # Steps 1-3, a few query blocks at a time: [B, Hq, c, nKB] pre-scores -> the width best blocks.
+        _, q_pos, q_used = query_blocks(q[:1, :1, :, :1], config, S)  # [nQ, bq] each: they depend on T, S only
+        k_mean, k_var = pool_keys(k, config.block_k)
+        q_sum = pool_queries(q, q_used)
+        step = max(1, max_elements // (B * Hq * n_kb))
+        first, end = (lo + sinks).tolist(), (n - config.local_blocks).tolist()  # middle: [first, end) per row
+        candidates = torch.cat([
+            chunk_candidates(q_sum[:, :, i:i + step], k_mean, k_var, lo[i:i + step], n[i:i + step], sinks,
+                             config, width, z, min(first[i:i + step]), max(end[i:i + step]))
+            for i in range(0, nQ, step)
+        ], dim=2)  # [B, Hq, nQ, width], best pre-score first
 
     # Step 4; entries past a row's C, or outside its middle (rows with fewer candidates), never win.
     if rescore is None:
         rescore = _torch_rescorer(k, config, scale, window, max_elements)
-    exact = rescore(q, candidates)
+    exact = rescore(q, candidates, sizes)
     in_shortlist = torch.arange(width, device=q.device) < sizes[:, None]  # [nQ, width]
     exact = exact.masked_fill(~(in_shortlist & in_middle(candidates, lo, n, sinks, config)), -math.inf)
     selected = keep_best(candidates, exact, m)  # [B, Hq, nQ, m]
@@ -224,7 +228,7 @@ def _torch_rescorer(k, config: MaskConfig, scale: float, window: int | None, max
     S = k.shape[2]
     k_blocks = key_blocks(k, config.block_k)
 
-    def rescore(q: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def rescore(q: torch.Tensor, candidates: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
         visible = middle_is_visible(q.shape[2], S, config, window)
         return chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, candidates, config, scale, window, visible,
