@@ -10,8 +10,9 @@ random q, k, per length T and block config: ``stream_mask(impl="triton")`` (Trit
 ``shortlist_mask(impl="triton")`` (torch pre-score, Triton rescoring), dense causal SDPA (the faster of the
 flash and cuDNN backends) for scale, each a median of repeated runs; the peak GPU memory each selection adds
 over its inputs; and the rows where the two selections agree (random inputs have no needle: agreement here
-only says how different the searches are, the recall benches say which is right). Prints a table and writes
-JSON (bench/results/search_gpu.json).
+only says how different the searches are, the recall benches say which is right). Then the last 1 and 64
+queries alone over all keys (a decode token; the last query block, which SHORTLIST scores exactly). Prints
+the tables and writes JSON (bench/results/search_gpu.json).
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def dense_ms(q, k, v) -> float:
     return best
 
 
+def last_block_row(q, k, v) -> dict:
+    """The selection of the last 1 and 64 queries alone over all keys (a decode token, and the query block
+    whose last row predicts the next token, which SHORTLIST scores exactly), against dense SDPA of them."""
+    config = MaskConfig(block_q=64, block_k=64, top_k=16)
+    row = {"T": k.shape[2]}
+    for n in (1, 64):
+        last = q[:, :, -n:]
+        row[f"stream_ms_{n}"] = time_ms(lambda last=last: stream_mask(last, k, config, impl="triton"))
+        row[f"shortlist_ms_{n}"] = time_ms(lambda last=last: shortlist_mask(last, k, config, impl="triton"))
+        row[f"dense_ms_{n}"] = time_ms(lambda last=last: torch.nn.functional.scaled_dot_product_attention(
+            last, k, v, enable_gqa=True))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="131072,1048576")
@@ -81,7 +96,7 @@ def main() -> None:
     header = (f"{'T':>8} {'block':>5} {'k':>3} {'stream ms':>10} {'shortlist ms':>12} {'ratio':>6} "
               f"{'dense ms':>9} {'stream MB':>10} {'shortlist MB':>12} {'same rows':>9}")
     print(header)
-    rows = []
+    rows, one_block = [], []
     for T in [int(x) for x in args.lengths.split(",")]:
         q = torch.randn(1, HEADS, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(1, KV_HEADS, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -104,10 +119,17 @@ def main() -> None:
             print(f"{T:8d} {block:5d} {top_k:3d} {row['stream_ms']:10.1f} {row['shortlist_ms']:12.1f} "
                   f"{row['ratio']:6.2f} {dense:9.1f} {row['stream_peak_mb']:10.0f} "
                   f"{row['shortlist_peak_mb']:12.0f} {row['same_rows']:9.3f}", flush=True)
+        one_block.append(last_block_row(q, k, v))
         del q, k, v
         torch.cuda.empty_cache()
+    print(f"\nthe last queries alone over all T keys, block 64 / k 16 (a decode token; a prefill's last block)\n"
+          f"{'T':>8} {'queries':>7} {'stream ms':>10} {'shortlist ms':>12} {'dense ms':>9}")
+    for r in one_block:
+        for n in (1, 64):
+            print(f"{r['T']:8d} {n:7d} {r[f'stream_ms_{n}']:10.2f} {r[f'shortlist_ms_{n}']:12.2f} "
+                  f"{r[f'dense_ms_{n}']:9.2f}")
     result = {"bench": "search_gpu", "device": device, "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "rows": rows, "last_queries": one_block}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)

@@ -4,6 +4,7 @@ and the estimator name in the tracer's config."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import sparsetrace as sp
-from sparsetrace.config import MaskConfig
+from sparsetrace.config import MaskConfig, TraceConfig
 from sparsetrace.selection.reference import shortlist_reference
 from sparsetrace.selection.shortlist import shortlist_select, shortlist_sizes, top_columns
 
@@ -117,6 +118,9 @@ def test_last_query_block_is_the_oracles_row(T, window):
     got = shortlist_select(q, k, config, window=window).indices
     assert torch.equal(got[:, :, -1], sp.oracle_mask(q, k, window=window, **kw).indices[:, :, -1])
     assert torch.equal(got, shortlist_reference(q, k, config, window=window).indices)
+    inside = shortlist_select(q, k, config, window=window, exact_last=False).indices  # a chunk inside a prefill
+    assert torch.equal(inside, shortlist_reference(q, k, config, window=window, exact_last=False).indices)
+    assert torch.equal(inside[:, :, :-1], got[:, :, :-1])
     sized = shortlist_select(q, k, config, window=window, size=4).indices  # an explicit C is kept, last row too
     assert torch.equal(sized, shortlist_reference(q, k, config, window=window, size=4).indices)
     assert not torch.equal(sized[:, :, -1], got[:, :, -1])
@@ -175,3 +179,14 @@ def test_public_op_and_reference_impl():
     assert torch.equal(fast, sp.select_blocks(q, k, MaskConfig(estimator="shortlist", **kw)).indices)
     assert not torch.equal(fast, sp.stream_mask(q, k, **kw).indices)  # a different search, not an alias
     assert sp.TraceConfig.of(estimator="shortlist", top_k=4).mask.estimator == "shortlist"
+
+
+def test_default_is_shortlist_and_older_traces_read_as_stream():
+    """SHORTLIST is the default selection; a manifest written before the estimator field (flat, or with a
+    mask dict) was STREAM's and is read as STREAM's, while a recorded estimator is kept."""
+    assert MaskConfig().estimator == "shortlist" and TraceConfig().mask.estimator == "shortlist"
+    assert TraceConfig.from_dict({"top_k": 8}).mask.estimator == "stream"
+    assert TraceConfig.from_dict({"mask": {"top_k": 8}, "chunk_size": 512}).mask.estimator == "stream"
+    for estimator in ("shortlist", "oracle", "stream"):
+        config = TraceConfig.of(estimator=estimator, top_k=8)
+        assert TraceConfig.from_dict(dataclasses.asdict(config)) == config

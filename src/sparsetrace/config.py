@@ -29,7 +29,7 @@ def _option(default, help: str, **cli):
 class MaskConfig:
     """The selection of one attention layer's key blocks (shared/DESIGN.md section 1)."""
 
-    estimator: str = _option("stream", "stream (the paper's hierarchical search, O(T log T)), shortlist "
+    estimator: str = _option("shortlist", "stream (the paper's hierarchical search, O(T log T)), shortlist "
                              "(every candidate pre-scored from pooled keys, the best rescored exactly) or "
                              "oracle (the exact block top-k, O(T^2): small inputs and references)",
                              choices=ESTIMATORS)
@@ -142,9 +142,11 @@ class TraceConfig:
     def from_dict(cls, data: dict) -> TraceConfig:
         """Inverse of ``asdict``; also reads the flat ``trace_config`` of older trace manifests."""
         data = dict(data)
+        # a manifest without an estimator predates the field, when every trace was STREAM's (the default
+        # became SHORTLIST later): read it as what it was
         if isinstance(data.get("mask"), dict):
-            return cls(mask=MaskConfig(**data.pop("mask")), **data)
-        return cls.of(**data)
+            return cls(mask=MaskConfig(**{"estimator": "stream", **data.pop("mask")}), **data)
+        return cls.of(**{"estimator": "stream", **data})
 
     def replace(self, **options) -> TraceConfig:
         """A copy with flat options changed, e.g. ``config.replace(top_k=8)`` (see :meth:`of`)."""

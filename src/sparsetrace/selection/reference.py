@@ -85,10 +85,12 @@ class _Chooser:
     """Chooses one row's middle blocks by ``search``: "stream" (halving), "oracle" (exact top-m) or
     "shortlist" (the best pre-scores rescored exactly)."""
 
-    def __init__(self, block_q, block_k, score, scale, query_stride, search, window, size=None, z=3.0):
+    def __init__(self, block_q, block_k, score, scale, query_stride, search, window, size=None, z=3.0,
+                 exact_last=True):
         self.block_q, self.block_k, self.kind, self.window = block_q, block_k, score, window
         self.scale, self.stride, self.search = scale, query_stride, search
         self.size, self.z = size, z  # SHORTLIST's C (None: m * max(L, 2)) and pre-score weight
+        self.exact_last = exact_last  # SHORTLIST: the last query block ends the input, so it is exact
 
     def score(self, q, k, b, h, group, i, j, T, S):
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
@@ -101,7 +103,7 @@ class _Chooser:
         if self.search == "shortlist":  # C best pre-scores, then the m best exact scores among them
             levels = math.ceil(math.log2(math.ceil((hi - lo) / m)))
             size = min(hi - lo, m * max(2, levels) if self.size is None else max(self.size, m))
-            if self.size is None and last:  # the last query block: every candidate
+            if self.size is None and last and self.exact_last:  # the input's last query block: all of them
                 size = hi - lo
             short = sorted(range(lo, hi), key=lambda j: (-pre_score_of(j, self.z), j))[:size]
             return sorted(short, key=lambda j: (-score_of(j), j))[:m]
@@ -133,11 +135,12 @@ def oracle_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> Bl
     return _mask(q, k, config, chooser, window)
 
 
-def shortlist_reference(q, k, config: MaskConfig, *, scale=None, window=None, size=None, z=3.0) -> BlockMask:
-    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``). Without ``size`` the
-    last query block shortlists every candidate."""
+def shortlist_reference(q, k, config: MaskConfig, *, scale=None, window=None, size=None, z=3.0,
+                        exact_last=True) -> BlockMask:
+    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``). Without ``size`` and
+    with ``exact_last`` the last query block shortlists every candidate."""
     chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "shortlist",
-                       window, size, z)
+                       window, size, z, exact_last)
     return _mask(q, k, config, chooser, window)
 
 

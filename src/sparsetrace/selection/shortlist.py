@@ -33,6 +33,8 @@ the next token): C is every candidate, so the row is the oracle's. The pre-pass 
 ``T^2 / (bq * bk)`` pairs in a prefill; for one query block the exact scores over S keys cost what its dense
 attention scores cost, so there is nothing to save there, and the answers of a needle-in-a-haystack test are
 read from these rows: the first answer token from the prefill's last row, the others from decode steps.
+A chunk inside a chunked prefill does not end the input (``exact_last=False``, set by the tracer), so its
+last block is searched like the others and a trace does not depend on the chunk size.
 """
 
 from __future__ import annotations
@@ -164,14 +166,17 @@ def keep_best(candidates: torch.Tensor, exact: torch.Tensor, m: int) -> torch.Te
 
 
 def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
-                     window: int | None = None, rescore: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     size: int | None = None, z: float = Z, max_elements: int = 2**26) -> BlockMask:
+                     window: int | None = None, rescore: Callable[..., torch.Tensor] | None = None,
+                     size: int | None = None, z: float = Z, max_elements: int = 2**26,
+                     exact_last: bool = True) -> BlockMask:
     """SHORTLIST on post-RoPE ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``: :class:`BlockMask` with int32
     ``indices [B, Hq, nQ, top_k]``.
 
     ``rescore(q, candidates [B, Hq, nQ, width], sizes [nQ]) -> float32 [B, Hq, nQ, width]`` gives step 4's
-    exact scores (default: the torch tile scorer), where only a row's first ``sizes`` entries count; ``size`` fixes C (every row's: the last block is then not made exact);
-    ``max_elements`` bounds each chunk's float32 slab.
+    exact scores (default: the torch tile scorer), where only a row's first ``sizes`` entries count;
+    ``size`` fixes C (every row's: the last block is then not made exact); ``max_elements`` bounds each
+    chunk's float32 slab; ``exact_last=False`` (a chunk inside a prefill, whose last query does not end
+    the input) treats the last block as any other.
     """
     check_qk(q, k)
     if size is not None and (not isinstance(size, int) or size <= 0):
@@ -184,7 +189,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
     nQ, n_kb = lo.shape[0], math.ceil(S / config.block_k)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)  # [nQ] middle candidates
-    if size is None and nQ == 1:  # one query block, the last (a decode step): every candidate, see above
+    if size is None and nQ == 1 and exact_last:  # one query block, the last (a decode step): see above
         size = n_kb
     sizes = shortlist_sizes(count, m, size)  # [nQ]
     width = min(int(sizes.max()), n_kb)
@@ -216,7 +221,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     exact = exact.masked_fill(~(in_shortlist & in_middle(candidates, lo, n, sinks, config)), -math.inf)
     selected = keep_best(candidates, exact, m)  # [B, Hq, nQ, m]
     indices = assemble(selected, lo, n, sinks, config)
-    if size is None and nQ > 1:  # the last query block alone (see above), so the others' width stays small
+    if size is None and nQ > 1 and exact_last:  # the last block alone (see above): the others stay narrow
         last = shortlist_select(q[:, :, (nQ - 1) * config.block_q:], k, config, scale=scale, window=window,
                                 rescore=rescore, z=z, max_elements=max_elements)
         indices[:, :, -1:] = last.indices

@@ -52,7 +52,10 @@ class SparseSession:
     collects per layer, for the current chunk, the kept blocks and their masses and, as ``config`` asks,
     the estimated missed mass of every row and the exact audit of the chunk's audited rows.
     ``num_tokens`` (the whole input's length, set by the tracer) fixes which query blocks are audited:
-    ``config.audit_rate`` of them, stratified over the input, the same for every layer.
+    ``config.audit_rate`` of them, stratified over the input, the same for every layer. ``input_end``
+    (the position after the input's last token, set by ``chunked_forward``) says which chunk ends the
+    input: only its last query block is scored exactly by SHORTLIST, so rows do not depend on the chunking
+    (None: every call ends its input).
     """
 
     config: TraceConfig
@@ -60,6 +63,7 @@ class SparseSession:
     record: bool = True
     observe: Observer | None = None
     num_tokens: int | None = None
+    input_end: int | None = None
     layers: dict[int, dict] = field(default_factory=dict)
     _audited: torch.Tensor | None = None
 
@@ -67,7 +71,8 @@ class SparseSession:
                scale: float | None = None) -> tuple[BlockMask, Covered | None]:
         """The selection of one layer's chunk, and under a coverage budget the cut rows (``Covered``,
         whose ``mask`` is the selection then)."""
-        mask = select_blocks(query, key, self.config.mask.search(), window=window)
+        ends_input = self.input_end is None or key.shape[2] >= self.input_end
+        mask = select_blocks(query, key, self.config.mask.search(), window=window, ends_input=ends_input)
         if self.config.mask.coverage is None:
             return mask, None
         first = (key.shape[2] - query.shape[2]) // self.config.mask.block_q
@@ -185,6 +190,14 @@ def _no_mask(*args, **kwargs) -> None:
 
 AttentionInterface.register(ATTN_NAME, stream_attention_forward)
 AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+
+
+def mark_input_end(position: int) -> None:
+    """Tell the active :func:`sparse_model` session (if any) that the input being run ends at ``position``
+    (its KV cache length after the last token): see ``SparseSession.input_end``."""
+    session = _ACTIVE.get()
+    if session is not None:
+        session.input_end = position
 
 
 @contextlib.contextmanager
