@@ -16,7 +16,13 @@ from hypothesis import strategies as hs
 import sparsetrace as sp
 from sparsetrace.config import MaskConfig, TraceConfig
 from sparsetrace.selection.reference import shortlist_reference
-from sparsetrace.selection.shortlist import shortlist_select, shortlist_sizes, top_columns
+from sparsetrace.selection.shortlist import (
+    EXACT_TAIL,
+    exact_tail_blocks,
+    shortlist_select,
+    shortlist_sizes,
+    top_columns,
+)
 
 ALL = 10**6  # a shortlist longer than any candidate range: every row is the oracle's
 
@@ -107,21 +113,35 @@ def test_equals_the_oracle_when_the_shortlist_covers_every_candidate(case, windo
 
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("T", [1, 5, 16, 200, 1000])
-def test_last_query_block_is_the_oracles_row(T, window):
-    """A decode step (T <= one query block) and the last block of a prefill, whose last row predicts the next
-    token: the default shortlist holds every candidate, so that row is the exact top-k, where a prefill row
-    of the same keys keeps only C of them; the other rows stay the loop reference's."""
+def test_input_tail_is_the_oracles_rows(T, window):
+    """A decode step (T <= one query block) and the query blocks of a prefill that hold its last EXACT_TAIL
+    tokens (the question, and the row that predicts the next token): the default shortlist holds every
+    candidate, so those rows are the exact top-k, where a prefill row of the same keys keeps only C of them;
+    the other rows stay the loop reference's. A chunk inside a prefill scores exactly only the tail's blocks
+    it holds, so the rows do not depend on where chunks end."""
     torch.manual_seed(T)
     S, kw = 2000, dict(block_q=16, block_k=8, top_k=6, sink_blocks=1, local_blocks=1)
     q, k = torch.randn(1, 4, T, 16), torch.randn(1, 2, S, 16)
     config = MaskConfig(**kw)
+    tail = sum(min(16 * (i + 1), T) - 1 >= T - EXACT_TAIL for i in range(math.ceil(T / 16)))  # hold the last 128
+    assert exact_tail_blocks(T, S, 16) == tail
     got = shortlist_select(q, k, config, window=window).indices
-    assert torch.equal(got[:, :, -1], sp.oracle_mask(q, k, window=window, **kw).indices[:, :, -1])
+    oracle = sp.oracle_mask(q, k, window=window, **kw).indices
+    assert torch.equal(got[:, :, -tail:], oracle[:, :, -tail:])
     assert torch.equal(got, shortlist_reference(q, k, config, window=window).indices)
-    inside = shortlist_select(q, k, config, window=window, exact_last=False).indices  # a chunk inside a prefill
-    assert torch.equal(inside, shortlist_reference(q, k, config, window=window, exact_last=False).indices)
-    assert torch.equal(inside[:, :, :-1], got[:, :, :-1])
-    sized = shortlist_select(q, k, config, window=window, size=4).indices  # an explicit C is kept, last row too
+    # the same queries as a chunk of a longer input whose tail starts 32 tokens past them: none exact
+    inside = shortlist_select(q, k, config, window=window, input_end=S + 32 + EXACT_TAIL).indices
+    assert torch.equal(inside, shortlist_reference(q, k, config, window=window, input_end=S + 32 + EXACT_TAIL).indices)
+    assert torch.equal(inside[:, :, :-tail], got[:, :, :-tail])
+    if T > 16:  # the tail reaches 40 tokens into the chunk: its last 3 blocks (of 16) are exact, no more
+        end = S + EXACT_TAIL - 40
+        part = shortlist_select(q, k, config, window=window, input_end=end).indices
+        assert exact_tail_blocks(T, S, 16, end) == 3
+        assert torch.equal(part[:, :, -3:], oracle[:, :, -3:]) and torch.equal(part[:, :, :-3], inside[:, :, :-3])
+        assert torch.equal(part, shortlist_reference(q, k, config, window=window, input_end=end).indices)
+    if T >= 200:  # the search is narrower than the oracle before the tail (what makes the tail rule matter)
+        assert not torch.equal(inside[:, :, -tail:], oracle[:, :, -tail:])
+    sized = shortlist_select(q, k, config, window=window, size=4).indices  # an explicit C is kept, tail too
     assert torch.equal(sized, shortlist_reference(q, k, config, window=window, size=4).indices)
     assert not torch.equal(sized[:, :, -1], got[:, :, -1])
 

@@ -62,7 +62,7 @@ def on_device(tensor: torch.Tensor):
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
-                  window: int | None = None, impl: str = "auto", ends_input: bool = True) -> BlockMask:
+                  window: int | None = None, impl: str = "auto", input_end: int | None = None) -> BlockMask:
     """Key blocks kept per query block under ``config`` (its ``estimator`` says which selection).
 
     Args:
@@ -73,8 +73,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
         window: the layer's sliding window (None = global). With a window the candidates are the blocks
             the window reaches, no sinks are forced and the search picks ``top_k - local_blocks``.
         impl: see the module docstring.
-        ends_input: q's last query is the last of the input (a whole prefill, its last chunk, a decode
-            step), so SHORTLIST scores its block exactly; False for a chunk inside a prefill, so that the
+        input_end: the position after the input's last token (default S: q ends the input, as a whole
+            prefill, its last chunk or a decode step do). SHORTLIST scores exactly the query blocks that hold
+            the input's last ``EXACT_TAIL`` tokens; a chunk inside a prefill passes the input's end, so that
             rows do not depend on where chunks end. Other estimators ignore it.
     Returns:
         :class:`BlockMask` with int32 ``indices [B, Hq, nQ, top_k]``, rows sorted, unique, -1 padded.
@@ -83,7 +84,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
     impl = resolve_impl(impl, q)
     if impl == "reference":
         if config.estimator == "shortlist":
-            return shortlist_reference(q, k, config, scale=scale, window=window, exact_last=ends_input)
+            return shortlist_reference(q, k, config, scale=scale, window=window, input_end=input_end)
         return REFERENCES[config.estimator](q, k, config, scale=scale, window=window)
     if config.estimator == "oracle":  # O(T * S) by definition: no GPU kernel, torch on any device
         return oracle_select(q, k, config, scale=scale, window=window)
@@ -91,7 +92,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
         rescore = _gpu_rescorer(q, k, config, scale, window) if impl == "triton" else None
         with on_device(q):
             return shortlist_select(q, k, config, scale=scale, window=window, rescore=rescore,
-                                    exact_last=ends_input)
+                                    input_end=input_end)
     if impl == "triton":
         scorer = _gpu_scorer(q, k, config, scale, window)
         with on_device(q):

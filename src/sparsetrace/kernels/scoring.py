@@ -29,6 +29,8 @@ from ..config import MaskConfig
 from ..selection.blocks import centre_blocks, chunked_tile_scores, key_blocks, query_blocks
 from .tiles import load_query_tile, logit_tile, program_row, reduce_tile, triton_supported
 
+SPREAD_QUERY_BLOCKS = 8  # score_blocks: up to this many query blocks, each alone (the 128-token tail at block 16)
+
 
 def scorer_launch(block_q: int, block_k: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Launch settings of the scorer (override by reassigning ``scoring.scorer_launch``).
@@ -117,10 +119,11 @@ def score_blocks(q, k, block_ids, config: MaskConfig, scale: float, window: int 
     keep-all shortcut (every block needs its score). ``columns`` blocks per program, so one compiled kernel
     serves every W (the last columns are padded with the first).
 
-    The kernel runs one program per (batch, head, query block). A single query block (SHORTLIST's last
-    block, every candidate of it) would leave the GPU nearly idle and take W / columns launches in a row
-    (41 ms at 1M tokens on an H200, 2026-12-03), so there its columns are spread over the batch axis
-    instead: stride-0 views of q and k, one program per (column group, head), one launch.
+    The kernel runs one program per (batch, head, query block). A few query blocks (SHORTLIST's exact tail
+    of the input, every candidate of each) would leave the GPU nearly idle and take W / columns launches in
+    a row (41 ms for one block at 1M tokens on an H200, 2026-12-03), so there each query block's columns
+    are spread over the batch axis instead: stride-0 views of q and k, one program per (column group,
+    head), one launch per query block.
 
     ``sizes [nQ]`` (optional): only a row's first ``sizes[i]`` columns are needed. A launch of columns
     ``[c, c + columns)`` then starts at the first query block that needs one of them (the rows are the last
@@ -130,15 +133,20 @@ def score_blocks(q, k, block_ids, config: MaskConfig, scale: float, window: int 
     B, Hq, nQ, W = block_ids.shape
     pad = (-W) % columns
     ids = torch.cat([block_ids, block_ids[..., :1].expand(B, Hq, nQ, pad)], dim=-1) if pad else block_ids
-    if nQ == 1:
+    if nQ <= SPREAD_QUERY_BLOCKS:
+        T, S = q.shape[2], k.shape[2]
         groups = ids.shape[-1] // columns
         out = []
-        for b in range(B):  # a batch of one in practice; more would need k repeated per group
-            spread = ids[b, :, 0].reshape(Hq, groups, columns).transpose(0, 1)[:, :, None]  # [groups, Hq, 1, c]
-            scores = _launch(q[b:b + 1].expand(groups, -1, -1, -1), k[b:b + 1].expand(groups, -1, -1, -1),
-                             spread, spread + 1, config, scale, window, -1)  # [groups, Hq, 1, c]
-            out.append(scores[:, :, 0].transpose(0, 1).reshape(1, Hq, 1, groups * columns))
-        return torch.cat(out)[..., :W]
+        for i in range(nQ):  # block i is the last block of q over the keys it can see: a prefix of k
+            seen = S - T + min((i + 1) * config.block_q, T)
+            q_i, k_i = q[:, :, i * config.block_q:(i + 1) * config.block_q], k[:, :, :seen]
+            ids_i = ids[:, :, i].clamp(max=math.ceil(seen / config.block_k) - 1)  # padding ids stay in range
+            for b in range(B):  # a batch of one in practice; more would need k repeated per group
+                spread = ids_i[b].reshape(Hq, groups, columns).transpose(0, 1)[:, :, None]  # [groups, Hq, 1, c]
+                scores = _launch(q_i[b:b + 1].expand(groups, -1, -1, -1), k_i[b:b + 1].expand(groups, -1, -1, -1),
+                                 spread, spread + 1, config, scale, window, -1)  # [groups, Hq, 1, c]
+                out.append(scores[:, :, 0].transpose(0, 1).reshape(1, Hq, 1, groups * columns))
+        return torch.cat(out).view(nQ, B, Hq, 1, -1)[:, :, :, 0].permute(1, 2, 0, 3)[..., :W]
     starts = [0] * math.ceil(W / columns)
     if sizes is not None:  # the first row whose size exceeds each launch's first column (nQ if none)
         starts = torch.searchsorted(torch.cummax(sizes, 0).values,

@@ -13,6 +13,7 @@ import torch
 
 from ..config import MaskConfig
 from .blocks import BlockMask  # the container only: every number below is computed here
+from .shortlist import EXACT_TAIL  # the rule's constant
 
 
 def _used_rows(i, T, block_q, query_stride) -> list[int]:
@@ -50,7 +51,7 @@ def _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, query_stride, z)
 
 def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, window=None):
     """Loop over (b, h, i); ``choose(score_of, lo, hi, m, pre_score_of, last)`` returns the m middle blocks of
-    one row (``last``: i is the last query block)."""
+    one row (``last``: the position of block i's last query)."""
     B, Hq, T, _ = q.shape
     S = k.shape[2]
     group = Hq // k.shape[1]
@@ -75,7 +76,7 @@ def _rows(q, k, block_q, block_k, top_k, sink_blocks, local_blocks, choose, wind
                     def pre_score_of(j, z, b=b, h=h, i=i):
                         return _pre_score(q, k, b, h, group, i, j, T, S, block_q, block_k, choose.stride, z)
 
-                    middle = choose(score_of, lo + sinks, n - local_blocks, m, pre_score_of, i == nQ - 1)
+                    middle = choose(score_of, lo + sinks, n - local_blocks, m, pre_score_of, last)
                     row = list(range(sinks)) + sorted(middle) + list(range(n - local_blocks, n))
                 out[b, h, i, : len(row)] = torch.tensor(row, dtype=torch.int32)
     return out
@@ -86,11 +87,11 @@ class _Chooser:
     "shortlist" (the best pre-scores rescored exactly)."""
 
     def __init__(self, block_q, block_k, score, scale, query_stride, search, window, size=None, z=3.0,
-                 exact_last=True):
+                 exact_from=None):
         self.block_q, self.block_k, self.kind, self.window = block_q, block_k, score, window
         self.scale, self.stride, self.search = scale, query_stride, search
         self.size, self.z = size, z  # SHORTLIST's C (None: m * max(L, 2)) and pre-score weight
-        self.exact_last = exact_last  # SHORTLIST: the last query block ends the input, so it is exact
+        self.exact_from = exact_from  # SHORTLIST: a row whose last query is at or past it takes every candidate
 
     def score(self, q, k, b, h, group, i, j, T, S):
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
@@ -103,7 +104,7 @@ class _Chooser:
         if self.search == "shortlist":  # C best pre-scores, then the m best exact scores among them
             levels = math.ceil(math.log2(math.ceil((hi - lo) / m)))
             size = min(hi - lo, m * max(2, levels) if self.size is None else max(self.size, m))
-            if self.size is None and last and self.exact_last:  # the input's last query block: all of them
+            if self.size is None and self.exact_from is not None and last >= self.exact_from:  # the input's tail
                 size = hi - lo
             short = sorted(range(lo, hi), key=lambda j: (-pre_score_of(j, self.z), j))[:size]
             return sorted(short, key=lambda j: (-score_of(j), j))[:m]
@@ -136,11 +137,13 @@ def oracle_reference(q, k, config: MaskConfig, *, scale=None, window=None) -> Bl
 
 
 def shortlist_reference(q, k, config: MaskConfig, *, scale=None, window=None, size=None, z=3.0,
-                        exact_last=True) -> BlockMask:
-    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``). Without ``size`` and
-    with ``exact_last`` the last query block shortlists every candidate."""
+                        input_end=None) -> BlockMask:
+    """SHORTLIST, one row at a time (same signature as ``shortlist.shortlist_select``). Without ``size``, a
+    row whose last query is one of the input's last ``EXACT_TAIL`` tokens (the input ends at ``input_end``,
+    default S) shortlists every candidate."""
+    end = k.shape[2] if input_end is None else input_end
     chooser = _Chooser(config.block_q, config.block_k, config.score, scale, config.query_stride, "shortlist",
-                       window, size, z, exact_last)
+                       window, size, z, end - EXACT_TAIL)
     return _mask(q, k, config, chooser, window)
 
 

@@ -28,13 +28,15 @@ tiles); the ``[nQ, nKB]`` pre-scores are made a few query blocks at a time, so m
 ``size >= count`` every row is the oracle's. The GPU rescorer (``sparsetrace.kernels.scoring.score_blocks``)
 plugs into step 4 through ``rescore``; ``sparsetrace.ops`` chooses.
 
-**The last query block** (each step of greedy decoding, and the block of a prefill whose last row predicts
-the next token): C is every candidate, so the row is the oracle's. The pre-pass saves the exact tiles of
-``T^2 / (bq * bk)`` pairs in a prefill; for one query block the exact scores over S keys cost what its dense
-attention scores cost, so there is nothing to save there, and the answers of a needle-in-a-haystack test are
-read from these rows: the first answer token from the prefill's last row, the others from decode steps.
-A chunk inside a chunked prefill does not end the input (``exact_last=False``, set by the tracer), so its
-last block is searched like the others and a trace does not depend on the chunk size.
+**The input's last ``EXACT_TAIL`` tokens** (every step of greedy decoding, and the query blocks that hold
+the end of a prompt): C is every candidate, so their rows are the oracle's. The pre-pass saves the exact
+tiles of ``T^2 / (bq * bk)`` pairs in a prefill; for one query block the exact scores over S keys cost what
+its dense attention scores cost, so there is little to save there. And these rows decide what a model
+answers: the first answer token is read from the prefill's last row, the others from decode steps, and the
+rows just before it hold the question, which reads the haystack for the needle. 128 tokens hold a RULER
+question and its chat template (bench/RESULTS.md, issue 16, measures the rule). ``input_end`` (the position
+after the input's last token, set by the tracer) says where the tail is, so a chunk of a chunked prefill
+scores exactly only the tail's blocks it holds and a trace does not depend on the chunk size.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ from .blocks import (
 )
 
 Z = 3.0  # step 2's weight of the pooled standard deviation
+EXACT_TAIL = 128  # tokens at the end of the input whose query blocks take every candidate (see above)
+
+
+def exact_tail_blocks(T: int, S: int, block_q: int, input_end: int | None = None) -> int:
+    """How many of the last query blocks of q (the last T of S positions) hold one of the input's last
+    ``EXACT_TAIL`` tokens; ``input_end`` is the position after the input's last token (default S)."""
+    first = (S if input_end is None else input_end) - EXACT_TAIL - (S - T)  # first exact position, in q
+    if first > T - 1:  # q ends before the tail starts
+        return 0
+    return math.ceil(T / block_q) - max(0, -(-(first + 1) // block_q) - 1)  # blocks whose last row >= first
 
 
 def pool_keys(k: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,15 +180,15 @@ def keep_best(candidates: torch.Tensor, exact: torch.Tensor, m: int) -> torch.Te
 def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
                      window: int | None = None, rescore: Callable[..., torch.Tensor] | None = None,
                      size: int | None = None, z: float = Z, max_elements: int = 2**26,
-                     exact_last: bool = True) -> BlockMask:
+                     input_end: int | None = None) -> BlockMask:
     """SHORTLIST on post-RoPE ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``: :class:`BlockMask` with int32
     ``indices [B, Hq, nQ, top_k]``.
 
     ``rescore(q, candidates [B, Hq, nQ, width], sizes [nQ]) -> float32 [B, Hq, nQ, width]`` gives step 4's
     exact scores (default: the torch tile scorer), where only a row's first ``sizes`` entries count;
-    ``size`` fixes C (every row's: the last block is then not made exact); ``max_elements`` bounds each
-    chunk's float32 slab; ``exact_last=False`` (a chunk inside a prefill, whose last query does not end
-    the input) treats the last block as any other.
+    ``size`` fixes C (every row's: the input's tail is then not made exact); ``max_elements`` bounds each
+    chunk's float32 slab; ``input_end`` (default S: q ends the input) is the position after the input's
+    last token, past S for a chunk inside a prefill, so that only the tail's blocks are exact.
     """
     check_qk(q, k)
     if size is not None and (not isinstance(size, int) or size <= 0):
@@ -189,7 +201,8 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
     nQ, n_kb = lo.shape[0], math.ceil(S / config.block_k)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)  # [nQ] middle candidates
-    if size is None and nQ == 1 and exact_last:  # one query block, the last (a decode step): see above
+    tail_blocks = 0 if size is not None else exact_tail_blocks(T, S, config.block_q, input_end)
+    if tail_blocks == nQ:  # every query block is in the input's tail (a decode step): see above
         size = n_kb
     sizes = shortlist_sizes(count, m, size)  # [nQ]
     width = min(int(sizes.max()), n_kb)
@@ -221,10 +234,10 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     exact = exact.masked_fill(~(in_shortlist & in_middle(candidates, lo, n, sinks, config)), -math.inf)
     selected = keep_best(candidates, exact, m)  # [B, Hq, nQ, m]
     indices = assemble(selected, lo, n, sinks, config)
-    if size is None and nQ > 1 and exact_last:  # the last block alone (see above): the others stay narrow
-        last = shortlist_select(q[:, :, (nQ - 1) * config.block_q:], k, config, scale=scale, window=window,
-                                rescore=rescore, z=z, max_elements=max_elements)
-        indices[:, :, -1:] = last.indices
+    if 0 < tail_blocks < nQ:  # the tail's blocks alone (see above), every candidate: the others stay narrow
+        tail = shortlist_select(q[:, :, (nQ - tail_blocks) * config.block_q:], k, config, scale=scale, window=window,
+                                rescore=rescore, size=n_kb, z=z, max_elements=max_elements)
+        indices[:, :, -tail_blocks:] = tail.indices
     return BlockMask(indices, config.block_q, config.block_k)
 
 

@@ -53,9 +53,9 @@ class SparseSession:
     the estimated missed mass of every row and the exact audit of the chunk's audited rows.
     ``num_tokens`` (the whole input's length, set by the tracer) fixes which query blocks are audited:
     ``config.audit_rate`` of them, stratified over the input, the same for every layer. ``input_end``
-    (the position after the input's last token, set by ``chunked_forward``) says which chunk ends the
-    input: only its last query block is scored exactly by SHORTLIST, so rows do not depend on the chunking
-    (None: every call ends its input).
+    (the position after the input's last token, set by ``chunked_forward``) says where the input's tail
+    is, whose query blocks SHORTLIST scores exactly, so rows do not depend on the chunking (None: every
+    call ends its input).
     """
 
     config: TraceConfig
@@ -71,8 +71,7 @@ class SparseSession:
                scale: float | None = None) -> tuple[BlockMask, Covered | None]:
         """The selection of one layer's chunk, and under a coverage budget the cut rows (``Covered``,
         whose ``mask`` is the selection then)."""
-        ends_input = self.input_end is None or key.shape[2] >= self.input_end
-        mask = select_blocks(query, key, self.config.mask.search(), window=window, ends_input=ends_input)
+        mask = select_blocks(query, key, self.config.mask.search(), window=window, input_end=self.input_end)
         if self.config.mask.coverage is None:
             return mask, None
         first = (key.shape[2] - query.shape[2]) // self.config.mask.block_q

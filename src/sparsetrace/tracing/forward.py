@@ -45,7 +45,7 @@ def chunked_forward(
     T = input_ids.shape[0]
     device = next(model.parameters()).device
     cache = new_cache() if cache is None else cache
-    mark_input_end(cache.get_seq_length() + T)  # a sparse session scores the block that ends it exactly
+    mark_input_end(cache.get_seq_length() + T)  # a sparse session scores the input's tail exactly
     # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
     cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     kept: list[torch.Tensor] = []
