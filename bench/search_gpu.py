@@ -68,7 +68,7 @@ def dense_ms(q, k, v) -> float:
     return best
 
 
-def last_block_row(q, k, v) -> dict:
+def last_queries_row(q, k, v) -> dict:
     """The selection of the last 1 and 128 queries alone over all keys (a decode token, and the input's tail
     of 128 tokens, which SHORTLIST scores exactly), against dense SDPA of them."""
     config = MaskConfig(block_q=64, block_k=64, top_k=16)
@@ -119,7 +119,7 @@ def main() -> None:
             print(f"{T:8d} {block:5d} {top_k:3d} {row['stream_ms']:10.1f} {row['shortlist_ms']:12.1f} "
                   f"{row['ratio']:6.2f} {dense:9.1f} {row['stream_peak_mb']:10.0f} "
                   f"{row['shortlist_peak_mb']:12.0f} {row['same_rows']:9.3f}", flush=True)
-        one_block.append(last_block_row(q, k, v))
+        one_block.append(last_queries_row(q, k, v))
         del q, k, v
         torch.cuda.empty_cache()
     print(f"\nthe last queries alone over all T keys, block 64 / k 16 (a decode token; a prefill's 128-token tail)\n"

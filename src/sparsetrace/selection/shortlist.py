@@ -71,7 +71,7 @@ def exact_tail_blocks(T: int, S: int, block_q: int, input_end: int | None = None
     first = (S if input_end is None else input_end) - EXACT_TAIL - (S - T)  # first exact position, in q
     if first > T - 1:  # q ends before the tail starts
         return 0
-    return math.ceil(T / block_q) - max(0, -(-(first + 1) // block_q) - 1)  # blocks whose last row >= first
+    return math.ceil(T / block_q) - max(0, first // block_q)  # the block holding `first`, and those after it
 
 
 def pool_keys(k: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
