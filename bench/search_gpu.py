@@ -10,8 +10,8 @@ random q, k, per length T and block config: ``stream_mask(impl="triton")`` (Trit
 ``shortlist_mask(impl="triton")`` (torch pre-score, Triton rescoring), dense causal SDPA (the faster of the
 flash and cuDNN backends) for scale, each a median of repeated runs; the peak GPU memory each selection adds
 over its inputs; and the rows where the two selections agree (random inputs have no needle: agreement here
-only says how different the searches are, the recall benches say which is right). Then the last 1 and 128
-queries alone over all keys (a decode token; the input's tail, which SHORTLIST scores exactly). Prints
+only says how different the searches are, the recall benches say which is right). Then the last 1 and
+``EXACT_TAIL`` queries alone over all keys (a decode token; the input's tail, which SHORTLIST scores exactly). Prints
 the tables and writes JSON (bench/results/search_gpu.json).
 """
 
@@ -25,6 +25,7 @@ import os
 import torch
 
 from sparsetrace import MaskConfig, shortlist_mask, stream_mask
+from sparsetrace.selection.shortlist import EXACT_TAIL
 
 HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128  # Qwen2.5-1.5B
 
@@ -69,11 +70,11 @@ def dense_ms(q, k, v) -> float:
 
 
 def last_queries_row(q, k, v) -> dict:
-    """The selection of the last 1 and 128 queries alone over all keys (a decode token, and the input's tail
-    of 128 tokens, which SHORTLIST scores exactly), against dense SDPA of them."""
+    """The selection of the last 1 and ``EXACT_TAIL`` queries alone over all keys (a decode token, and the
+    input's tail, which SHORTLIST scores exactly), against dense SDPA of them."""
     config = MaskConfig(block_q=64, block_k=64, top_k=16)
     row = {"T": k.shape[2]}
-    for n in (1, 128):
+    for n in (1, EXACT_TAIL):
         last = q[:, :, -n:]
         row[f"stream_ms_{n}"] = time_ms(lambda last=last: stream_mask(last, k, config, impl="triton"))
         row[f"shortlist_ms_{n}"] = time_ms(lambda last=last: shortlist_mask(last, k, config, impl="triton"))
@@ -122,10 +123,10 @@ def main() -> None:
         one_block.append(last_queries_row(q, k, v))
         del q, k, v
         torch.cuda.empty_cache()
-    print(f"\nthe last queries alone over all T keys, block 64 / k 16 (a decode token; a prefill's 128-token tail)\n"
+    print(f"\nthe last queries alone over all T keys, block 64 / k 16 (a decode token; a prefill's exact tail)\n"
           f"{'T':>8} {'queries':>7} {'stream ms':>10} {'shortlist ms':>12} {'dense ms':>9}")
     for r in one_block:
-        for n in (1, 128):
+        for n in (1, EXACT_TAIL):
             print(f"{r['T']:8d} {n:7d} {r[f'stream_ms_{n}']:10.2f} {r[f'shortlist_ms_{n}']:12.2f} "
                   f"{r[f'dense_ms_{n}']:9.2f}")
     result = {"bench": "search_gpu", "device": device, "date": datetime.date.today().isoformat(),

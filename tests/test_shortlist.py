@@ -123,7 +123,7 @@ def test_input_tail_is_the_oracles_rows(T, window):
     S, kw = 2000, dict(block_q=16, block_k=8, top_k=6, sink_blocks=1, local_blocks=1)
     q, k = torch.randn(1, 4, T, 16), torch.randn(1, 2, S, 16)
     config = MaskConfig(**kw)
-    tail = sum(min(16 * (i + 1), T) - 1 >= T - EXACT_TAIL for i in range(math.ceil(T / 16)))  # hold the last 128
+    tail = sum(min(16 * (i + 1), T) - 1 >= T - EXACT_TAIL for i in range(math.ceil(T / 16)))  # hold the tail
     assert exact_tail_blocks(T, S, 16) == tail
     got = shortlist_select(q, k, config, window=window).indices
     oracle = sp.oracle_mask(q, k, window=window, **kw).indices

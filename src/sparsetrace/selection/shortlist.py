@@ -33,8 +33,9 @@ the end of a prompt): C is every candidate, so their rows are the oracle's. The 
 tiles of ``T^2 / (bq * bk)`` pairs in a prefill; for one query block the exact scores over S keys cost what
 its dense attention scores cost, so there is little to save there. And these rows decide what a model
 answers: the first answer token is read from the prefill's last row, the others from decode steps, and the
-rows just before it hold the question, which reads the haystack for the needle. 128 tokens hold a RULER
-question and its chat template (bench/RESULTS.md, issue 16, measures the rule). ``input_end`` (the position
+rows just before it hold the question, which reads the haystack for the needle. 64 tokens (two to three
+blocks of 32 once rounded out to blocks) hold the end of a RULER question and its chat template; on two NIAH
+grids 64 answered at least as many of the oracle's cases as 128 at every k (bench/RESULTS.md, issue 16). ``input_end`` (the position
 after the input's last token, set by the tracer) says where the tail is, so a chunk of a chunked prefill
 scores exactly only the tail's blocks it holds and a trace does not depend on the chunk size.
 """
@@ -62,7 +63,7 @@ from .blocks import (
 )
 
 Z = 3.0  # step 2's weight of the pooled standard deviation
-EXACT_TAIL = 128  # tokens at the end of the input whose query blocks take every candidate (see above)
+EXACT_TAIL = 64  # tokens at the end of the input whose query blocks take every candidate (see above)
 
 
 def exact_tail_blocks(T: int, S: int, block_q: int, input_end: int | None = None) -> int:
