@@ -11,8 +11,8 @@ random q, k, per length T and block config: ``stream_mask(impl="triton")`` (Trit
 flash and cuDNN backends) for scale, each a median of repeated runs; the peak GPU memory each selection adds
 over its inputs; and the rows where the two selections agree (random inputs have no needle: agreement here
 only says how different the searches are, the recall benches say which is right). Then the last 1 and
-``EXACT_TAIL`` queries alone over all keys (a decode token; the input's tail, which SHORTLIST scores exactly). Prints
-the tables and writes JSON (bench/results/search_gpu.json).
+``EXACT_TAIL`` queries alone over all keys (a decode token; the input's tail, which SHORTLIST scores
+exactly). Prints the tables and writes JSON (bench/results/search_gpu.json).
 """
 
 from __future__ import annotations

@@ -33,11 +33,11 @@ the end of a prompt): C is every candidate, so their rows are the oracle's. The 
 tiles of ``T^2 / (bq * bk)`` pairs in a prefill; for one query block the exact scores over S keys cost what
 its dense attention scores cost, so there is little to save there. And these rows decide what a model
 answers: the first answer token is read from the prefill's last row, the others from decode steps, and the
-rows just before it hold the question, which reads the haystack for the needle. 64 tokens (two to three
-blocks of 32 once rounded out to blocks) hold the end of a RULER question and its chat template; on two NIAH
-grids 64 answered at least as many of the oracle's cases as 128 at every k (bench/RESULTS.md, issue 16). ``input_end`` (the position
-after the input's last token, set by the tracer) says where the tail is, so a chunk of a chunked prefill
-scores exactly only the tail's blocks it holds and a trace does not depend on the chunk size.
+rows just before it hold the question, which reads the haystack for the needle. 64 tokens (two or three
+query blocks of 32) hold the end of a RULER question and its chat template; on two NIAH grids 64 answered
+at least as many of the oracle's cases as 128 at every k (bench/RESULTS.md, issue 16). ``input_end`` (the
+position after the input's last token, set by the tracer) says where the tail is, so a chunk of a chunked
+prefill scores exactly only the tail's blocks it holds and a trace does not depend on the chunk size.
 """
 
 from __future__ import annotations
