@@ -29,27 +29,28 @@ def load_cells(path: Path) -> dict[str, dict[str, dict]]:
     return cells
 
 
-def of_oracle(reference: dict, selection: dict, estimator: str, k: int) -> dict:
-    """Counts at one k over the cases both runs hold: the oracle's answered cases, the selection's among
-    them, the ids it misses, and the selection's mean block sparsity over all its cases at k."""
+def of_oracle(runs: list[tuple[dict, dict]], estimator: str, k: int) -> dict:
+    """Counts at one k over the cases both runs of each ``(reference, selection)`` pair hold, pooled over the
+    pairs: the oracle's answered cases, the selection's among them, the ids it misses (prefixed by the pair's
+    index when there are several), and the selection's mean block sparsity over all its cases at k."""
     def cell(case: dict) -> dict | None:
         return case.get(f"{estimator}:{k}") or (case.get(str(k)) if estimator == "stream" else None)
 
-    answered, missed, sparsity = 0, [], []
-    oracle_cases = 0
-    for case_id, ref in reference.items():
-        mine = cell(selection.get(case_id, {}))
-        if mine is None:
-            continue
-        sparsity.append(mine["sparsity"])
-        oracle = ref.get(f"oracle:{k}")
-        if oracle is None or oracle["score"] < 1:
-            continue
-        oracle_cases += 1
-        if mine["score"] >= 1:
-            answered += 1
-        else:
-            missed.append(case_id)
+    answered, oracle_cases, missed, sparsity = 0, 0, [], []
+    for i, (reference, selection) in enumerate(runs):
+        for case_id, ref in reference.items():
+            mine = cell(selection.get(case_id, {}))
+            if mine is None:
+                continue
+            sparsity.append(mine["sparsity"])
+            oracle = ref.get(f"oracle:{k}")
+            if oracle is None or oracle["score"] < 1:
+                continue
+            oracle_cases += 1
+            if mine["score"] >= 1:
+                answered += 1
+            else:
+                missed.append(f"{i}:{case_id}" if len(runs) > 1 else case_id)
     return {"k": k, "answered": answered, "oracle_answered": oracle_cases,
             "sparsity": statistics.mean(sparsity) if sparsity else None, "missed": sorted(missed)}
 
@@ -65,14 +66,7 @@ def main(argv=None) -> int:
     if len(references) != len(selections):
         raise SystemExit("--reference and --selection need as many comma-separated paths each (paired in order).")
     runs = [(load_cells(Path(r)), load_cells(Path(s))) for r, s in zip(references, selections, strict=True)]
-    rows = []
-    for k in map(int, args.top_k.split(",")):
-        parts = [of_oracle(reference, selection, args.estimator, k) for reference, selection in runs]
-        sparsity = [x["sparsity"] for x in parts if x["sparsity"] is not None]
-        rows.append({"k": k, "answered": sum(x["answered"] for x in parts),
-                     "oracle_answered": sum(x["oracle_answered"] for x in parts),
-                     "sparsity": statistics.mean(sparsity) if sparsity else None,
-                     "missed": [f"{i}:{m}" if len(parts) > 1 else m for i, x in enumerate(parts) for m in x["missed"]]})
+    rows = [of_oracle(runs, args.estimator, k) for k in map(int, args.top_k.split(","))]
     print(f"{'k':>3} {'sparsity':>9} {args.estimator + ' / oracle answered':>28}   missed")
     for r in rows:
         share = r["answered"] / r["oracle_answered"] if r["oracle_answered"] else float("nan")
