@@ -54,6 +54,8 @@ AWKWARD = [  # ragged T, S > T, GQA 6/2 and 4/1, batch 2, windows, rows with n <
     dict(B=2, Hkv=2, group=3, T=90, S=123, D=8, block_q=4, block_k=8, top_k=4, sink=0, local=2, seed=13),
     dict(B=2, Hkv=1, group=4, T=61, S=61, D=4, block_q=8, block_k=4, top_k=9, sink=1, local=0, seed=14),
     dict(B=1, Hkv=2, group=3, T=33, S=150, D=8, block_q=32, block_k=8, top_k=6, sink=1, local=1, seed=15),
+    # m = 1 (k 3): the one-block rule's 4 * max(L, 2) candidates, fewer than the rows' up to 48
+    dict(B=1, Hkv=2, group=3, T=200, S=200, D=8, block_q=8, block_k=4, top_k=3, sink=1, local=1, seed=16),
 ]
 
 
@@ -175,6 +177,15 @@ def test_shortlist_sizes_are_half_of_streams_tiles_and_at_least_its_first_level(
     assert want[-3:] == [m * math.ceil(math.log2(math.ceil(c / m))) for c in (126, 2046, 16382)]
     assert shortlist_sizes(count, m).tolist() == want
     assert shortlist_sizes(count, m, 3).tolist() == [min(int(c), m) for c in count]  # never below m
+
+
+def test_a_one_block_search_shortlists_four_candidates_a_level():
+    """m = 1 (k 3): C = 4 * max(L, 2), L = ceil(log2(count)); twice STREAM's 2L tiles, the count caps it."""
+    count = torch.tensor([0, 1, 2, 7, 8, 9, 62, 126, 16382])
+    want = [0, 1, 2, 7, 8, 9, 24, 28, 56]
+    assert want[-3:] == [4 * math.ceil(math.log2(c)) for c in (62, 126, 16382)]
+    assert shortlist_sizes(count, 1).tolist() == want
+    assert shortlist_sizes(count, 2).tolist() == [0, 1, 2, 4, 4, 6, 10, 12, 26]  # m > 1: m * max(L, 2)
 
 
 def test_top_columns_breaks_ties_to_the_lower_column():

@@ -13,7 +13,7 @@ import torch
 
 from ..config import MaskConfig
 from .blocks import BlockMask  # the container only: every number below is computed here
-from .shortlist import EXACT_TAIL  # the rule's constant
+from .shortlist import EXACT_TAIL, ONE_PICK_WIDTH  # the rule's constants
 
 
 def _used_rows(i, T, block_q, query_stride) -> list[int]:
@@ -90,7 +90,7 @@ class _Chooser:
                  exact_from=None):
         self.block_q, self.block_k, self.kind, self.window = block_q, block_k, score, window
         self.scale, self.stride, self.search = scale, query_stride, search
-        self.size, self.z = size, z  # SHORTLIST's C (None: m * max(L, 2)) and pre-score weight
+        self.size, self.z = size, z  # SHORTLIST's C (None: the default rule) and pre-score weight
         self.exact_from = exact_from  # SHORTLIST: a row whose last query is at or past it takes every candidate
 
     def score(self, q, k, b, h, group, i, j, T, S):
@@ -103,7 +103,8 @@ class _Chooser:
     def __call__(self, score_of, lo, hi, m, pre_score_of, last):
         if self.search == "shortlist":  # C best pre-scores, then the m best exact scores among them
             levels = math.ceil(math.log2(math.ceil((hi - lo) / m)))
-            size = min(hi - lo, m * max(2, levels) if self.size is None else max(self.size, m))
+            per_level = m if m > 1 else ONE_PICK_WIDTH
+            size = min(hi - lo, per_level * max(2, levels) if self.size is None else max(self.size, m))
             if self.size is None and self.exact_from is not None and last >= self.exact_from:  # the input's tail
                 size = hi - lo
             short = sorted(range(lo, hi), key=lambda j: (-pre_score_of(j, self.z), j))[:size]

@@ -17,9 +17,12 @@ the last T of S positions. For every query block with more than ``top_k`` causal
   2. pre-score every candidate: ``qsum_i . kbar_j + z * sqrt(qsum_i^2 . var_j)``, the block's mean logit plus
      z standard deviations (a Gaussian guess at its top logit; one D-dot per block pair, 1/(bq*bk) of the
      oracle's work). z = 3: of 0, 2 and 3 it kept the most oracle picks and needles on SmolLM2;
-  3. shortlist the C best by pre-score (ties: the lower block), ``C = min(count, m * max(L, 2))`` with
-     ``L = ceil(log2(ceil(count / m)))`` the levels STREAM runs over the same ``count`` candidates: half of
-     STREAM's ``2m * L`` tiles;
+  3. shortlist the C best by pre-score (ties: the lower block), ``C = min(count, w * max(L, 2))`` with
+     ``L = ceil(log2(ceil(count / m)))`` the levels STREAM runs over the same ``count`` candidates and
+     ``w = m``: half of STREAM's ``2m * L`` tiles. A row that searches one block (``m = 1``: k 3 with the
+     default sink and local) takes ``w = ONE_PICK_WIDTH = 4``, twice STREAM's tiles: its one middle block is
+     all the search keeps, so one slip loses the row. On SmolLM2 the shortlist held the oracle's block in
+     0.97 of such rows with w = 4, 0.84 with w = m = 1 (bench/RESULTS.md, issue 16);
   4. rescore the shortlist with the exact block score (one ``bq x bk`` tile per block, as the oracle);
   5. keep the m best exact scores (ties: the lower block).
 
@@ -64,6 +67,7 @@ from .blocks import (
 
 Z = 3.0  # step 2's weight of the pooled standard deviation
 EXACT_TAIL = 64  # tokens at the end of the input whose query blocks take every candidate (see above)
+ONE_PICK_WIDTH = 4  # step 3's candidates per level when a row searches one block (m = 1; see above)
 
 
 def exact_tail_blocks(T: int, S: int, block_q: int, input_end: int | None = None) -> int:
@@ -118,13 +122,13 @@ def pre_scores(q_sum: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor, z
 
 
 def shortlist_sizes(count: torch.Tensor, m: int, size: int | None = None) -> torch.Tensor:
-    """Step 3's C per query block ``[nQ]`` from the middle-candidate counts: ``min(count, m * max(L, 2))``,
-    or ``min(count, max(size, m))`` when ``size`` is given."""
+    """Step 3's C per query block ``[nQ]`` from the middle-candidate counts: ``min(count, w * max(L, 2))``
+    with ``w = m``, or ``ONE_PICK_WIDTH`` when ``m = 1``; ``min(count, max(size, m))`` when ``size`` is given."""
     if size is not None:
         return torch.clamp(count, max=max(size, m))
     largest_group = torch.clamp(count, min=1).add(m - 1).div(m, rounding_mode="floor")  # ceil(count / m)
     levels = torch.ceil(torch.log2(largest_group.double())).long().clamp(min=2)
-    return torch.minimum(count, m * levels)
+    return torch.minimum(count, (m if m > 1 else ONE_PICK_WIDTH) * levels)
 
 
 def top_columns(scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -193,7 +197,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     """
     check_qk(q, k)
     if size is not None and (not isinstance(size, int) or size <= 0):
-        raise UsageError(f"size={size!r} must be a positive integer (or None for m * max(L, 2)).")
+        raise UsageError(f"size={size!r} must be a positive integer (or None for the default C).")
     B, Hq, T, D = q.shape
     S = k.shape[2]
     scale = D**-0.5 if scale is None else scale
