@@ -32,7 +32,7 @@ from .errors import UsageError
 from .selection.blocks import BlockMask, check_qk
 from .selection.oracle import oracle_select
 from .selection.reference import oracle_reference, shortlist_reference, stream_reference
-from .selection.shortlist import preselect, shortlist_select
+from .selection.shortlist import shortlist_select
 from .selection.stream import hierarchical_search, stream_select
 
 IMPLS = ("auto", "torch", "triton", "reference")
@@ -90,10 +90,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale
         return oracle_select(q, k, config, scale=scale, window=window)
     if config.estimator == "shortlist":
         rescore = _gpu_rescorer(q, k, config, scale, window) if impl == "triton" else None
-        select_columns = _gpu_preselect(q, config) if impl == "triton" else None
         with on_device(q):
             return shortlist_select(q, k, config, scale=scale, window=window, rescore=rescore,
-                                    input_end=input_end, select_columns=select_columns)
+                                    input_end=input_end)
     if impl == "triton":
         scorer = _gpu_scorer(q, k, config, scale, window)
         with on_device(q):
@@ -136,22 +135,6 @@ def _gpu_rescorer(q, k, config: MaskConfig, scale: float | None, window: int | N
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k = k.to(q.dtype)
     return lambda q, block_ids, sizes: scoring.score_blocks(q, k, block_ids, config, scale, window, sizes=sizes)
-
-
-def _gpu_preselect(q, config: MaskConfig):
-    """``select_columns`` for SHORTLIST's steps 2-3 on CUDA: the fused Triton pre-pass (no ``[nQ, nKB]``
-    slabs), the torch pre-pass for shortlists wider than the kernel keeps, or None where Triton cannot run."""
-    from .kernels import shortlist as kernel
-
-    if _triton_unsupported(q, config) is not None:
-        return None
-
-    def select_columns(q_sum, k_mean, k_var, first, end, width, z):
-        if width > kernel.MAX_WIDTH:
-            return preselect(q_sum, k_mean, k_var, first, end, width, z)
-        return kernel.preselect(q_sum, k_mean, k_var, first, end, width, z)
-
-    return select_columns
 
 
 def audit_scanner(q: torch.Tensor, config: MaskConfig, impl: str = "auto"):

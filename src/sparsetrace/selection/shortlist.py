@@ -149,38 +149,29 @@ def top_columns(scores: torch.Tensor, width: int) -> torch.Tensor:
     return n - 1 - (torch.topk(keys, width, dim=-1).values & 0xFFFFFFFF)
 
 
-def preselect(q_sum: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor, first: torch.Tensor,
-              end: torch.Tensor, width: int, z: float = Z, max_elements: int = 2**26) -> torch.Tensor:
-    """Steps 2-3 for every query block: the ``width`` best middle candidates of each row by pre-score, best
-    first, ``[B, Hq, nQ, width]``; a row's middle is the key blocks ``[first, end)`` (``[nQ]`` each).
+def chunk_candidates(q_sum: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor, lo: torch.Tensor,
+                     n: torch.Tensor, sinks: int, config: MaskConfig, width: int, z: float, col_lo: int,
+                     col_hi: int) -> torch.Tensor:
+    """Steps 2-3 for a chunk of query blocks: the ``width`` best middle candidates of each, best first,
+    ``[B, Hq, c, width]``.
 
-    A few query blocks at a time, so each ``[B, Hq, c, cols]`` pre-score slab stays under ``max_elements``.
-    Only the columns that hold some row's middle are scored: under causality a chunk of the prefill sees at
-    most the key blocks up to its last row, so scoring every key block did about twice the work on average
-    (at 1M tokens the pre-score and its ranking were 133 of SHORTLIST's 297 ms on an H200). A row keeps at
-    most ``end - first <= cols`` of its columns (step 3's C), so when a chunk has fewer than ``width`` columns
-    the rest is padding (its first column) that step 4 masks out. The GPU's fused kernel
-    (``sparsetrace.kernels.shortlist.preselect``) gives the same blocks without the slabs.
+    Only the columns ``[col_lo, col_hi)`` that hold some row's middle are scored: under causality a chunk
+    of the prefill sees at most the key blocks up to its last row, so scoring every key block did about twice
+    the work on average (at 1M tokens the pre-score and its ranking were 133 of SHORTLIST's 297 ms on an
+    H200). A row keeps at most ``count <= col_hi - col_lo`` of its columns (step 3's C), so when the chunk
+    has fewer than ``width`` columns the rest is padding (block ``col_lo``) that step 4 masks out.
     """
-    B, Hq, nQ, _ = q_sum.shape
-    step = max(1, max_elements // (B * Hq * k_mean.shape[2]))
-    firsts, ends = first.tolist(), end.tolist()
-    chunks = []
-    for i in range(0, nQ, step):
-        lo, hi = first[i:i + step], end[i:i + step]
-        col_lo, col_hi = min(firsts[i:i + step]), max(ends[i:i + step])
-        c, cols = lo.shape[0], col_hi - col_lo
-        if cols <= 0:  # no row of the chunk has a middle candidate
-            chunks.append(torch.zeros(B, Hq, c, width, dtype=torch.long, device=q_sum.device))
-            continue
-        ids = torch.arange(col_lo, col_hi, device=q_sum.device)
-        scores = pre_scores(q_sum[:, :, i:i + step], k_mean[:, :, col_lo:col_hi], k_var[:, :, col_lo:col_hi], z)
-        scores.masked_fill_(~((ids >= lo[:, None]) & (ids < hi[:, None])), -math.inf)
-        best = top_columns(scores, min(width, cols)) + col_lo
-        if cols < width:
-            best = torch.cat([best, best.new_full((B, Hq, c, width - cols), col_lo)], dim=-1)
-        chunks.append(best)
-    return torch.cat(chunks, dim=2)
+    B, Hq, c, _ = q_sum.shape
+    cols = col_hi - col_lo
+    if cols <= 0:  # no row of the chunk has a middle candidate
+        return torch.zeros(B, Hq, c, width, dtype=torch.long, device=q_sum.device)
+    ids = torch.arange(col_lo, col_hi, device=q_sum.device)
+    scores = pre_scores(q_sum, k_mean[:, :, col_lo:col_hi], k_var[:, :, col_lo:col_hi], z)
+    scores.masked_fill_(~in_middle(ids[None, :], lo, n, sinks, config), -math.inf)
+    best = top_columns(scores, min(width, cols)) + col_lo
+    if cols < width:
+        best = torch.cat([best, best.new_full((B, Hq, c, width - cols), col_lo)], dim=-1)
+    return best
 
 
 def keep_best(candidates: torch.Tensor, exact: torch.Tensor, m: int) -> torch.Tensor:
@@ -194,8 +185,7 @@ def keep_best(candidates: torch.Tensor, exact: torch.Tensor, m: int) -> torch.Te
 def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, scale: float | None = None,
                      window: int | None = None, rescore: Callable[..., torch.Tensor] | None = None,
                      size: int | None = None, z: float = Z, max_elements: int = 2**26,
-                     input_end: int | None = None,
-                     select_columns: Callable[..., torch.Tensor] | None = None) -> BlockMask:
+                     input_end: int | None = None) -> BlockMask:
     """SHORTLIST on post-RoPE ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]``: :class:`BlockMask` with int32
     ``indices [B, Hq, nQ, top_k]``.
 
@@ -204,8 +194,6 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     ``size`` fixes C (every row's: the input's tail is then not made exact); ``max_elements`` bounds each
     chunk's float32 slab; ``input_end`` (default S: q ends the input) is the position after the input's
     last token, past S for a chunk inside a prefill, so that only the tail's blocks are exact.
-    ``select_columns(q_sum, k_mean, k_var, first, end, width, z)`` gives steps 2-3 as :func:`preselect` does
-    (default: :func:`preselect`, the torch pre-pass).
     """
     check_qk(q, k)
     if size is not None and (not isinstance(size, int) or size <= 0):
@@ -235,11 +223,13 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
         _, q_pos, q_used = query_blocks(q[:1, :1, :, :1], config, S)  # [nQ, bq] each: they depend on T, S only
         k_mean, k_var = pool_keys(k, config.block_k)
         q_sum = pool_queries(q, q_used)
-        first, end = lo + sinks, n - config.local_blocks  # each row's middle
-        if select_columns is None:
-            candidates = preselect(q_sum, k_mean, k_var, first, end, width, z, max_elements)
-        else:
-            candidates = select_columns(q_sum, k_mean, k_var, first, end, width, z)
+        step = max(1, max_elements // (B * Hq * n_kb))
+        first, end = (lo + sinks).tolist(), (n - config.local_blocks).tolist()  # middle: [first, end) per row
+        candidates = torch.cat([
+            chunk_candidates(q_sum[:, :, i:i + step], k_mean, k_var, lo[i:i + step], n[i:i + step], sinks,
+                             config, width, z, min(first[i:i + step]), max(end[i:i + step]))
+            for i in range(0, nQ, step)
+        ], dim=2)  # [B, Hq, nQ, width], best pre-score first
 
     # Step 4; entries past a row's C, or outside its middle (rows with fewer candidates), never win.
     if rescore is None:
@@ -251,8 +241,7 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
     indices = assemble(selected, lo, n, sinks, config)
     if 0 < tail_blocks < nQ:  # the tail's blocks alone (see above), every candidate: the others stay narrow
         tail = shortlist_select(q[:, :, (nQ - tail_blocks) * config.block_q:], k, config, scale=scale, window=window,
-                                rescore=rescore, size=n_kb, z=z, max_elements=max_elements,
-                                select_columns=select_columns)
+                                rescore=rescore, size=n_kb, z=z, max_elements=max_elements)
         indices[:, :, -tail_blocks:] = tail.indices
     return BlockMask(indices, config.block_q, config.block_k)
 
