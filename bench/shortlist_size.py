@@ -6,8 +6,18 @@ layer and head: the oracle, STREAM, and SHORTLIST with C = c × the default ``m 
 {1, 2, 4}. We count the (layer, head) pairs whose answer block keeps a needle block. It measures the
 search alone: no decoding, no RULER score (bench/niah_study.py has those).
 
-    python bench/shortlist_size.py [--variants niah_single_2,niah_single_3,niah_multikey_1]
-        [--lengths 2048] [--depths 10,50,90] [--json bench/results/shortlist_size.json]
+``--measure needle-rank`` asks where the needle is lost, in the prefill rows that read the haystack: the
+query blocks after the needle's and before the input's exact tail (``EXACT_TAIL``; the tail's rows are the
+oracle's, so a rank there says nothing). In every layer, query head and such row it ranks the needle's key
+block among the row's middle candidates by SHORTLIST's pre-score (1 = best, ties to the lower block) and
+by the exact block score, against the row's C and m. A row whose needle ranks within m exactly but beyond
+C by pre-score is a pre-score miss (a larger C or a better pre-score would keep it); a needle ranked past m
+exactly is lost to the budget, which no shortlist fixes. Per k (3, 4, 8, 16) and layer: the share of rows
+whose needle reaches the shortlist, the median and p90 of pre-score rank / C, and the pre-score misses.
+
+    python bench/shortlist_size.py [--measure size|needle-rank] [--variants niah_single_2,niah_single_3,
+        niah_multikey_1] [--lengths 2048] [--depths 10,50,90] [--ks 4,8]
+        [--json bench/results/shortlist_size.json | bench/results/needle_rank.json]
 """
 
 from __future__ import annotations
@@ -25,13 +35,23 @@ from sparsetrace import MaskConfig, load_model
 from sparsetrace.analysis.routes import needle_blocks
 from sparsetrace.datasets import ruler
 from sparsetrace.runs.niah import encode
-from sparsetrace.selection.oracle import oracle_select
-from sparsetrace.selection.shortlist import shortlist_select, shortlist_sizes
+from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
+from sparsetrace.selection.oracle import block_scores, oracle_select
+from sparsetrace.selection.shortlist import (
+    Z,
+    exact_tail_blocks,
+    pool_keys,
+    pool_queries,
+    pre_scores,
+    shortlist_select,
+    shortlist_sizes,
+)
 from sparsetrace.selection.stream import stream_select
 from sparsetrace.tracing.probe import capture_qk
 
 BLOCK = 32
 MULTIPLES = (1, 2, 4)
+DEFAULT_KS = {"size": "4,8", "needle-rank": "3,4,8,16"}
 
 
 def selections(q, k, config: MaskConfig, scale: float, window) -> dict[str, torch.Tensor]:
@@ -48,18 +68,113 @@ def selections(q, k, config: MaskConfig, scale: float, window) -> dict[str, torc
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="niah_single_2,niah_single_3,niah_multikey_1")
-    parser.add_argument("--lengths", default="2048")
-    parser.add_argument("--depths", default="10,50,90")
-    parser.add_argument("--ks", default="4,8")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/shortlist_size.json"))
-    args = parser.parse_args()
-    start = time.perf_counter()
-    model, tokenizer = load_model("smollm2-135m")
-    cases = ruler.make_cases(args.variants.split(","), tokenizer, [int(x) for x in args.lengths.split(",")],
-                             [float(x) for x in args.depths.split(",")], samples=1, seed=0)
+def needle_rank(scores: torch.Tensor, needles: list[int], middle: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = best) of each needle block among each row's middle candidates, ``scores [H, R, nKB]`` and
+    bool ``middle [R, nKB]`` -> ``[len(needles), H, R]``. Ties go to the lower block, as SHORTLIST's
+    ``top_columns`` and the oracle's stable sort break them, so rank <= C means the shortlist holds it."""
+    scores = scores.masked_fill(~middle, -math.inf)
+    ids = torch.arange(scores.shape[-1])
+    ranks = []
+    for j in needles:
+        own = scores[..., j:j + 1]  # [H, R, 1]
+        ahead = (scores > own) | ((scores == own) & (ids < j))  # [H, R, nKB]
+        ranks.append(ahead.sum(-1) + 1)
+    return torch.stack(ranks)
+
+
+def needle_ranks(q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None, needles: list[int],
+                 ks: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Per k, the needle's ranks on one layer's q ``[H, T, D]``, k ``[Hkv, T, D]``: ``pre`` and ``exact``
+    ``[H, R]`` over the R searched rows after the needle and before the exact tail, with their ``C`` and
+    ``m`` (``[R]`` and an int). The pre-scores and exact scores do not depend on k; only C and m do."""
+    config = MaskConfig(block_q=BLOCK, block_k=BLOCK)
+    T, S = q.shape[1], k.shape[1]
+    sinks = forced_sinks(config, window)
+    lo, n = candidate_range(T, S, config, q.device, window)  # [nQ] each
+    middle = in_middle(torch.arange(math.ceil(S / BLOCK))[None, :], lo, n, sinks, config)  # [nQ, nKB]
+    body = math.ceil(T / BLOCK) - exact_tail_blocks(T, S, BLOCK)  # query blocks before the tail
+    # rows where every needle block is a middle candidate: past the needle's blocks and their locals
+    rows = torch.tensor([i for i in range(body) if bool(middle[i, needles].all())], dtype=torch.long)
+    count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)[rows]  # [R] middle candidates
+    _, _, q_used = query_blocks(q[None, :1, :, :1], config, S)  # [nQ, bq]: depends on T, S only
+    k_mean, k_var = pool_keys(k[None], BLOCK)  # [1, Hkv, nKB, D] each
+    q_sum = pool_queries(q[None], q_used)[:, :, rows]  # [1, H, R, D]
+    pre = needle_rank(pre_scores(q_sum, k_mean, k_var, Z)[0], needles, middle[rows])  # [N, H, R]
+    exact_scores = block_scores(q[None], k[None], config, scale=scale, window=window)[0, :, rows]  # [H, R, nKB]
+    exact = needle_rank(exact_scores, needles, middle[rows])  # [N, H, R]
+    # a needle over two blocks: each row ranks the block the exact score ranks best (the one the oracle
+    # keeps first), so "exact rank <= m, pre-score rank > C" is one block the shortlist drops
+    best = exact.argmin(0, keepdim=True)  # [1, H, R]
+    pre, exact = pre.gather(0, best)[0], exact.gather(0, best)[0]  # [H, R] each
+    out = {}
+    for top_k in ks:
+        m = top_k - sinks - config.local_blocks
+        searched = count > m  # other rows keep every candidate (n <= top_k): nothing to rank
+        out[top_k] = {"pre": pre[:, searched], "exact": exact[:, searched], "m": m,
+                      "C": shortlist_sizes(count[searched], m)}
+    return out
+
+
+def rank_summary(pre: torch.Tensor, exact: torch.Tensor, C: torch.Tensor, m: int) -> dict:
+    """Flat ``pre``, ``exact`` ranks and ``C`` of some rows -> the table's numbers for them."""
+    if not len(pre):  # e.g. a needle in the tail: no row to rank it in
+        return {"rows": 0}
+    ratio = pre.double() / C.double()
+    median, p90 = torch.quantile(ratio, torch.tensor([0.5, 0.9], dtype=torch.double)).tolist()
+    return {"rows": len(pre), "reach_share": round(float((pre <= C).double().mean()), 4),
+            "median_rank_over_C": round(median, 4), "p90_rank_over_C": round(p90, 4),
+            "oracle_keeps": int((exact <= m).sum()),  # exact rank <= m: the oracle keeps the needle here
+            "prescore_misses": int(((exact <= m) & (pre > C)).sum()),
+            "budget_misses": int((exact > m).sum())}
+
+
+def needle_rank_study(model, tokenizer, cases, ks: list[int]) -> dict:
+    """``--measure needle-rank``: the needle's pre-score and exact ranks on every case (module docstring)."""
+    ranks = collections.defaultdict(lambda: {"pre": [], "exact": [], "C": []})  # (k, layer) -> per case
+    m_of = {}
+    per_case = []
+    for case in cases:
+        needles = needle_blocks(case.needle_token_spans, BLOCK)
+        row = {"id": case.id, "needle_blocks": needles}
+        for layer, (q, k, scale, window) in capture_qk(model, encode(tokenizer, case)).items():
+            for top_k, r in needle_ranks(q, k, scale, window, needles, ks).items():
+                cell = ranks[(top_k, layer)]
+                cell["pre"].append(r["pre"].flatten())
+                cell["exact"].append(r["exact"].flatten())
+                cell["C"].append(r["C"].expand_as(r["pre"]).flatten())  # [H, R]: one C per row, every head
+                m_of[top_k] = r["m"]
+                row[f"reach k{top_k}"] = row.get(f"reach k{top_k}", 0) + int((r["pre"] <= r["C"]).sum())
+                row[f"rows k{top_k}"] = row.get(f"rows k{top_k}", 0) + r["pre"].numel()
+        per_case.append(row)
+        print(row, flush=True)
+    layers = sorted({layer for _, layer in ranks})
+    rows = []
+    for top_k in ks:
+        every = {key: [] for key in ("pre", "exact", "C")}
+        for layer in layers:
+            cell = {key: torch.cat(v) for key, v in ranks[(top_k, layer)].items()}
+            rows.append({"k": top_k, "layer": layer, **rank_summary(**cell, m=m_of[top_k])})
+            for key in every:
+                every[key].append(cell[key])
+        rows.append({"k": top_k, "layer": "all",
+                     **rank_summary(**{key: torch.cat(v) for key, v in every.items()}, m=m_of[top_k])})
+    print(f"\nSmolLM2-135M, {len(cases)} cases: the needle's key block in the rows between the needle and the "
+          "exact tail. Each cell: share of rows whose needle reaches the shortlist (pre-score rank <= C), "
+          "median / p90 of pre-score rank / C, pre-score misses / rows the oracle keeps it")
+    print("| layer | " + " | ".join(f"k {top_k}" for top_k in ks) + " |")
+    print("|---:|" + "---:|" * len(ks))
+    by_key = {(r["k"], r["layer"]): r for r in rows}
+    for layer in [*layers, "all"]:
+        cells = [by_key[(top_k, layer)] for top_k in ks]
+        print(f"| {layer} | " + " | ".join(
+            f"{c['reach_share']:.3f} {c['median_rank_over_C']:.2f}/{c['p90_rank_over_C']:.2f} "
+            f"{c['prescore_misses']}/{c['oracle_keeps']}" if c["rows"] else "-" for c in cells) + " |")
+    return {"bench": "needle_rank", "model": "smollm2-135m", "block": BLOCK, "z": Z, "cases": len(cases),
+            "rows": rows, "per_case": per_case}
+
+
+def size_study(model, tokenizer, cases, ks: list[int]) -> dict:
+    """The default measure: (layer, head) pairs whose answer block keeps a needle, per selection."""
     kept = collections.Counter()  # (k, selection) -> (layer, head) pairs keeping a needle block
     pairs = 0
     per_case = []
@@ -67,7 +182,7 @@ def main() -> None:
         layers = capture_qk(model, encode(tokenizer, case))
         needles = set(needle_blocks(case.needle_token_spans, BLOCK))
         row = {"id": case.id}
-        for top_k in (int(x) for x in args.ks.split(",")):
+        for top_k in ks:
             config = MaskConfig(block_q=BLOCK, block_k=BLOCK, top_k=top_k)
             for q, k, scale, window in layers.values():
                 for name, indices in selections(q, k, config, scale, window).items():
@@ -86,11 +201,30 @@ def main() -> None:
         share = n / kept[(top_k, "oracle")]
         rows.append({"k": top_k, "selection": name, "needle_kept": n, "share_of_oracle": round(share, 4)})
         print(f"| {top_k} | {name} | {n} | {share:.3f} |")
-    result = {"bench": "shortlist_size", "model": "smollm2-135m", "block": BLOCK, "cases": len(cases),
-              "pairs_per_k": pairs, "rows": rows, "per_case": per_case,
-              "seconds": round(time.perf_counter() - start, 1)}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    return {"bench": "shortlist_size", "model": "smollm2-135m", "block": BLOCK, "cases": len(cases),
+            "pairs_per_k": pairs, "rows": rows, "per_case": per_case}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", choices=("size", "needle-rank"), default="size")
+    parser.add_argument("--variants", default="niah_single_2,niah_single_3,niah_multikey_1")
+    parser.add_argument("--lengths", default="2048")
+    parser.add_argument("--depths", default="10,50,90")
+    parser.add_argument("--ks", default=None, help="default 4,8 (size) or 3,4,8,16 (needle-rank)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default bench/results/shortlist_size.json or bench/results/needle_rank.json")
+    args = parser.parse_args()
+    ks = [int(x) for x in (args.ks or DEFAULT_KS[args.measure]).split(",")]
+    out = args.json or Path(f"bench/results/{args.measure.replace('-', '_')}.json")
+    start = time.perf_counter()
+    model, tokenizer = load_model("smollm2-135m")
+    cases = ruler.make_cases(args.variants.split(","), tokenizer, [int(x) for x in args.lengths.split(",")],
+                             [float(x) for x in args.depths.split(",")], samples=1, seed=0)
+    study = needle_rank_study if args.measure == "needle-rank" else size_study
+    result = {**study(model, tokenizer, cases, ks), "seconds": round(time.perf_counter() - start, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 
