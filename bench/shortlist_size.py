@@ -52,6 +52,7 @@ from sparsetrace.tracing.probe import capture_qk
 BLOCK = 32
 MULTIPLES = (1, 2, 4)
 DEFAULT_KS = {"size": "4,8", "needle-rank": "3,4,8,16"}
+DEFAULT_JSON = {"size": "bench/results/shortlist_size.json", "needle-rank": "bench/results/needle_rank.json"}
 
 
 def selections(q, k, config: MaskConfig, scale: float, window) -> dict[str, torch.Tensor]:
@@ -216,7 +217,7 @@ def main() -> None:
                         help="default bench/results/shortlist_size.json or bench/results/needle_rank.json")
     args = parser.parse_args()
     ks = [int(x) for x in (args.ks or DEFAULT_KS[args.measure]).split(",")]
-    out = args.json or Path(f"bench/results/{args.measure.replace('-', '_')}.json")
+    out = args.json or Path(DEFAULT_JSON[args.measure])
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
     cases = ruler.make_cases(args.variants.split(","), tokenizer, [int(x) for x in args.lengths.split(",")],
