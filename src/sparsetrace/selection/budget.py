@@ -87,5 +87,7 @@ def coverage_rows(indices: torch.Tensor, mass: torch.Tensor, forced: torch.Tenso
     keep_sorted = wanted & (rank < n_valid)
     keep = torch.zeros_like(valid).scatter(-1, order, keep_sorted)
     total = torch.where(valid, mass.double(), 0.0).sum(-1)
-    kept_mass = torch.where(keep, mass.double(), 0.0).sum(-1)
+    # summed in the cut's order, so a row whose running sum reached P reports a kept mass >= P (summed in
+    # another order the same entries can land a hair below it)
+    kept_mass = torch.where(keep_sorted, m_sorted, 0.0).cumsum(-1)[..., -1]
     return BudgetRows(pack_rows(indices.to(torch.int32), keep), keep, total < coverage, kept_mass)
