@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-k", type=int, default=64, help="with --coverage: key blocks a row keeps at most")
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward (a multiple of the "
+                   "block size); the selection does not depend on it, fewer and larger chunks run faster on a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-min", type=float, default=40.0, help="stop starting new cells after this")
     p.add_argument("--threads", type=int, default=2)
@@ -188,12 +190,14 @@ def main(argv=None) -> int:
         device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
         estimators = args.estimators.split(",")
         configs = {cell_label(e, k, estimators): TraceConfig.of(block_size=args.block_size, top_k=k, estimator=e,
-                                                                audit_rate=0, missed_samples=0)
+                                                                chunk_size=args.chunk_size, audit_rate=0,
+                                                                missed_samples=0)
                    for e in estimators for k in ks if k != "dense"}
         for e in estimators:  # a budget cuts its rows by the missed-mass estimate, so that stays on
             configs.update({cell_label(e, f"P{cov:g}", estimators): TraceConfig.of(
                 block_size=args.block_size, top_k=args.max_k, coverage=cov, max_k=args.max_k, estimator=e,
-                audit_rate=0) for cov in map(float, filter(None, args.coverage.split(",")))})
+                chunk_size=args.chunk_size, audit_rate=0)
+                for cov in map(float, filter(None, args.coverage.split(",")))})
         ks = (["dense"] if "dense" in ks else []) + list(configs)
         grid = [] if args.summary_only else todo(args, lengths, depths, done)
         loaded: dict = {}
