@@ -10,6 +10,7 @@ cell ``estimator:k`` (STREAM alone keeps the plain k of earlier results). Result
 bench/results/niah.json (cases already there are skipped); while a run lasts each finished case is kept in
 bench/results/niah.parts/, so a killed run resumes. ``--coverage 0.9,0.95,0.99 --max-k 64`` adds cells
 ``P<p>`` traced under coverage budgets (issue 17) beside the fixed k, with mean kept blocks per row.
+``--ids`` runs only the named cases of the grid.
 Prints a table and ends with one JSON line.
 
     python bench/niah_study.py --models smollm2-135m,gemma-3-270m --lengths 1k,2k,4k \
@@ -151,7 +152,8 @@ def todo(args, lengths, depths, done) -> list:
             for variant in args.variants.split(","):
                 cases = niah.make_cases(variant, tokenizer, [length], depths, samples=args.samples,
                                         seed=args.seed)
-                grid += [(model_name, c) for c in cases if (model_name, c.id) not in done]
+                grid += [(model_name, c) for c in cases if (model_name, c.id) not in done
+                         and (not args.ids or c.id in args.ids)]
     return grid
 
 
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
                    "each row keeps its fewest selected blocks whose estimated mass reaches P (docs/coverage.md)")
     p.add_argument("--max-k", type=int, default=64, help="with --coverage: key blocks a row keeps at most")
     p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--ids", type=lambda text: set(filter(None, text.split(","))), default=set(),
+                   help="run only these case ids of the grid (comma-separated), e.g. the cases the dense model "
+                   "answered in an earlier run")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward (a multiple of the "
                    "block size); the selection does not depend on it, fewer and larger chunks run faster on a GPU")
