@@ -142,7 +142,7 @@ def todo(args, lengths, depths, done) -> list:
     Tokenizers and context windows come without the weights, so every rank builds the same list."""
     from transformers import AutoConfig, AutoTokenizer
 
-    grid = []
+    grid, every_id = [], set()
     for length in lengths:
         for model_name in args.models.split(","):
             folder = resolve_folder(model_name)
@@ -152,8 +152,12 @@ def todo(args, lengths, depths, done) -> list:
             for variant in args.variants.split(","):
                 cases = niah.make_cases(variant, tokenizer, [length], depths, samples=args.samples,
                                         seed=args.seed)
+                every_id |= {c.id for c in cases}
                 grid += [(model_name, c) for c in cases if (model_name, c.id) not in done
                          and (not args.ids or c.id in args.ids)]
+    if args.ids - every_id:
+        sys.exit(f"error: --ids names cases that are not in the grid of --variants, --lengths, --depths, "
+                 f"--samples and --seed: {', '.join(sorted(args.ids - every_id))}; pass those options too.")
     return grid
 
 
@@ -194,14 +198,12 @@ def main(argv=None) -> int:
         device = ranks.device(args.device)
         device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
         estimators = args.estimators.split(",")
-        configs = {cell_label(e, k, estimators): TraceConfig.of(block_size=args.block_size, top_k=k, estimator=e,
-                                                                chunk_size=args.chunk_size, audit_rate=0,
-                                                                missed_samples=0)
+        common = {"block_size": args.block_size, "chunk_size": args.chunk_size, "audit_rate": 0}
+        configs = {cell_label(e, k, estimators): TraceConfig.of(top_k=k, estimator=e, missed_samples=0, **common)
                    for e in estimators for k in ks if k != "dense"}
         for e in estimators:  # a budget cuts its rows by the missed-mass estimate, so that stays on
             configs.update({cell_label(e, f"P{cov:g}", estimators): TraceConfig.of(
-                block_size=args.block_size, top_k=args.max_k, coverage=cov, max_k=args.max_k, estimator=e,
-                chunk_size=args.chunk_size, audit_rate=0)
+                top_k=args.max_k, coverage=cov, max_k=args.max_k, estimator=e, **common)
                 for cov in map(float, filter(None, args.coverage.split(",")))})
         ks = (["dense"] if "dense" in ks else []) + list(configs)
         grid = [] if args.summary_only else todo(args, lengths, depths, done)

@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--depths", default="10,50,90")
     parser.add_argument("--ks", default=None, help="default 4,8 (size) or 3,4,8,16 (needle-rank)")
     parser.add_argument("--json", type=Path, default=None,
-                        help="default bench/results/shortlist_size.json or bench/results/needle_rank.json")
+                        help=f"default {' or '.join(DEFAULT_JSON.values())}")
     args = parser.parse_args()
     ks = [int(x) for x in (args.ks or DEFAULT_KS[args.measure]).split(",")]
     out = args.json or Path(DEFAULT_JSON[args.measure])
