@@ -9,7 +9,8 @@ answer route from the sparse prefill's trace. ``--estimators stream,shortlist,or
 cell ``estimator:k`` (STREAM alone keeps the plain k of earlier results). Results accumulate in
 bench/results/niah.json (cases already there are skipped); while a run lasts each finished case is kept in
 bench/results/niah.parts/, so a killed run resumes. ``--coverage 0.9,0.95,0.99 --max-k 64`` adds cells
-``P<p>`` traced under coverage budgets (issue 17) beside the fixed k, with mean kept blocks per row.
+``P<p>`` traced under coverage budgets (issue 17) beside the fixed k, with mean kept blocks per row and the
+share of rows capped at max-k (their max-k blocks held less than P).
 ``--ids`` runs only the named cases of the grid.
 Prints a table and ends with one JSON line.
 
@@ -99,9 +100,11 @@ def summarize(rows: list[dict], reports: list[dict], ks) -> dict:
                 for d in sorted({r["depth"] for r in cell}):
                     by_depth[str(d)] = statistics.mean(r["score"] for r in cell if r["depth"] == d)
                 kept = [r["kept_blocks"] for r in cell if r.get("kept_blocks") is not None]  # older rows lack it
+                capped = [r["capped_share"] for r in cell if r.get("capped_share") is not None]  # budgets only
                 by_len[str(n)] = {"score": statistics.mean(r["score"] for r in cell),
                                   "sparsity": statistics.mean(r["sparsity"] for r in cell),
                                   "kept_blocks": statistics.mean(kept) if kept else None,
+                                  "capped_share": statistics.mean(capped) if capped else None,
                                   "criterion": statistics.mean(float(r["criterion"]) for r in cell),
                                   "by_depth": by_depth, "n": len(cell)}
             out[key] = by_len
@@ -250,7 +253,8 @@ def main(argv=None) -> int:
                           for m in sorted({r["model"] for r in rows})}
     args.out.write_text(json.dumps(data) + "\n")
 
-    print(f"\n{'model':<14}{'len':>6} {'k':>13} {'sparsity':>9} {'blocks':>7} {'crit':>5}  score by depth "
+    print(f"\n{'model':<14}{'len':>6} {'k':>13} {'sparsity':>9} {'blocks':>7} {'capped':>7} {'crit':>5}  "
+          f"score by depth "
           f"{' '.join(f'{d:>5g}' for d in depths)}   mean")
     for key, by_len in data["summary"].items():
         model_name, k = key.split("/k=")
@@ -259,7 +263,9 @@ def main(argv=None) -> int:
                 continue
             dep = " ".join(f"{cell['by_depth'].get(str(d), math.nan):5.2f}" for d in depths)
             blocks = "" if cell.get("kept_blocks") is None else f"{cell['kept_blocks']:.1f}"
-            print(f"{model_name:<14}{n:>6} {k:>13} {cell['sparsity']:9.3f} {blocks:>7} {cell['criterion']:5.2f}"
+            capped = "" if cell.get("capped_share") is None else f"{cell['capped_share']:.3f}"
+            print(f"{model_name:<14}{n:>6} {k:>13} {cell['sparsity']:9.3f} {blocks:>7} {capped:>7} "
+                  f"{cell['criterion']:5.2f}"
                   f"                {dep}   {cell['score']:.2f}")
     for m, comp in data["comparison"].items():
         for k, sep in comp.items():

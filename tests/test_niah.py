@@ -271,11 +271,12 @@ def test_cli_end_to_end(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    assert list(rows[0]) == ["id", "variant", "length", "depth", "k", "sparsity", "kept_blocks", "score",
-                             "criterion", "output", "num_tokens", "seconds"]
+    assert list(rows[0]) == ["id", "variant", "length", "depth", "k", "sparsity", "kept_blocks", "capped_share",
+                             "score", "criterion", "output", "num_tokens", "seconds"]
     assert sorted(r["k"] for r in rows) == ["8", "8", "dense", "dense"]
     for r in rows:  # kept blocks per row: none recorded for dense, at most k and more than the forced 2 at k 8
         assert (r["kept_blocks"] == "") if r["k"] == "dense" else 2 < float(r["kept_blocks"]) <= 8, r
+        assert r["capped_share"] == "", r  # no coverage budget, nothing capped
     answers = {c["id"]: c["answers"] for c in cases}
     for r in rows:
         assert 0.0 <= float(r["score"]) <= 1.0
@@ -288,6 +289,24 @@ def test_cli_end_to_end(tmp_path):
     assert "route" in entry and "comparison" in data
     for png in ("scores.png", "needle_mass.png", "routes.png", "heads.png"):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cli_under_a_coverage_budget_records_kept_blocks_and_capped_rows(tmp_path):
+    """`niah --coverage 0.9 --max-k 8`: the budget row keeps fewer blocks than max-k on average and records the
+    share of rows capped at max-k; a capped row keeps all 8 blocks, so the mean kept is at least 8 x that share."""
+    from sparsetrace.cli import main
+
+    out = tmp_path / "run"
+    assert main(["niah", "--model", "smollm2-135m", "--variant", "niah_single_2", "--lengths", "600", "--depths",
+                 "50", "--top-k", "8,dense", "--coverage", "0.9", "--max-k", "8", "--max-new-tokens", "10",
+                 "--out", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        rows = {r["k"]: r for r in csv.DictReader(f)}
+    assert rows["dense"]["kept_blocks"] == rows["dense"]["capped_share"] == ""
+    kept, capped = float(rows["8"]["kept_blocks"]), float(rows["8"]["capped_share"])
+    assert 2 < kept < 8 and 0 <= capped < 1, rows["8"]  # measured 4.16 blocks, 0.125 capped (2026-12-05)
+    assert kept >= 8 * capped, rows["8"]
 
 
 @pytest.mark.slow

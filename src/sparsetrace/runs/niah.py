@@ -5,8 +5,10 @@ run uses the registered sparse attention under a ``TraceConfig`` and keeps its p
 ``sparsetrace.analysis.routes`` reads where the answer looks for the needle. Outputs of a sweep:
 
   results.csv      one row per case and k: id, variant, length, depth, k ("dense" for the dense run),
-                   sparsity, score (RULER string_match_all), criterion (first two greedy tokens equal
-                   the dense run's), output, num_tokens, seconds
+                   sparsity, kept_blocks (per row, on average), capped_share (under a coverage budget:
+                   the share of rows whose max-k blocks held less than P), score (RULER
+                   string_match_all), criterion (first two greedy tokens equal the dense run's), output,
+                   num_tokens, seconds
   routes.json      per case and sparse k: needle mass per layer and head, the best needle-to-answer
                    route; per k: success-vs-failure head comparison
 """
@@ -29,8 +31,8 @@ from ..tracing.backend import sparse_model
 from ..tracing.forward import greedy_decode
 from ..tracing.tracer import join_chunks, trace_meta
 
-COLUMNS = ["id", "variant", "length", "depth", "k", "sparsity", "kept_blocks", "score", "criterion", "output",
-           "num_tokens", "seconds"]
+COLUMNS = ["id", "variant", "length", "depth", "k", "sparsity", "kept_blocks", "capped_share", "score", "criterion",
+           "output", "num_tokens", "seconds"]
 
 
 @dataclass
@@ -196,10 +198,13 @@ def sweep(model, tokenizer, cases, ks, configs, *, max_new=None, model_id="", lo
 
 
 def _row(case, k, trace, run, criterion) -> dict:
-    """One CSV row; ``trace`` None for the dense run (sparsity 0, every causal block kept)."""
+    """One CSV row; ``trace`` None for the dense run (sparsity 0, every causal block kept). ``capped_share`` is
+    None but under a coverage budget."""
+    capped = None if trace is None else trace.capped_share
     return {"id": case.id, "variant": case.variant, "length": case.length, "depth": case.depth, "k": k,
             "sparsity": 0.0 if trace is None else round(float(trace.sparsity), 4),
-            "kept_blocks": None if trace is None else round(float(trace.mean_kept_blocks), 2), "score": run.score,
+            "kept_blocks": None if trace is None else round(float(trace.mean_kept_blocks), 2),
+            "capped_share": None if capped is None else round(capped, 4), "score": run.score,
             "criterion": bool(criterion), "output": run.output, "num_tokens": case.num_tokens,
             "seconds": round(run.seconds, 2)}
 
