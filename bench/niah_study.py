@@ -254,8 +254,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(data) + "\n")
 
     print(f"\n{'model':<14}{'len':>6} {'k':>13} {'sparsity':>9} {'blocks':>7} {'capped':>7} {'crit':>5}  "
-          f"score by depth "
-          f"{' '.join(f'{d:>5g}' for d in depths)}   mean")
+          f"score by depth {' '.join(f'{d:>5g}' for d in depths)}   mean")
     for key, by_len in data["summary"].items():
         model_name, k = key.split("/k=")
         for n, cell in by_len.items():
@@ -265,8 +264,7 @@ def main(argv=None) -> int:
             blocks = "" if cell.get("kept_blocks") is None else f"{cell['kept_blocks']:.1f}"
             capped = "" if cell.get("capped_share") is None else f"{cell['capped_share']:.3f}"
             print(f"{model_name:<14}{n:>6} {k:>13} {cell['sparsity']:9.3f} {blocks:>7} {capped:>7} "
-                  f"{cell['criterion']:5.2f}"
-                  f"                {dep}   {cell['score']:.2f}")
+                  f"{cell['criterion']:5.2f}                {dep}   {cell['score']:.2f}")
     for m, comp in data["comparison"].items():
         for k, sep in comp.items():
             if sep["top"]:
