@@ -199,7 +199,7 @@ def sweep(model, tokenizer, cases, ks, configs, *, max_new=None, model_id="", lo
 
 def _row(case, k, trace, run, criterion) -> dict:
     """One CSV row; ``trace`` None for the dense run (sparsity 0, every causal block kept). ``capped_share`` is
-    None but under a coverage budget."""
+    None unless the trace ran under a coverage budget."""
     capped = None if trace is None else trace.capped_share
     return {"id": case.id, "variant": case.variant, "length": case.length, "depth": case.depth, "k": k,
             "sparsity": 0.0 if trace is None else round(float(trace.sparsity), 4),
