@@ -35,7 +35,8 @@ import torch
 
 from sparsetrace.config import TraceConfig
 from sparsetrace.datasets import ruler as niah
-from sparsetrace.runs.niah import case_log, case_results, comparisons, parse_depths, parse_top_k
+from sparsetrace.errors import UsageError
+from sparsetrace.runs.niah import case_log, case_results, comparisons, parse_depths, parse_top_k, split_list
 from sparsetrace.runs.ranks import Ranks
 from sparsetrace.tracing.models import load_model, resolve_folder
 
@@ -164,6 +165,26 @@ def todo(args, lengths, depths, done) -> list:
     return grid
 
 
+def cells(args: argparse.Namespace) -> tuple[list, dict[str, TraceConfig]]:
+    """The cells each case runs: ``"dense"`` (when asked) then the sparse labels, and the trace settings of
+    each sparse label (every estimator at every fixed k, then at every coverage budget)."""
+    ks = parse_top_k(args.top_k)
+    estimators = args.estimators.split(",")
+    common = {"block_size": args.block_size, "chunk_size": args.chunk_size, "audit_rate": 0}
+    configs = {cell_label(e, k, estimators): TraceConfig.of(top_k=k, estimator=e, missed_samples=0, **common)
+               for e in estimators for k in ks if k != "dense"}
+    coverages = []
+    for text in split_list(args.coverage):
+        try:
+            coverages.append(float(text))
+        except ValueError:
+            raise UsageError(f"--coverage value {text!r} is not a number; give shares like 0.9,0.95,0.99.") from None
+    for e in estimators:  # a budget cuts its rows by the missed-mass estimate, so that stays on
+        configs.update({cell_label(e, f"P{cov:g}", estimators): TraceConfig.of(
+            top_k=args.max_k, coverage=cov, max_k=args.max_k, estimator=e, **common) for cov in coverages})
+    return (["dense"] if "dense" in ks else []) + list(configs), configs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2-135m,gemma-3-270m")
@@ -190,25 +211,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--summary-only", action="store_true", help="re-summarize the JSON, run nothing")
     args = p.parse_args(argv)
+    try:  # what the user got wrong is one line of argparse's, before any model loads
+        ks, configs = cells(args)
+        depths = parse_depths(args.depths)
+        lengths = [niah.parse_length(t) for t in args.lengths.split(",")]
+    except UsageError as err:
+        p.error(str(err))
     with Ranks.from_env() as ranks:
         torch.set_num_threads(args.threads)
         start = time.perf_counter()
-        ks = parse_top_k(args.top_k)
-        depths = parse_depths(args.depths)
-        lengths = [niah.parse_length(t) for t in args.lengths.split(",")]
         data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": [], "reports": []}
         done = {(r["model"], r["id"]) for r in data["rows"]}
         device = ranks.device(args.device)
         device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-        estimators = args.estimators.split(",")
-        common = {"block_size": args.block_size, "chunk_size": args.chunk_size, "audit_rate": 0}
-        configs = {cell_label(e, k, estimators): TraceConfig.of(top_k=k, estimator=e, missed_samples=0, **common)
-                   for e in estimators for k in ks if k != "dense"}
-        for e in estimators:  # a budget cuts its rows by the missed-mass estimate, so that stays on
-            configs.update({cell_label(e, f"P{cov:g}", estimators): TraceConfig.of(
-                top_k=args.max_k, coverage=cov, max_k=args.max_k, estimator=e, **common)
-                for cov in map(float, filter(None, args.coverage.split(",")))})
-        ks = (["dense"] if "dense" in ks else []) + list(configs)
         grid = [] if args.summary_only else todo(args, lengths, depths, done)
         loaded: dict = {}
 

@@ -255,6 +255,29 @@ def test_cli_bad_inputs(tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
 
 
+def test_niah_study_bad_inputs_end_in_one_line_and_keep_the_results(tmp_path):
+    """bench/niah_study.py: a wrong option stops before any model loads, with argparse's one error line (no
+    traceback), and the results JSON it would add to is left as it was."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "niah_study.py"
+    out = tmp_path / "niah.json"
+    out.write_text('{"rows": [], "reports": []}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    cases = [(["--top-k", ""], "no --top-k values"), (["--coverage", "0.9,x"], "--coverage value 'x'"),
+             (["--coverage", "1.5"], "strictly between 0 and 1"), (["--depths", "120"], "outside 0..100"),
+             (["--lengths", "4q"], "not a token count")]
+    for extra, message in cases:
+        run = subprocess.run([sys.executable, str(script), "--out", str(out), *extra], capture_output=True,
+                             text=True, timeout=120, env=env)
+        last = run.stderr.strip().splitlines()[-1]
+        assert run.returncode == 2 and message in last and "Traceback" not in run.stderr, (extra, run.stderr)
+        assert out.read_text() == '{"rows": [], "reports": []}\n'
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     from sparsetrace.cli import main
