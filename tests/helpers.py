@@ -7,11 +7,18 @@ in both."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 from hypothesis import strategies as hs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def child_env() -> dict:
+    """This interpreter's import path for child processes (the package under test, not an installed one)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 def assert_close(

@@ -24,6 +24,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from helpers import child_env
 from test_browser import new_page, open_page, wait_for
 
 from sparsetrace import Trace
@@ -273,7 +274,7 @@ def test_report_leaves_pyplot_alone(audited):
             "assert page.count('data:image/png;base64,') == 3; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env=child_env())
     assert done.returncode == 0, done.stderr[-2000:]
 
 

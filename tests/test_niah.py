@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_block_rows
+from helpers import child_env, random_block_rows
 
 from sparsetrace.analysis import routes
 from sparsetrace.commands.options import read_text
@@ -258,7 +258,6 @@ def test_cli_bad_inputs(tmp_path, capsys):
 def test_niah_study_bad_inputs_end_in_one_line_and_keep_the_results(tmp_path):
     """bench/niah_study.py: a wrong option stops before any model loads, with argparse's one error line (no
     traceback), and the results JSON it would add to is left as it was."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -266,13 +265,12 @@ def test_niah_study_bad_inputs_end_in_one_line_and_keep_the_results(tmp_path):
     script = Path(__file__).parents[1] / "bench" / "niah_study.py"
     out = tmp_path / "niah.json"
     out.write_text('{"rows": [], "reports": []}\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     cases = [(["--top-k", ""], "no --top-k values"), (["--coverage", "0.9,x"], "--coverage value 'x'"),
              (["--coverage", "1.5"], "strictly between 0 and 1"), (["--depths", "120"], "outside 0..100"),
              (["--lengths", "4q"], "not a token count")]
     for extra, message in cases:
         run = subprocess.run([sys.executable, str(script), "--out", str(out), *extra], capture_output=True,
-                             text=True, timeout=120, env=env)
+                             text=True, timeout=120, env=child_env())
         last = run.stderr.strip().splitlines()[-1]
         assert run.returncode == 2 and message in last and "Traceback" not in run.stderr, (extra, run.stderr)
         assert out.read_text() == '{"rows": [], "reports": []}\n'
@@ -337,7 +335,6 @@ def test_cli_over_two_ranks_writes_what_one_process_writes(tmp_path):
     """`torchrun --nproc-per-node 2 -m sparsetrace.cli niah` (gloo, both ranks on the CPU) shares the cases
     and writes the files one process writes: results.csv equal row for row but the timing column, routes.json
     and cases.jsonl byte for byte."""
-    import os
     import subprocess
     import sys
 
@@ -351,10 +348,9 @@ def test_cli_over_two_ranks_writes_what_one_process_writes(tmp_path):
         assert main([*flags, "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           "-m", "sparsetrace.cli", *flags, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=600, env=child_env())
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 0/2: [1/2]" in two.stdout and "rank 1/2: [2/2]" in two.stdout  # one case each
 

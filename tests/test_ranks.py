@@ -7,12 +7,12 @@ ranks on the real model."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import child_env
 
 from sparsetrace.errors import UsageError
 from sparsetrace.runs.ranks import Ranks, part_path
@@ -95,15 +95,10 @@ with Ranks.from_env() as ranks:
 """
 
 
-def env() -> dict:
-    """This interpreter's import path for child processes (the package under test, not an installed one)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-
-
 def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
     """``torchrun --standalone`` (a free port, one host) of this interpreter's environment."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, env=env())
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, env=child_env())
 
 
 @pytest.mark.slow
@@ -113,7 +108,7 @@ def test_two_ranks_under_torchrun_share_the_cases_and_resume(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    done = subprocess.run([sys.executable, str(script), str(one)], capture_output=True, text=True, env=env())
+    done = subprocess.run([sys.executable, str(script), str(one)], capture_output=True, text=True, env=child_env())
     assert done.returncode == 0, done.stderr
     # a killed earlier run left cases 0 and 5: two ranks share the other five, round robin
     (two / "parts").mkdir()
