@@ -1,10 +1,10 @@
 """How large SHORTLIST's shortlist must be to keep the needles the exact oracle keeps, on real Q/K of NIAH cases.
 
-For each RULER case (SmolLM2-135M, block 32), one dense forward captures every layer's post-RoPE q and k.
-Then, for k in {4, 8}, each selection picks the answer block's key blocks (the last query block) in every
-layer and head: the oracle, STREAM, and SHORTLIST with C = c × the default ``m * max(L, 2)`` for c in
-{1, 2, 4}. We count the (layer, head) pairs whose answer block keeps a needle block. It measures the
-search alone: no decoding, no RULER score (bench/niah_study.py has those).
+For each RULER case (SmolLM2-135M unless ``--model`` names another, block 32), one dense forward captures every
+layer's post-RoPE q and k. Then, for k in {4, 8}, each selection picks the answer block's key blocks (the last
+query block) in every layer and head: the oracle, STREAM, and SHORTLIST with C = c × the default
+``m * max(L, 2)`` for c in {1, 2, 4}. We count the (layer, head) pairs whose answer block keeps a needle
+block. It measures the search alone: no decoding, no RULER score (bench/niah_study.py has those).
 
 ``--measure needle-rank`` asks where the needle is lost, in the prefill rows that read the haystack: the
 query blocks after the needle's and before the input's exact tail (``EXACT_TAIL``; the tail's rows are the
@@ -18,6 +18,7 @@ whose needle reaches the shortlist, the median and p90 of pre-score rank / C, an
     python bench/shortlist_size.py [--measure size|needle-rank] [--variants niah_single_2,niah_single_3,
         niah_multikey_1] [--lengths 2048] [--depths 10,50,90] [--ks 4,8]
         [--json bench/results/shortlist_size.json | bench/results/needle_rank.json]
+        [--model smollm2-135m] [--samples 1] [--ids ID,...]
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def rank_summary(pre: torch.Tensor, exact: torch.Tensor, C: torch.Tensor, m: int
             "budget_misses": int((exact > m).sum())}
 
 
-def needle_rank_study(model, tokenizer, cases, ks: list[int]) -> dict:
+def needle_rank_study(model, tokenizer, cases, ks: list[int], model_name: str = "smollm2-135m") -> dict:
     """``--measure needle-rank``: the needle's pre-score and exact ranks on every case (module docstring)."""
     ranks = collections.defaultdict(lambda: {"pre": [], "exact": [], "C": []})  # (k, layer) -> per case
     m_of = {}
@@ -159,7 +160,7 @@ def needle_rank_study(model, tokenizer, cases, ks: list[int]) -> dict:
                 every[key].append(cell[key])
         rows.append({"k": top_k, "layer": "all",
                      **rank_summary(**{key: torch.cat(v) for key, v in every.items()}, m=m_of[top_k])})
-    print(f"\nSmolLM2-135M, {len(cases)} cases: the needle's key block in the rows between the needle and the "
+    print(f"\n{model_name}, {len(cases)} cases: the needle's key block in the rows between the needle and the "
           "exact tail. Each cell: share of rows whose needle reaches the shortlist (pre-score rank <= C), "
           "median / p90 of pre-score rank / C, pre-score misses / rows the oracle keeps it")
     print("| layer | " + " | ".join(f"k {top_k}" for top_k in ks) + " |")
@@ -170,11 +171,11 @@ def needle_rank_study(model, tokenizer, cases, ks: list[int]) -> dict:
         print(f"| {layer} | " + " | ".join(
             f"{c['reach_share']:.3f} {c['median_rank_over_C']:.2f}/{c['p90_rank_over_C']:.2f} "
             f"{c['prescore_misses']}/{c['oracle_keeps']}" if c["rows"] else "-" for c in cells) + " |")
-    return {"bench": "needle_rank", "model": "smollm2-135m", "block": BLOCK, "z": Z, "cases": len(cases),
+    return {"bench": "needle_rank", "model": model_name, "block": BLOCK, "z": Z, "cases": len(cases),
             "rows": rows, "per_case": per_case}
 
 
-def size_study(model, tokenizer, cases, ks: list[int]) -> dict:
+def size_study(model, tokenizer, cases, ks: list[int], model_name: str = "smollm2-135m") -> dict:
     """The default measure: (layer, head) pairs whose answer block keeps a needle, per selection."""
     kept = collections.Counter()  # (k, selection) -> (layer, head) pairs keeping a needle block
     pairs = 0
@@ -193,7 +194,7 @@ def size_study(model, tokenizer, cases, ks: list[int]) -> dict:
         pairs += sum(q.shape[0] for q, *_ in layers.values())
         per_case.append(row)
         print(row, flush=True)
-    print(f"\nSmolLM2-135M, {len(cases)} cases, {pairs} (layer, head) pairs per k: pairs whose answer block "
+    print(f"\n{model_name}, {len(cases)} cases, {pairs} (layer, head) pairs per k: pairs whose answer block "
           "keeps a needle block")
     print("| k | selection | pairs keeping the needle | share of the oracle's |")
     print("|---:|---|---:|---:|")
@@ -202,7 +203,7 @@ def size_study(model, tokenizer, cases, ks: list[int]) -> dict:
         share = n / kept[(top_k, "oracle")]
         rows.append({"k": top_k, "selection": name, "needle_kept": n, "share_of_oracle": round(share, 4)})
         print(f"| {top_k} | {name} | {n} | {share:.3f} |")
-    return {"bench": "shortlist_size", "model": "smollm2-135m", "block": BLOCK, "cases": len(cases),
+    return {"bench": "shortlist_size", "model": model_name, "block": BLOCK, "cases": len(cases),
             "pairs_per_k": pairs, "rows": rows, "per_case": per_case}
 
 
@@ -213,17 +214,22 @@ def main() -> None:
     parser.add_argument("--lengths", default="2048")
     parser.add_argument("--depths", default="10,50,90")
     parser.add_argument("--ks", default=None, help="default 4,8 (size) or 3,4,8,16 (needle-rank)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=1, help="RULER samples per cell (seed 0)")
+    parser.add_argument("--ids", default="", help="only these case ids of the grid, comma-separated")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"default {' or '.join(DEFAULT_JSON.values())}")
     args = parser.parse_args()
     ks = [int(x) for x in (args.ks or DEFAULT_KS[args.measure]).split(",")]
     out = args.json or Path(DEFAULT_JSON[args.measure])
     start = time.perf_counter()
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(args.model)
     cases = ruler.make_cases(args.variants.split(","), tokenizer, [int(x) for x in args.lengths.split(",")],
-                             [float(x) for x in args.depths.split(",")], samples=1, seed=0)
+                             [float(x) for x in args.depths.split(",")], samples=args.samples, seed=0)
+    ids = set(filter(None, args.ids.split(",")))
+    cases = [c for c in cases if not ids or c.id in ids]
     study = needle_rank_study if args.measure == "needle-rank" else size_study
-    result = {**study(model, tokenizer, cases, ks), "seconds": round(time.perf_counter() - start, 1)}
+    result = {**study(model, tokenizer, cases, ks, args.model), "seconds": round(time.perf_counter() - start, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -276,6 +276,43 @@ def test_niah_study_bad_inputs_end_in_one_line_and_keep_the_results(tmp_path):
         assert out.read_text() == '{"rows": [], "reports": []}\n'
 
 
+def test_noise_floor_oracle_slips_to_its_runner_up_outside_the_tail():
+    """bench/niah_noise_floor.py: with share 0 its selection is the oracle's; with share 1 every searched row
+    outside the input's tail keeps the oracle's m - 1 best middle blocks and the (m+1)-th instead of the m-th
+    (brute force over the exact block scores), and the tail's rows stay the oracle's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from niah_noise_floor import runner_up_oracle
+
+    from sparsetrace.config import MaskConfig
+    from sparsetrace.ops import select_blocks
+    from sparsetrace.selection.oracle import block_scores
+    from sparsetrace.selection.shortlist import exact_tail_blocks
+
+    torch.manual_seed(11)
+    q, k = torch.randn(1, 4, 700, 16), torch.randn(1, 2, 700, 16)
+    for top_k in (3, 4, 6):
+        config = MaskConfig(block_q=32, block_k=32, top_k=top_k, estimator="oracle")
+        oracle = select_blocks(q, k, config).indices
+        same = runner_up_oracle(0.0, torch.Generator().manual_seed(0))(q, k, config).indices
+        assert torch.equal(same, oracle)
+        slipped = runner_up_oracle(1.0, torch.Generator().manual_seed(0))(q, k, config).indices
+        scores = block_scores(q, k, config)
+        m, n_q = top_k - 2, oracle.shape[2]
+        tail = exact_tail_blocks(700, 700, 32)
+        assert torch.equal(slipped[:, :, n_q - tail:], oracle[:, :, n_q - tail:])
+        for h, i in itertools.product(range(4), range(n_q - tail)):
+            middle = list(range(1, i))  # sink 0 and local block i are forced
+            if len(middle) <= m:
+                assert torch.equal(slipped[0, h, i], oracle[0, h, i])
+                continue
+            ranked = sorted(middle, key=lambda j: (-float(scores[0, h, i, j]), j))
+            expected = sorted([0, *ranked[:m - 1], ranked[m], i])
+            assert slipped[0, h, i].tolist() == expected, (top_k, h, i)
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     from sparsetrace.cli import main
