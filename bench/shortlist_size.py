@@ -13,12 +13,14 @@ block among the row's middle candidates by SHORTLIST's pre-score (1 = best, ties
 by the exact block score, against the row's C and m. A row whose needle ranks within m exactly but beyond
 C by pre-score is a pre-score miss (a larger C or a better pre-score would keep it); a needle ranked past m
 exactly is lost to the budget, which no shortlist fixes. Per k (3, 4, 8, 16) and layer: the share of rows
-whose needle reaches the shortlist, the median and p90 of pre-score rank / C, and the pre-score misses.
+whose needle reaches the shortlist, the median and p90 of pre-score rank / C, and the pre-score misses (also
+at 2, 4 and 8 times C). ``--prescore`` ranks by another step-2 variant (bench/prescore_variants.py's, for
+every row), ``--layers`` keeps some layers only.
 
     python bench/shortlist_size.py [--measure size|needle-rank] [--variants niah_single_2,niah_single_3,
         niah_multikey_1] [--lengths 2048] [--depths 10,50,90] [--ks 4,8]
         [--json bench/results/shortlist_size.json | bench/results/needle_rank.json]
-        [--model smollm2-135m] [--samples 1] [--ids ID,...]
+        [--model smollm2-135m] [--samples 1] [--ids ID,...] [--layers 5,11] [--prescore z3|khalves|q8grp|quest]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sparsetrace import MaskConfig, load_model
 from sparsetrace.analysis.routes import needle_blocks
 from sparsetrace.datasets import ruler
 from sparsetrace.runs.niah import encode
-from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
+from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, key_blocks, query_blocks
 from sparsetrace.selection.oracle import block_scores, oracle_select
 from sparsetrace.selection.shortlist import (
     Z,
@@ -84,11 +86,48 @@ def needle_rank(scores: torch.Tensor, needles: list[int], middle: torch.Tensor) 
     return torch.stack(ranks)
 
 
+PRESCORES = ("z3", "khalves", "q8grp", "quest")
+WIDTHS = (1, 2, 4, 8)  # shortlist sizes, in multiples of the default C, at which pre-score misses are counted
+
+
+def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: torch.Tensor,
+                       rows: torch.Tensor) -> torch.Tensor:
+    """Step 2's pre-score of query blocks ``rows`` of q ``[H, T, D]`` against every key block of k
+    ``[Hkv, S, D]``: ``[H, R, nKB]``. ``z3`` is the library's (``selection.shortlist.pre_scores``); the others
+    are bench/prescore_variants.py's, here for every row: ``khalves`` pools keys per half block and takes the
+    better half, ``q8grp`` pools the block's queries in 8 groups and takes the best group, ``quest`` is
+    Quest's per-channel bound ``sum_d max(qsum_d kmax_d, qsum_d kmin_d)`` (arXiv 2406.10774)."""
+    H, Hkv, n_kb = q.shape[0], k.shape[0], math.ceil(k.shape[1] / BLOCK)
+    q_sum = pool_queries(q[None], q_used)[:, :, rows]  # [1, H, R, D]
+    if prescore == "z3":
+        return pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0]
+    if prescore == "khalves":
+        halves = pre_scores(q_sum, *pool_keys(k[None], BLOCK // 2), Z)[0]  # [H, R, 2 nKB or one less]
+        halves = torch.nn.functional.pad(halves, (0, 2 * n_kb - halves.shape[-1]), value=-math.inf)
+        return halves.view(H, len(rows), n_kb, 2).amax(-1)
+    if prescore == "q8grp":
+        groups = 8
+        nQ, bq = q_used.shape
+        blocks = torch.nn.functional.pad(q, (0, 0, 0, nQ * bq - q.shape[1])).view(H, nQ, bq, -1)
+        used = (blocks * q_used[:, :, None]).view(H, nQ, groups, bq // groups, -1).sum(3)[:, rows]  # [H, R, 8, D]
+        scores = pre_scores(used.reshape(1, H, -1, used.shape[-1]), *pool_keys(k[None], BLOCK), Z)[0]
+        return scores.view(H, len(rows), groups, n_kb).amax(2)
+    if prescore == "quest":
+        blocks = key_blocks(k[None], BLOCK)[0]  # [Hkv, nKB, bk, D], the ragged last block 0-padded
+        k_max = blocks.amax(2).repeat_interleave(H // Hkv, 0)[:, None]  # [H, 1, nKB, D]
+        k_min = blocks.amin(2).repeat_interleave(H // Hkv, 0)[:, None]
+        qs = q_sum[0][:, :, None]  # [H, R, 1, D]
+        return torch.cat([torch.maximum(qs[:, i:i + 16] * k_max, qs[:, i:i + 16] * k_min).sum(-1)
+                          for i in range(0, len(rows), 16)], dim=1)
+    raise ValueError(f"unknown pre-score {prescore!r}; choose one of {', '.join(PRESCORES)}")
+
+
 def needle_ranks(q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None, needles: list[int],
-                 ks: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-    """Per k, the needle's ranks on one layer's q ``[H, T, D]``, k ``[Hkv, T, D]``: ``pre`` and ``exact``
-    ``[H, R]`` over the R searched rows after the needle and before the exact tail, with their ``C`` and
-    ``m`` (``[R]`` and an int). The pre-scores and exact scores do not depend on k; only C and m do."""
+                 ks: list[int], prescore: str = "z3") -> dict[int, dict[str, torch.Tensor]]:
+    """Per k, the needle's ranks on one layer's q ``[H, T, D]``, k ``[Hkv, T, D]``: ``pre`` (by the
+    ``prescore`` variant) and ``exact`` ``[H, R]`` over the R searched rows after the needle and before the
+    exact tail, with their ``C`` and ``m`` (``[R]`` and an int). The pre-scores and exact scores do not
+    depend on k; only C and m do."""
     config = MaskConfig(block_q=BLOCK, block_k=BLOCK)
     T, S = q.shape[1], k.shape[1]
     sinks = forced_sinks(config, window)
@@ -99,9 +138,7 @@ def needle_ranks(q: torch.Tensor, k: torch.Tensor, scale: float, window: int | N
     rows = torch.tensor([i for i in range(body) if bool(middle[i, needles].all())], dtype=torch.long)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)[rows]  # [R] middle candidates
     _, _, q_used = query_blocks(q[None, :1, :, :1], config, S)  # [nQ, bq]: depends on T, S only
-    k_mean, k_var = pool_keys(k[None], BLOCK)  # [1, Hkv, nKB, D] each
-    q_sum = pool_queries(q[None], q_used)[:, :, rows]  # [1, H, R, D]
-    pre = needle_rank(pre_scores(q_sum, k_mean, k_var, Z)[0], needles, middle[rows])  # [N, H, R]
+    pre = needle_rank(variant_pre_scores(prescore, q, k, q_used, rows), needles, middle[rows])  # [N, H, R]
     exact_scores = block_scores(q[None], k[None], config, scale=scale, window=window)[0, :, rows]  # [H, R, nKB]
     exact = needle_rank(exact_scores, needles, middle[rows])  # [N, H, R]
     # a needle over two blocks: each row ranks the block the exact score ranks best (the one the oracle
@@ -127,10 +164,12 @@ def rank_summary(pre: torch.Tensor, exact: torch.Tensor, C: torch.Tensor, m: int
             "median_rank_over_C": round(median, 4), "p90_rank_over_C": round(p90, 4),
             "oracle_keeps": int((exact <= m).sum()),  # exact rank <= m: the oracle keeps the needle here
             "prescore_misses": int(((exact <= m) & (pre > C)).sum()),
+            "prescore_misses_by_width": {f"{w}C": int(((exact <= m) & (pre > w * C)).sum()) for w in WIDTHS},
             "budget_misses": int((exact > m).sum())}
 
 
-def needle_rank_study(model, tokenizer, cases, ks: list[int], model_name: str = "smollm2-135m") -> dict:
+def needle_rank_study(model, tokenizer, cases, ks: list[int], model_name: str = "smollm2-135m",
+                      prescore: str = "z3", layers: set[int] | None = None) -> dict:
     """``--measure needle-rank``: the needle's pre-score and exact ranks on every case (module docstring)."""
     ranks = collections.defaultdict(lambda: {"pre": [], "exact": [], "C": []})  # (k, layer) -> per case
     m_of = {}
@@ -139,7 +178,9 @@ def needle_rank_study(model, tokenizer, cases, ks: list[int], model_name: str = 
         needles = needle_blocks(case.needle_token_spans, BLOCK)
         row = {"id": case.id, "needle_blocks": needles}
         for layer, (q, k, scale, window) in capture_qk(model, encode(tokenizer, case)).items():
-            for top_k, r in needle_ranks(q, k, scale, window, needles, ks).items():
+            if layers and layer not in layers:
+                continue
+            for top_k, r in needle_ranks(q, k, scale, window, needles, ks, prescore).items():
                 cell = ranks[(top_k, layer)]
                 cell["pre"].append(r["pre"].flatten())
                 cell["exact"].append(r["exact"].flatten())
@@ -171,8 +212,8 @@ def needle_rank_study(model, tokenizer, cases, ks: list[int], model_name: str = 
         print(f"| {layer} | " + " | ".join(
             f"{c['reach_share']:.3f} {c['median_rank_over_C']:.2f}/{c['p90_rank_over_C']:.2f} "
             f"{c['prescore_misses']}/{c['oracle_keeps']}" if c["rows"] else "-" for c in cells) + " |")
-    return {"bench": "needle_rank", "model": model_name, "block": BLOCK, "z": Z, "cases": len(cases),
-            "rows": rows, "per_case": per_case}
+    return {"bench": "needle_rank", "model": model_name, "prescore": prescore, "block": BLOCK, "z": Z,
+            "cases": len(cases), "rows": rows, "per_case": per_case}
 
 
 def size_study(model, tokenizer, cases, ks: list[int], model_name: str = "smollm2-135m") -> dict:
@@ -217,6 +258,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--samples", type=int, default=1, help="RULER samples per cell (seed 0)")
     parser.add_argument("--ids", default="", help="only these case ids of the grid, comma-separated")
+    parser.add_argument("--prescore", choices=PRESCORES, default="z3", help="needle-rank: step 2's variant")
+    parser.add_argument("--layers", default="", help="needle-rank: only these layers, comma-separated")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"default {' or '.join(DEFAULT_JSON.values())}")
     args = parser.parse_args()
@@ -228,8 +271,12 @@ def main() -> None:
                              [float(x) for x in args.depths.split(",")], samples=args.samples, seed=0)
     ids = set(filter(None, args.ids.split(",")))
     cases = [c for c in cases if not ids or c.id in ids]
-    study = needle_rank_study if args.measure == "needle-rank" else size_study
-    result = {**study(model, tokenizer, cases, ks, args.model), "seconds": round(time.perf_counter() - start, 1)}
+    if args.measure == "needle-rank":
+        layers = {int(x) for x in args.layers.split(",") if x}
+        result = needle_rank_study(model, tokenizer, cases, ks, args.model, args.prescore, layers)
+    else:
+        result = size_study(model, tokenizer, cases, ks, args.model)
+    result["seconds"] = round(time.perf_counter() - start, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
