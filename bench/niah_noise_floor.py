@@ -60,7 +60,7 @@ def runner_up_oracle(share: float, generator: torch.Generator):
         searched[nQ - exact_tail_blocks(T, S, config.block_q, input_end):] = False
         slip = torch.rand(B, H, nQ, generator=generator) < share
         slip = slip.to(q.device) & searched
-        if m >= 1 and n_kb > m and bool(slip.any()):
+        if m >= 1 and bool(slip.any()):  # a slipped row is searched: it has more than m candidates
             ranked = torch.sort(scores.masked_fill(~middle, -math.inf), dim=-1, descending=True, stable=True)
             weakest = ranked.indices[..., m - 1:m]  # the m-th best: dropped, so the (m+1)-th comes in
             scores = scores.scatter(-1, weakest, torch.where(slip[..., None], -math.inf, ranked.values[..., m - 1:m]))

@@ -32,13 +32,14 @@ import math
 import time
 from pathlib import Path
 
+import prescore_variants  # a sibling bench script: its pooled per-block key max / min
 import torch
 
 from sparsetrace import MaskConfig, load_model
 from sparsetrace.analysis.routes import needle_blocks
 from sparsetrace.datasets import ruler
 from sparsetrace.runs.niah import encode
-from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, key_blocks, query_blocks
+from sparsetrace.selection.blocks import candidate_range, forced_sinks, in_middle, query_blocks
 from sparsetrace.selection.oracle import block_scores, oracle_select
 from sparsetrace.selection.shortlist import (
     Z,
@@ -105,17 +106,17 @@ def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: 
         halves = pre_scores(q_sum, *pool_keys(k[None], BLOCK // 2), Z)[0]  # [H, R, 2 nKB or one less]
         halves = torch.nn.functional.pad(halves, (0, 2 * n_kb - halves.shape[-1]), value=-math.inf)
         return halves.view(H, len(rows), n_kb, 2).amax(-1)
-    if prescore == "q8grp":
+    if prescore == "q8grp":  # pool_queries over groups of bq / 8 used rows: each block's 8 group sums
         groups = 8
         nQ, bq = q_used.shape
-        blocks = torch.nn.functional.pad(q, (0, 0, 0, nQ * bq - q.shape[1])).view(H, nQ, bq, -1)
-        used = (blocks * q_used[:, :, None]).view(H, nQ, groups, bq // groups, -1).sum(3)[:, rows]  # [H, R, 8, D]
-        scores = pre_scores(used.reshape(1, H, -1, used.shape[-1]), *pool_keys(k[None], BLOCK), Z)[0]
+        q_groups = pool_queries(q[None], q_used.reshape(nQ * groups, bq // groups))  # [1, H, nQ * 8, D]
+        q_groups = q_groups.view(1, H, nQ, groups, -1)[:, :, rows].flatten(2, 3)  # [1, H, R * 8, D]
+        scores = pre_scores(q_groups, *pool_keys(k[None], BLOCK), Z)[0]
         return scores.view(H, len(rows), groups, n_kb).amax(2)
     if prescore == "quest":
-        blocks = key_blocks(k[None], BLOCK)[0]  # [Hkv, nKB, bk, D], the ragged last block 0-padded
-        k_max = blocks.amax(2).repeat_interleave(H // Hkv, 0)[:, None]  # [H, 1, nKB, D]
-        k_min = blocks.amin(2).repeat_interleave(H // Hkv, 0)[:, None]
+        _, _, k_max, k_min = prescore_variants.pooled(k, BLOCK)  # [Hkv, nKB, D] each, over the real keys
+        k_max = k_max.repeat_interleave(H // Hkv, 0)[:, None]  # [H, 1, nKB, D]
+        k_min = k_min.repeat_interleave(H // Hkv, 0)[:, None]
         qs = q_sum[0][:, :, None]  # [H, R, 1, D]
         return torch.cat([torch.maximum(qs[:, i:i + 16] * k_max, qs[:, i:i + 16] * k_min).sum(-1)
                           for i in range(0, len(rows), 16)], dim=1)
