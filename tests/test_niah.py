@@ -280,11 +280,7 @@ def test_noise_floor_oracle_slips_to_its_runner_up_outside_the_tail():
     """bench/niah_noise_floor.py: with share 0 its selection is the oracle's; with share 1 every searched row
     outside the input's tail keeps the oracle's m - 1 best middle blocks and the (m+1)-th instead of the m-th
     (brute force over the exact block scores), and the tail's rows stay the oracle's."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from niah_noise_floor import runner_up_oracle
+    runner_up_oracle = _bench_module("niah_noise_floor").runner_up_oracle
 
     from sparsetrace.config import MaskConfig
     from sparsetrace.ops import select_blocks
@@ -311,6 +307,70 @@ def test_noise_floor_oracle_slips_to_its_runner_up_outside_the_tail():
             ranked = sorted(middle, key=lambda j: (-float(scores[0, h, i, j]), j))
             expected = sorted([0, *ranked[:m - 1], ranked[m], i])
             assert slipped[0, h, i].tolist() == expected, (top_k, h, i)
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("S", [96, 101])
+def test_prescore_bound_is_above_every_keys_dot(S):
+    """bench/niah_prescore.py: Quest's bound is at least ``qsum . k`` for every real key of a block (float64
+    brute force, a ragged last block of 101 keys included) and equals ``sum_d qsum_d`` times the dimension's
+    largest key value where ``qsum_d >= 0``, its smallest otherwise."""
+    prescore = _bench_module("niah_prescore")
+    torch.manual_seed(S)
+    Hkv, group, D, bk = 2, 3, 8, 16
+    k = torch.randn(1, Hkv, S, D)
+    q_sum = torch.randn(1, Hkv * group, 5, D)
+    bound = prescore.bound_scores(q_sum, *prescore.pool_key_bounds(k, bk))  # [1, Hq, 5, nKB]
+    for j in range(math.ceil(S / bk)):
+        keys = k[0, :, j * bk:(j + 1) * bk].double().repeat_interleave(group, 0)  # [Hq, w, D], real keys only
+        dots = torch.einsum("hcd,hwd->hcw", q_sum[0].double(), keys)
+        assert (bound[0, :, :, j].double() >= dots.max(-1).values - 1e-4).all(), j
+        k_max, k_min = keys.max(1).values[:, None], keys.min(1).values[:, None]  # [Hq, 1, D]
+        want = torch.where(q_sum[0] >= 0, q_sum[0] * k_max, q_sum[0] * k_min).sum(-1)
+        torch.testing.assert_close(bound[0, :, :, j].double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_prescore_harness_ranks_shortlist_rows_by_the_bound(monkeypatch):
+    """Under ``bound_prescore()`` SHORTLIST's rows equal the plain-loop reference ranked by the same bound in
+    float64 (600 tokens, block 8: most rows shortlist a few of their candidates), differ from the library's,
+    and the library's step 2 is restored after it; ``min_width=4`` gives k 4 rows (m = 2) the one-block
+    rule's 4 candidates a level and leaves other m alone."""
+    from sparsetrace.config import MaskConfig
+    from sparsetrace.selection import reference, shortlist
+
+    prescore = _bench_module("niah_prescore")
+
+    def loop_bound(q, k, b, h, group, i, j, T, S, block_q, block_k, query_stride, z):
+        q_sum = q[b, h, reference._used_rows(i, T, block_q, query_stride)].double().sum(0)
+        keys = k[b, h // group, j * block_k:min((j + 1) * block_k, S)].double()
+        return torch.maximum(q_sum * keys.max(0).values, q_sum * keys.min(0).values).sum().item()
+
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 4, 600, 8), torch.randn(1, 2, 600, 8)
+    config = MaskConfig(block_q=8, block_k=8, top_k=4, estimator="shortlist")
+    library = shortlist.shortlist_select(q, k, config).indices
+    with prescore.bound_prescore():
+        got = shortlist.shortlist_select(q, k, config).indices
+    monkeypatch.setattr(reference, "_pre_score", loop_bound)
+    assert torch.equal(got, reference.shortlist_reference(q, k, config).indices)
+    assert not torch.equal(got, library)  # the bound ranks otherwise than the Gaussian guess here
+    assert torch.equal(shortlist.shortlist_select(q, k, config).indices, library)  # restored
+
+    count = torch.tensor([3, 14, 60, 960])
+    rule = shortlist.shortlist_sizes
+    with prescore.bound_prescore(min_width=4):
+        assert shortlist.shortlist_sizes(count, 2).tolist() == [3, 12, 20, 36]  # 4 * max(ceil(log2(count/2)), 2)
+        assert torch.equal(shortlist.shortlist_sizes(count, 6), rule(count, 6))  # m >= 4: the rule's
+        assert torch.equal(shortlist.shortlist_sizes(count, 1), rule(count, 1))
+    assert shortlist.shortlist_sizes is rule
 
 
 @pytest.mark.slow
