@@ -32,7 +32,7 @@ import math
 import time
 from pathlib import Path
 
-import prescore_variants  # a sibling bench script: its pooled per-block key max / min
+import niah_prescore  # a sibling bench script: Quest's bound as SHORTLIST's step 2
 import torch
 
 from sparsetrace import MaskConfig, load_model
@@ -97,8 +97,9 @@ def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: 
     ``[Hkv, S, D]``: ``[H, R, nKB]``. ``z3`` is the library's (``selection.shortlist.pre_scores``); the others
     are bench/prescore_variants.py's, here for every row: ``khalves`` pools keys per half block and takes the
     better half, ``q8grp`` pools the block's queries in 8 groups and takes the best group, ``quest`` is
-    Quest's per-channel bound ``sum_d max(qsum_d kmax_d, qsum_d kmin_d)`` (arXiv 2406.10774)."""
-    H, Hkv, n_kb = q.shape[0], k.shape[0], math.ceil(k.shape[1] / BLOCK)
+    Quest's per-channel bound ``sum_d max(qsum_d kmax_d, qsum_d kmin_d)`` (arXiv 2406.10774), as
+    bench/niah_prescore.py computes it."""
+    H, n_kb = q.shape[0], math.ceil(k.shape[1] / BLOCK)
     q_sum = pool_queries(q[None], q_used)[:, :, rows]  # [1, H, R, D]
     if prescore == "z3":
         return pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0]
@@ -114,12 +115,7 @@ def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: 
         scores = pre_scores(q_groups, *pool_keys(k[None], BLOCK), Z)[0]
         return scores.view(H, len(rows), groups, n_kb).amax(2)
     if prescore == "quest":
-        _, _, k_max, k_min = prescore_variants.pooled(k, BLOCK)  # [Hkv, nKB, D] each, over the real keys
-        k_max = k_max.repeat_interleave(H // Hkv, 0)[:, None]  # [H, 1, nKB, D]
-        k_min = k_min.repeat_interleave(H // Hkv, 0)[:, None]
-        qs = q_sum[0][:, :, None]  # [H, R, 1, D]
-        return torch.cat([torch.maximum(qs[:, i:i + 16] * k_max, qs[:, i:i + 16] * k_min).sum(-1)
-                          for i in range(0, len(rows), 16)], dim=1)
+        return niah_prescore.bound_scores(q_sum, *niah_prescore.pool_key_bounds(k[None], BLOCK))[0]
     raise ValueError(f"unknown pre-score {prescore!r}; choose one of {', '.join(PRESCORES)}")
 
 
