@@ -276,6 +276,16 @@ def test_niah_study_bad_inputs_end_in_one_line_and_keep_the_results(tmp_path):
         assert out.read_text() == '{"rows": [], "reports": []}\n'
 
 
+def _bench_module(name: str):
+    """A bench script imported as a module (bench/ is not a package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    return importlib.import_module(name)
+
+
 def test_noise_floor_oracle_slips_to_its_runner_up_outside_the_tail():
     """bench/niah_noise_floor.py: with share 0 its selection is the oracle's; with share 1 every searched row
     outside the input's tail keeps the oracle's m - 1 best middle blocks and the (m+1)-th instead of the m-th
@@ -307,15 +317,6 @@ def test_noise_floor_oracle_slips_to_its_runner_up_outside_the_tail():
             ranked = sorted(middle, key=lambda j: (-float(scores[0, h, i, j]), j))
             expected = sorted([0, *ranked[:m - 1], ranked[m], i])
             assert slipped[0, h, i].tolist() == expected, (top_k, h, i)
-
-
-def _bench_module(name: str):
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    return importlib.import_module(name)
 
 
 @pytest.mark.parametrize("S", [96, 101])
