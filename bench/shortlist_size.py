@@ -14,8 +14,8 @@ by the exact block score, against the row's C and m. A row whose needle ranks wi
 C by pre-score is a pre-score miss (a larger C or a better pre-score would keep it); a needle ranked past m
 exactly is lost to the budget, which no shortlist fixes. Per k (3, 4, 8, 16) and layer: the share of rows
 whose needle reaches the shortlist, the median and p90 of pre-score rank / C, and the pre-score misses (also
-at 2, 4 and 8 times C). ``--prescore`` ranks by another step-2 variant (bench/prescore_variants.py's, for
-every row), ``--layers`` keeps some layers only.
+at 2, 4 and 8 times C). ``--prescore`` ranks by another step-2 variant (bench/prescore_variants.py's for
+every row, or bench/niah_prescore.py's bound), ``--layers`` keeps some layers only.
 
     python bench/shortlist_size.py [--measure size|needle-rank] [--variants niah_single_2,niah_single_3,
         niah_multikey_1] [--lengths 2048] [--depths 10,50,90] [--ks 4,8]
