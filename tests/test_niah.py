@@ -374,6 +374,17 @@ def test_prescore_harness_ranks_shortlist_rows_by_the_bound(monkeypatch):
     assert shortlist.shortlist_sizes is rule
 
 
+def test_long_rows_counts_the_oracles_middle_picks_kept():
+    """bench/long_rows.py's ``kept``: only the oracle's middle picks count (sink 0 and the local block are in
+    every row), a row counts as whole when all of them are kept, and only the rows asked for are read."""
+    long_rows = _bench_module("long_rows")
+    oracle = torch.tensor([[[0, 3, 5, 9], [0, 2, 7, 9], [0, 1, 2, 3]]])  # [Hq 1, nQ 3, k 4]
+    selected = torch.tensor([[[0, 3, 4, 9], [0, 2, 7, 9], [0, 1, 2, 3]]])
+    first, end = torch.tensor([1, 1, 1]), torch.tensor([9, 9, 3])  # middle [1, 9) in rows 0 and 1
+    assert long_rows.kept(selected, oracle, torch.tensor([0, 1]), first, end) == (3, 4, 1, 2)
+    assert long_rows.kept(oracle, oracle, torch.tensor([0]), first, end) == (2, 2, 1, 1)
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     from sparsetrace.cli import main

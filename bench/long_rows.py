@@ -1,0 +1,100 @@
+"""Long rows on real Q/K: how many of the oracle's picks SHORTLIST keeps with the Gaussian guess and with Quest's bound.
+
+In a long row (many candidates: 256 or more here) SHORTLIST's C is a small share of the candidates, and on a
+30k NIAH case the guess (its step 2, mean plus three standard deviations) dropped the needle's block where
+Quest's per-channel bound kept it (bench/RESULTS.md, issue 16). This asks whether the bound also keeps the
+oracle's other picks there: one dense forward of the model over ``--tokens`` tokens of essays captures
+post-RoPE q and k; in each chosen layer, for each k, it runs the oracle (exact block top-k), SHORTLIST, and
+SHORTLIST with step 2 swapped for the bound (``bench/niah_prescore.py``), and counts, over the rows with
+``LONG_ROW`` or more middle candidates outside the input's exact tail, the oracle's middle picks each keeps
+(recall) and the rows where it keeps all of them. Block 32, one sink and one local block, max score. Prints a
+table and writes JSON.
+
+    python bench/long_rows.py --model gemma-3-270m --tokens 16384 --layers 5,11,17 --ks 3,4,8,16 \
+        --json bench/results/long_rows_gemma_16k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from niah_prescore import bound_prescore  # noqa: E402  (a sibling bench script)
+
+from sparsetrace import MaskConfig, load_model  # noqa: E402
+from sparsetrace.datasets.essays import haystack_text  # noqa: E402
+from sparsetrace.selection.blocks import candidate_range  # noqa: E402
+from sparsetrace.selection.oracle import oracle_select  # noqa: E402
+from sparsetrace.selection.shortlist import exact_tail_blocks, shortlist_select  # noqa: E402
+from sparsetrace.tracing.probe import capture_qk  # noqa: E402
+from sparsetrace.tracing.tracer import tokenize  # noqa: E402
+
+BLOCK, SINK, LOCAL = 32, 1, 1
+LONG_ROW = 256  # middle candidates from which a row counts as long (8k tokens at block 32)
+
+
+def kept(selected: torch.Tensor, oracle: torch.Tensor, rows: torch.Tensor, first: torch.Tensor,
+         end: torch.Tensor) -> tuple[int, int, int, int]:
+    """(oracle middle picks kept, oracle middle picks, rows keeping every one, rows) over the query blocks
+    ``rows`` of ``[Hq, nQ, k]`` indices; a row's middle is ``[first, end)`` (the forced blocks are in both)."""
+    s, o = selected[:, rows].long(), oracle[:, rows].long()
+    middle = (o >= first[rows, None]) & (o < end[rows, None])  # [Hq, R, k]
+    hit = (o[..., :, None] == s[..., None, :]).any(-1) & middle
+    return int(hit.sum()), int(middle.sum()), int((hit == middle).all(-1).sum()), hit.shape[0] * hit.shape[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--layers", default="", help="comma-separated layers (default: every layer with long rows)")
+    p.add_argument("--ks", default="3,4,8,16")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    model, tokenizer = load_model(args.model)
+    ids, _ = tokenize(tokenizer, haystack_text(args.tokens * 6), max_tokens=args.tokens)
+    T = ids.shape[0]
+    start = time.perf_counter()
+    layers = capture_qk(model, ids)
+    print(f"{args.model}: {T} tokens captured in {time.perf_counter() - start:.0f} s", flush=True)
+    chosen = [int(x) for x in args.layers.split(",")] if args.layers else sorted(layers)
+    rows_out = []
+    print(f"{'layer':>5} {'k':>3} {'rows':>6} {'guess recall':>12} {'bound recall':>12} "
+          f"{'guess all':>9} {'bound all':>9}")
+    for layer in chosen:
+        q, k, scale, window = layers[layer]
+        for top_k in [int(x) for x in args.ks.split(",")]:
+            config = MaskConfig(block_q=BLOCK, block_k=BLOCK, top_k=top_k, sink_blocks=SINK, local_blocks=LOCAL)
+            lo, n = candidate_range(T, T, config, "cpu", window)
+            count = n - lo - SINK - LOCAL
+            searched = torch.arange(len(n)) < len(n) - exact_tail_blocks(T, T, BLOCK)
+            rows = ((count >= LONG_ROW) & searched).nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            oracle = oracle_select(q[None], k[None], config, scale=scale, window=window).indices[0]
+            guess = shortlist_select(q[None], k[None], config, scale=scale, window=window).indices[0]
+            with bound_prescore():
+                bound = shortlist_select(q[None], k[None], config, scale=scale, window=window).indices[0]
+            g, b = (kept(x, oracle, rows, lo + SINK, n - LOCAL) for x in (guess, bound))
+            row = {"layer": layer, "k": top_k, "rows": g[3], "picks": g[1], "guess_kept": g[0], "bound_kept": b[0],
+                   "guess_rows_all": g[2], "bound_rows_all": b[2]}
+            rows_out.append(row)
+            print(f"{layer:5d} {top_k:3d} {g[3]:6d} {g[0] / g[1]:12.3f} {b[0] / b[1]:12.3f} {g[2] / g[3]:9.3f} "
+                  f"{b[2] / b[3]:9.3f}", flush=True)
+    result = {"bench": "long_rows", "model": args.model, "tokens": T, "block": BLOCK, "long_row": LONG_ROW,
+              "date": time.strftime("%Y-%m-%d"), "rows": rows_out}
+    print(json.dumps(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
