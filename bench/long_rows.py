@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,13 +26,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from niah_prescore import bound_prescore  # noqa: E402  (a sibling bench script)
+from niah_prescore import bound_prescore, bound_scores, pool_key_bounds  # noqa: E402  (a sibling bench script)
 
 from sparsetrace import MaskConfig, load_model  # noqa: E402
 from sparsetrace.datasets.essays import haystack_text  # noqa: E402
-from sparsetrace.selection.blocks import candidate_range  # noqa: E402
+from sparsetrace.selection.blocks import candidate_range, in_middle, query_blocks  # noqa: E402
 from sparsetrace.selection.oracle import oracle_select  # noqa: E402
-from sparsetrace.selection.shortlist import exact_tail_blocks, shortlist_select  # noqa: E402
+from sparsetrace.selection.shortlist import (  # noqa: E402
+    Z,
+    exact_tail_blocks,
+    pool_keys,
+    pool_queries,
+    pre_scores,
+    shortlist_select,
+    shortlist_sizes,
+)
 from sparsetrace.tracing.probe import capture_qk  # noqa: E402
 from sparsetrace.tracing.tracer import tokenize  # noqa: E402
 
@@ -47,6 +56,39 @@ def kept(selected: torch.Tensor, oracle: torch.Tensor, rows: torch.Tensor, first
     middle = (o >= first[rows, None]) & (o < end[rows, None])  # [Hq, R, k]
     hit = (o[..., :, None] == s[..., None, :]).any(-1) & middle
     return int(hit.sum()), int(middle.sum()), int((hit == middle).all(-1).sum()), hit.shape[0] * hit.shape[1]
+
+
+def ranks(scores: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
+    """Each block's rank (0 = best) among its row's middle candidates, ties to the lower block:
+    ``scores [H, nQ, nKB]``, bool ``middle [nQ, nKB]`` -> ``[H, nQ, nKB]`` (blocks outside rank last)."""
+    order = torch.sort(scores.masked_fill(~middle, -math.inf), dim=-1, descending=True, stable=True).indices
+    return torch.argsort(order, dim=-1)
+
+
+def shortlists(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, lo: torch.Tensor, n: torch.Tensor,
+               ) -> dict[str, torch.Tensor]:
+    """Which blocks each row's shortlist holds, bool ``[H, nQ, nKB]``, for two ways of mixing the pre-scores:
+    ``merge`` takes the C blocks with the best rank under either (``min(rank_guess, rank_bound)``, then the
+    guess's rank), the same C as SHORTLIST; ``union`` takes the C best of each, up to 2C blocks, to compare
+    with ``guess_2c``, the 2C best by the guess."""
+    T = q.shape[1]
+    q_sum = pool_queries(q[None], query_blocks(q[None, :1, :, :1], config, T)[2])
+    middle = in_middle(torch.arange(math.ceil(T / BLOCK))[None, :], lo, n, SINK, config)  # [nQ, nKB]
+    by_guess = ranks(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], middle)
+    by_bound = ranks(bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0], middle)
+    size = shortlist_sizes(middle.sum(-1), config.top_k - SINK - LOCAL)[:, None]  # [nQ, 1]
+    merged = ranks(-(torch.minimum(by_guess, by_bound) * by_guess.shape[-1] + by_guess).double(), middle)
+    return {"merge": (merged < size) & middle, "union": ((by_guess < size) | (by_bound < size)) & middle,
+            "guess_2c": (by_guess < 2 * size) & middle}
+
+
+def held(shortlist: torch.Tensor, oracle: torch.Tensor, rows: torch.Tensor, first: torch.Tensor,
+         end: torch.Tensor) -> int:
+    """The oracle's middle picks (``[H, nQ, k]`` indices, a row's middle ``[first, end)``) that the bool
+    ``shortlist [H, nQ, nKB]`` holds, over the query blocks ``rows``."""
+    o = oracle[:, rows].long()
+    middle = (o >= first[rows, None]) & (o < end[rows, None])
+    return int((shortlist[:, rows].gather(-1, o.clamp(min=0)) & middle).sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [int(x) for x in args.layers.split(",")] if args.layers else sorted(layers)
     rows_out = []
     print(f"{'layer':>5} {'k':>3} {'rows':>6} {'guess recall':>12} {'bound recall':>12} "
-          f"{'guess all':>9} {'bound all':>9}")
+          f"{'guess all':>9} {'bound all':>9} {'merge':>10} {'union 2C':>10} {'guess 2C':>10}")
     for layer in chosen:
         q, k, scale, window = layers[layer]
         for top_k in [int(x) for x in args.ks.split(",")]:
@@ -82,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             with bound_prescore():
                 bound = shortlist_select(q[None], k[None], config, scale=scale, window=window).indices[0]
             g, b = (kept(x, oracle, rows, lo + SINK, n - LOCAL) for x in (guess, bound))
+            mixed = {name: held(short, oracle, rows, lo + SINK, n - LOCAL)
+                     for name, short in shortlists(q, k, config, lo, n).items()}
             row = {"layer": layer, "k": top_k, "rows": g[3], "picks": g[1], "guess_kept": g[0], "bound_kept": b[0],
-                   "guess_rows_all": g[2], "bound_rows_all": b[2]}
+                   "guess_rows_all": g[2], "bound_rows_all": b[2],
+                   **{f"{name}_held": count for name, count in mixed.items()}}
             rows_out.append(row)
             print(f"{layer:5d} {top_k:3d} {g[3]:6d} {g[0] / g[1]:12.3f} {b[0] / b[1]:12.3f} {g[2] / g[3]:9.3f} "
-                  f"{b[2] / b[3]:9.3f}", flush=True)
+                  f"{b[2] / b[3]:9.3f} {mixed['merge'] / g[1]:10.3f} {mixed['union'] / g[1]:10.3f} "
+                  f"{mixed['guess_2c'] / g[1]:10.3f}", flush=True)
     result = {"bench": "long_rows", "model": args.model, "tokens": T, "block": BLOCK, "long_row": LONG_ROW,
               "date": time.strftime("%Y-%m-%d"), "rows": rows_out}
     print(json.dumps(result))

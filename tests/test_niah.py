@@ -383,6 +383,18 @@ def test_long_rows_counts_the_oracles_middle_picks_kept():
     first, end = torch.tensor([1, 1, 1]), torch.tensor([9, 9, 3])  # middle [1, 9) in rows 0 and 1
     assert long_rows.kept(selected, oracle, torch.tensor([0, 1]), first, end) == (3, 4, 1, 2)
     assert long_rows.kept(oracle, oracle, torch.tensor([0]), first, end) == (2, 2, 1, 1)
+    shortlist = torch.zeros(1, 3, 10, dtype=torch.bool)
+    shortlist[0, 0, [3, 4]] = shortlist[0, 1, [2, 7]] = True
+    assert long_rows.held(shortlist, oracle, torch.tensor([0, 1]), first, end) == 3  # 3 of row 0, 2 and 7 of 1
+
+
+def test_long_rows_ranks_among_the_middle_ties_to_the_lower_block():
+    """bench/long_rows.py's ``ranks``: 0 = best among a row's middle, ties to the lower block, blocks outside
+    the middle after every middle block."""
+    long_rows = _bench_module("long_rows")
+    middle = torch.tensor([[False, True, True, True, True, False]])
+    got = long_rows.ranks(torch.tensor([[[9.0, 1.0, 3.0, 3.0, 2.0, 8.0]]]), middle)
+    assert got[0, 0, 1:5].tolist() == [3, 0, 1, 2] and set(got[0, 0, [0, 5]].tolist()) == {4, 5}
 
 
 @pytest.mark.slow
