@@ -7,8 +7,9 @@ oracle's other picks there: one dense forward of the model over ``--tokens`` tok
 post-RoPE q and k; in each chosen layer, for each k, it runs the oracle (exact block top-k), SHORTLIST, and
 SHORTLIST with step 2 swapped for the bound (``bench/niah_prescore.py``), and counts, over the rows with
 ``LONG_ROW`` or more middle candidates outside the input's exact tail, the oracle's middle picks each keeps
-(recall) and the rows where it keeps all of them. Block 32, one sink and one local block, max score. Prints a
-table and writes JSON.
+(recall) and the rows where it keeps all of them; and how many of those picks two mixes of the two pre-scores
+would hold in their shortlist (:func:`shortlists`). Block 32, one sink and one local block, max score. Prints
+a table and writes JSON.
 
     python bench/long_rows.py --model gemma-3-270m --tokens 16384 --layers 5,11,17 --ks 3,4,8,16 \
         --json bench/results/long_rows_gemma_16k.json
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                      for name, short in shortlists(q, k, config, lo, n).items()}
             row = {"layer": layer, "k": top_k, "rows": g[3], "picks": g[1], "guess_kept": g[0], "bound_kept": b[0],
                    "guess_rows_all": g[2], "bound_rows_all": b[2],
-                   **{f"{name}_held": count for name, count in mixed.items()}}
+                   **{f"{name}_held": n_held for name, n_held in mixed.items()}}
             rows_out.append(row)
             print(f"{layer:5d} {top_k:3d} {g[3]:6d} {g[0] / g[1]:12.3f} {b[0] / b[1]:12.3f} {g[2] / g[3]:9.3f} "
                   f"{b[2] / b[3]:9.3f} {mixed['merge'] / g[1]:10.3f} {mixed['union'] / g[1]:10.3f} "
