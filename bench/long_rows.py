@@ -66,6 +66,13 @@ def ranks(scores: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
     return torch.argsort(order, dim=-1)
 
 
+def merged_scores(guess: torch.Tensor, bound: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
+    """The merge's ranking as scores (higher is better): a block's best rank under either pre-score, ties by
+    the guess's rank; ``guess``, ``bound [H, R, nKB]``, bool ``middle [R, nKB]``."""
+    by_guess, by_bound = ranks(guess, middle), ranks(bound, middle)
+    return -(torch.minimum(by_guess, by_bound) * by_guess.shape[-1] + by_guess).double()
+
+
 def shortlists(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, lo: torch.Tensor, n: torch.Tensor,
                ) -> dict[str, torch.Tensor]:
     """Which blocks each row's shortlist holds, bool ``[H, nQ, nKB]``, for two ways of mixing the pre-scores:
@@ -75,10 +82,11 @@ def shortlists(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, lo: torch.T
     T = q.shape[1]
     q_sum = pool_queries(q[None], query_blocks(q[None, :1, :, :1], config, T)[2])
     middle = in_middle(torch.arange(math.ceil(T / BLOCK))[None, :], lo, n, SINK, config)  # [nQ, nKB]
-    by_guess = ranks(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], middle)
-    by_bound = ranks(bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0], middle)
+    guess = pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0]
+    bound = bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0]
+    by_guess, by_bound = ranks(guess, middle), ranks(bound, middle)
     size = shortlist_sizes(middle.sum(-1), config.top_k - SINK - LOCAL)[:, None]  # [nQ, 1]
-    merged = ranks(-(torch.minimum(by_guess, by_bound) * by_guess.shape[-1] + by_guess).double(), middle)
+    merged = ranks(merged_scores(guess, bound, middle), middle)
     return {"merge": (merged < size) & middle, "union": ((by_guess < size) | (by_bound < size)) & middle,
             "guess_2c": (by_guess < 2 * size) & middle}
 

@@ -32,7 +32,8 @@ import math
 import time
 from pathlib import Path
 
-import niah_prescore  # a sibling bench script: Quest's bound as SHORTLIST's step 2
+import long_rows  # sibling bench scripts: the merge of two pre-scores, Quest's bound as step 2
+import niah_prescore
 import torch
 
 from sparsetrace import MaskConfig, load_model
@@ -87,18 +88,19 @@ def needle_rank(scores: torch.Tensor, needles: list[int], middle: torch.Tensor) 
     return torch.stack(ranks)
 
 
-PRESCORES = ("z3", "khalves", "q8grp", "quest")
+PRESCORES = ("z3", "khalves", "q8grp", "quest", "merge")
 WIDTHS = (1, 2, 4, 8)  # shortlist sizes, in multiples of the default C, at which pre-score misses are counted
 
 
 def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: torch.Tensor,
-                       rows: torch.Tensor) -> torch.Tensor:
+                       rows: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
     """Step 2's pre-score of query blocks ``rows`` of q ``[H, T, D]`` against every key block of k
     ``[Hkv, S, D]``: ``[H, R, nKB]``. ``z3`` is the library's (``selection.shortlist.pre_scores``); the others
     are bench/prescore_variants.py's, here for every row: ``khalves`` pools keys per half block and takes the
     better half, ``q8grp`` pools the block's queries in 8 groups and takes the best group, ``quest`` is
     Quest's per-channel bound ``sum_d max(qsum_d kmax_d, qsum_d kmin_d)`` (arXiv 2406.10774), as
-    bench/niah_prescore.py computes it."""
+    bench/niah_prescore.py computes it; ``merge`` ranks a block by its better rank under z3 and quest among
+    the row's middle candidates ``middle [R, nKB]`` (bench/long_rows.py)."""
     H, n_kb = q.shape[0], math.ceil(k.shape[1] / BLOCK)
     q_sum = pool_queries(q[None], q_used)[:, :, rows]  # [1, H, R, D]
     if prescore == "z3":
@@ -114,8 +116,11 @@ def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: 
         q_groups = q_groups.view(1, H, nQ, groups, -1)[:, :, rows].flatten(2, 3)  # [1, H, R * 8, D]
         scores = pre_scores(q_groups, *pool_keys(k[None], BLOCK), Z)[0]
         return scores.view(H, len(rows), groups, n_kb).amax(2)
-    if prescore == "quest":
-        return niah_prescore.bound_scores(q_sum, *niah_prescore.pool_key_bounds(k[None], BLOCK))[0]
+    if prescore in ("quest", "merge"):
+        bound = niah_prescore.bound_scores(q_sum, *niah_prescore.pool_key_bounds(k[None], BLOCK))[0]
+        if prescore == "quest":
+            return bound
+        return long_rows.merged_scores(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], bound, middle)
     raise ValueError(f"unknown pre-score {prescore!r}; choose one of {', '.join(PRESCORES)}")
 
 
@@ -135,7 +140,7 @@ def needle_ranks(q: torch.Tensor, k: torch.Tensor, scale: float, window: int | N
     rows = torch.tensor([i for i in range(body) if bool(middle[i, needles].all())], dtype=torch.long)
     count = torch.clamp(n - lo - sinks - config.local_blocks, min=0)[rows]  # [R] middle candidates
     _, _, q_used = query_blocks(q[None, :1, :, :1], config, S)  # [nQ, bq]: depends on T, S only
-    pre = needle_rank(variant_pre_scores(prescore, q, k, q_used, rows), needles, middle[rows])  # [N, H, R]
+    pre = needle_rank(variant_pre_scores(prescore, q, k, q_used, rows, middle[rows]), needles, middle[rows])
     exact_scores = block_scores(q[None], k[None], config, scale=scale, window=window)[0, :, rows]  # [H, R, nKB]
     exact = needle_rank(exact_scores, needles, middle[rows])  # [N, H, R]
     # a needle over two blocks: each row ranks the block the exact score ranks best (the one the oracle

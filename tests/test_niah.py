@@ -397,6 +397,17 @@ def test_long_rows_ranks_among_the_middle_ties_to_the_lower_block():
     assert got[0, 0, 1:5].tolist() == [3, 0, 1, 2] and set(got[0, 0, [0, 5]].tolist()) == {4, 5}
 
 
+def test_long_rows_merge_takes_the_better_rank_of_either_pre_score():
+    """``merged_scores``: blocks ordered by their better rank under the guess or the bound, ties by the guess's
+    rank, so the merge's top 2 hold each pre-score's best block."""
+    long_rows = _bench_module("long_rows")
+    middle = torch.ones(1, 4, dtype=torch.bool)
+    guess = torch.tensor([[[4.0, 3.0, 2.0, 1.0]]])  # ranks 0 1 2 3
+    bound = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # ranks 3 2 1 0
+    order = long_rows.ranks(long_rows.merged_scores(guess, bound, middle), middle)[0, 0]
+    assert order.tolist() == [0, 2, 3, 1]  # block 0 (guess's best), block 3 (bound's best), 1, 2
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     from sparsetrace.cli import main
