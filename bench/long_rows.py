@@ -49,13 +49,20 @@ BLOCK, SINK, LOCAL = 32, 1, 1
 LONG_ROW = 256  # middle candidates from which a row counts as long (8k tokens at block 32)
 
 
+def oracle_middle(oracle: torch.Tensor, rows: torch.Tensor, first: torch.Tensor,
+                  end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's picks ``[Hq, R, k]`` in the query blocks ``rows`` of its ``[Hq, nQ, k]`` indices, and which
+    of them are middle picks (a row's middle is ``[first, end)``; the forced blocks are in every selection)."""
+    o = oracle[:, rows].long()
+    return o, (o >= first[rows, None]) & (o < end[rows, None])
+
+
 def kept(selected: torch.Tensor, oracle: torch.Tensor, rows: torch.Tensor, first: torch.Tensor,
          end: torch.Tensor) -> tuple[int, int, int, int]:
     """(oracle middle picks kept, oracle middle picks, rows keeping every one, rows) over the query blocks
-    ``rows`` of ``[Hq, nQ, k]`` indices; a row's middle is ``[first, end)`` (the forced blocks are in both)."""
-    s, o = selected[:, rows].long(), oracle[:, rows].long()
-    middle = (o >= first[rows, None]) & (o < end[rows, None])  # [Hq, R, k]
-    hit = (o[..., :, None] == s[..., None, :]).any(-1) & middle
+    ``rows`` of ``[Hq, nQ, k]`` indices (:func:`oracle_middle`)."""
+    o, middle = oracle_middle(oracle, rows, first, end)
+    hit = (o[..., :, None] == selected[:, rows, None, :].long()).any(-1) & middle
     return int(hit.sum()), int(middle.sum()), int((hit == middle).all(-1).sum()), hit.shape[0] * hit.shape[1]
 
 
@@ -66,10 +73,9 @@ def ranks(scores: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
     return torch.argsort(order, dim=-1)
 
 
-def merged_scores(guess: torch.Tensor, bound: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
-    """The merge's ranking as scores (higher is better): a block's best rank under either pre-score, ties by
-    the guess's rank; ``guess``, ``bound [H, R, nKB]``, bool ``middle [R, nKB]``."""
-    by_guess, by_bound = ranks(guess, middle), ranks(bound, middle)
+def merged_scores(by_guess: torch.Tensor, by_bound: torch.Tensor) -> torch.Tensor:
+    """The merge's ranking as scores (higher is better) from the two pre-scores' :func:`ranks` ``[H, R, nKB]``:
+    a block's best rank under either, ties by the guess's rank."""
     return -(torch.minimum(by_guess, by_bound) * by_guess.shape[-1] + by_guess).double()
 
 
@@ -82,21 +88,19 @@ def shortlists(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, lo: torch.T
     T = q.shape[1]
     q_sum = pool_queries(q[None], query_blocks(q[None, :1, :, :1], config, T)[2])
     middle = in_middle(torch.arange(math.ceil(T / BLOCK))[None, :], lo, n, SINK, config)  # [nQ, nKB]
-    guess = pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0]
-    bound = bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0]
-    by_guess, by_bound = ranks(guess, middle), ranks(bound, middle)
+    by_guess = ranks(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], middle)
+    by_bound = ranks(bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0], middle)
     size = shortlist_sizes(middle.sum(-1), config.top_k - SINK - LOCAL)[:, None]  # [nQ, 1]
-    merged = ranks(merged_scores(guess, bound, middle), middle)
+    merged = ranks(merged_scores(by_guess, by_bound), middle)
     return {"merge": (merged < size) & middle, "union": ((by_guess < size) | (by_bound < size)) & middle,
             "guess_2c": (by_guess < 2 * size) & middle}
 
 
 def held(shortlist: torch.Tensor, oracle: torch.Tensor, rows: torch.Tensor, first: torch.Tensor,
          end: torch.Tensor) -> int:
-    """The oracle's middle picks (``[H, nQ, k]`` indices, a row's middle ``[first, end)``) that the bool
-    ``shortlist [H, nQ, nKB]`` holds, over the query blocks ``rows``."""
-    o = oracle[:, rows].long()
-    middle = (o >= first[rows, None]) & (o < end[rows, None])
+    """The oracle's middle picks (:func:`oracle_middle`) that the bool ``shortlist [H, nQ, nKB]`` holds, over
+    the query blocks ``rows``."""
+    o, middle = oracle_middle(oracle, rows, first, end)
     return int((shortlist[:, rows].gather(-1, o.clamp(min=0)) & middle).sum())
 
 

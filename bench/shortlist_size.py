@@ -120,7 +120,8 @@ def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: 
         bound = niah_prescore.bound_scores(q_sum, *niah_prescore.pool_key_bounds(k[None], BLOCK))[0]
         if prescore == "quest":
             return bound
-        return long_rows.merged_scores(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], bound, middle)
+        guess = pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0]
+        return long_rows.merged_scores(long_rows.ranks(guess, middle), long_rows.ranks(bound, middle))
     raise ValueError(f"unknown pre-score {prescore!r}; choose one of {', '.join(PRESCORES)}")
 
 

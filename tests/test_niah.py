@@ -404,7 +404,8 @@ def test_long_rows_merge_takes_the_better_rank_of_either_pre_score():
     middle = torch.ones(1, 4, dtype=torch.bool)
     guess = torch.tensor([[[4.0, 3.0, 2.0, 1.0]]])  # ranks 0 1 2 3
     bound = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # ranks 3 2 1 0
-    order = long_rows.ranks(long_rows.merged_scores(guess, bound, middle), middle)[0, 0]
+    merged = long_rows.merged_scores(long_rows.ranks(guess, middle), long_rows.ranks(bound, middle))
+    order = long_rows.ranks(merged, middle)[0, 0]
     assert order.tolist() == [0, 2, 3, 1]  # block 0 (guess's best), block 3 (bound's best), 1, 2
 
 
