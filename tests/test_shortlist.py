@@ -15,6 +15,7 @@ from hypothesis import strategies as hs
 
 import sparsetrace as sp
 from sparsetrace.config import MaskConfig, TraceConfig
+from sparsetrace.selection.blocks import chunked_tile_scores, key_blocks, query_blocks
 from sparsetrace.selection.reference import shortlist_reference
 from sparsetrace.selection.shortlist import (
     EXACT_TAIL,
@@ -186,6 +187,27 @@ def test_a_one_block_search_shortlists_four_candidates_a_level():
     assert want[-3:] == [4 * math.ceil(math.log2(c)) for c in (62, 126, 16382)]
     assert shortlist_sizes(count, 1).tolist() == want
     assert shortlist_sizes(count, 2).tolist() == [0, 1, 2, 4, 4, 6, 10, 12, 26]  # m > 1: m * max(L, 2)
+
+
+@pytest.mark.parametrize("max_elements", [2**26, 3000])
+def test_rescoring_scores_only_a_rows_first_sizes_candidates(max_elements):
+    """``chunked_tile_scores(sizes=...)``, step 4 on the CPU: a row's first ``sizes`` scores equal those of
+    scoring every candidate, the rest are ``-inf`` (rows of size 0 included), whether a run of equal sizes
+    fits one chunk or is split (a 3000-float slab holds one query block of a few tiles)."""
+    torch.manual_seed(5)
+    B, Hq, Hkv, T, D, bq, bk, R = 1, 4, 2, 300, 8, 16, 16, 6
+    config = MaskConfig(block_q=bq, block_k=bk, top_k=4)
+    q, k = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D)
+    q_blocks, q_pos, q_used = query_blocks(q, config, T)
+    nQ = q_blocks.shape[2]
+    ids = torch.randint(0, math.ceil(T / bk), (B, Hq, nQ, R))
+    sizes = torch.tensor([0, 1, 1, 3, 3, 3, 6, 6, 2, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6])[:nQ]
+    args = (q_blocks, q_pos, q_used, key_blocks(k, bk), ids, config, D**-0.5)
+    full = chunked_tile_scores(*args, max_elements=2**26)
+    got = chunked_tile_scores(*args, max_elements=max_elements, sizes=sizes)
+    used = torch.arange(R) < sizes[:, None]  # [nQ, R]
+    assert torch.equal(got[..., used], full[..., used])
+    assert bool((got[..., ~used] == -math.inf).all()) and int((~used).sum()) > 0
 
 
 def test_top_columns_breaks_ties_to_the_lower_column():

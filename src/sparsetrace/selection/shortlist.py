@@ -247,7 +247,8 @@ def shortlist_select(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, *, sc
 
 
 def _torch_rescorer(k, config: MaskConfig, scale: float, window: int | None, max_elements: int):
-    """Step 4 with ``tile_scores`` (the CPU path), chunked over query blocks to bound the logit tiles."""
+    """Step 4 with ``tile_scores`` (the CPU path), chunked over query blocks to bound the logit tiles; only a
+    row's first ``sizes`` candidates are scored."""
     S = k.shape[2]
     k_blocks = key_blocks(k, config.block_k)
 
@@ -255,6 +256,6 @@ def _torch_rescorer(k, config: MaskConfig, scale: float, window: int | None, max
         q_blocks, q_pos, q_used = query_blocks(q, config, S)  # [B, Hq, nQ, bq, D] float32
         visible = middle_is_visible(q.shape[2], S, config, window)
         return chunked_tile_scores(q_blocks, q_pos, q_used, k_blocks, candidates, config, scale, window, visible,
-                                   max_elements=max_elements)
+                                   max_elements=max_elements, sizes=sizes)
 
     return rescore
