@@ -79,6 +79,13 @@ def merged_scores(by_guess: torch.Tensor, by_bound: torch.Tensor) -> torch.Tenso
     return -(torch.minimum(by_guess, by_bound) * by_guess.shape[-1] + by_guess).double()
 
 
+def prescore_ranks(q_sum: torch.Tensor, k: torch.Tensor, middle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each key block's :func:`ranks` among its row's ``middle [R, nKB]`` under z 3's guess and under Quest's
+    bound, ``[H, R, nKB]`` each, for the query sums ``q_sum [1, H, R, D]`` against k ``[Hkv, S, D]``."""
+    by_guess = ranks(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], middle)
+    return by_guess, ranks(bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0], middle)
+
+
 def shortlists(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, lo: torch.Tensor, n: torch.Tensor,
                ) -> dict[str, torch.Tensor]:
     """Which blocks each row's shortlist holds, bool ``[H, nQ, nKB]``, for two ways of mixing the pre-scores:
@@ -88,8 +95,7 @@ def shortlists(q: torch.Tensor, k: torch.Tensor, config: MaskConfig, lo: torch.T
     T = q.shape[1]
     q_sum = pool_queries(q[None], query_blocks(q[None, :1, :, :1], config, T)[2])
     middle = in_middle(torch.arange(math.ceil(T / BLOCK))[None, :], lo, n, SINK, config)  # [nQ, nKB]
-    by_guess = ranks(pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0], middle)
-    by_bound = ranks(bound_scores(q_sum, *pool_key_bounds(k[None], BLOCK))[0], middle)
+    by_guess, by_bound = prescore_ranks(q_sum, k, middle)
     size = shortlist_sizes(middle.sum(-1), config.top_k - SINK - LOCAL)[:, None]  # [nQ, 1]
     merged = ranks(merged_scores(by_guess, by_bound), middle)
     return {"merge": (merged < size) & middle, "union": ((by_guess < size) | (by_bound < size)) & middle,

@@ -116,12 +116,10 @@ def variant_pre_scores(prescore: str, q: torch.Tensor, k: torch.Tensor, q_used: 
         q_groups = q_groups.view(1, H, nQ, groups, -1)[:, :, rows].flatten(2, 3)  # [1, H, R * 8, D]
         scores = pre_scores(q_groups, *pool_keys(k[None], BLOCK), Z)[0]
         return scores.view(H, len(rows), groups, n_kb).amax(2)
-    if prescore in ("quest", "merge"):
-        bound = niah_prescore.bound_scores(q_sum, *niah_prescore.pool_key_bounds(k[None], BLOCK))[0]
-        if prescore == "quest":
-            return bound
-        guess = pre_scores(q_sum, *pool_keys(k[None], BLOCK), Z)[0]
-        return long_rows.merged_scores(long_rows.ranks(guess, middle), long_rows.ranks(bound, middle))
+    if prescore == "quest":
+        return niah_prescore.bound_scores(q_sum, *niah_prescore.pool_key_bounds(k[None], BLOCK))[0]
+    if prescore == "merge":
+        return long_rows.merged_scores(*long_rows.prescore_ranks(q_sum, k, middle))
     raise ValueError(f"unknown pre-score {prescore!r}; choose one of {', '.join(PRESCORES)}")
 
 
